@@ -1,0 +1,204 @@
+"""One injection mechanism for every method: adapters hang off an `AdapterSite`.
+
+A site is attached to one module of the base model (as attribute `kronpeft`) and rewrites that
+module's output with a forward hook: `y' = adapter(x, y)`. `x` is the module's own input, or, for
+an adapter beside a whole feed-forward block split over two modules, the input of the block's
+first module (kept by a forward pre-hook on it). The base model's code and weights are untouched.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import AdapterConfig, BottleneckConfig, KronABConfig, KronAConfig
+from .presets import PRESETS, Preset
+
+SITE_ATTR = "kronpeft"
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """`(out_features, in_features)` of an `nn.Linear` or a GPT-2 `Conv1D` (weight `(in, out)`)."""
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape
+        return out_features, in_features
+    return module.out_features, module.in_features
+
+
+class AdapterSite(nn.ModuleDict):
+    """The adapters attached to one module, by adapter name; only `active` runs."""
+
+    def __init__(self, owner_name: str):
+        super().__init__()
+        self.owner_name = owner_name
+        self.active: str | None = None
+        self.enabled = True
+        self.merged: set[str] = set()
+        self.span_first: str | None = None  # name of the module whose input span adapters read
+        self.reads_span: set[str] = set()  # adapter names that read the span input
+        self._span_input = None
+        self._handles = []
+
+    def keep_span_input(self, module, args, kwargs):
+        self._span_input = first_input(args, kwargs)
+
+    def rewrite_output(self, module, args, kwargs, output):
+        name = self.active
+        if not self.enabled or name is None or name in self.merged or name not in self:
+            return output
+        if name in self.reads_span:
+            x, self._span_input = self._span_input, None
+        else:
+            x = first_input(args, kwargs)
+        return self[name](x, output)
+
+    def detach_hooks(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def first_input(args: tuple, kwargs: dict):
+    """The hidden-state argument of a module call: the first positional one, else the first keyword."""
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where one adapter goes: it rewrites the output of module `owner`, reading the input of
+    `span_first` (None: `owner`'s own input); `out_features`/`in_features` size it."""
+
+    owner: str
+    span_first: str | None
+    out_features: int
+    in_features: int
+
+
+def find_places(model: nn.Module, config: AdapterConfig) -> list[Place]:
+    """The places `config` puts an adapter into `model`; a `ValueError` when there are none."""
+    modules = dict(model.named_modules())
+    if isinstance(config, KronAConfig):
+        return _linear_places(model, modules, config.target_modules)
+    ffn = config.ffn_modules or _preset(model, config, "ffn_modules").ffn
+    spans = _ffn_spans(model, modules, ffn)
+    if isinstance(config, KronABConfig):
+        return [Place(last, first if first != last else None, _last_linear(modules[last])[0],
+                      _first_linear(modules[first])[1]) for first, last in spans]
+    assert isinstance(config, BottleneckConfig)
+    owners = []
+    if "ffn" in config.positions:
+        owners += [last for _, last in spans]
+    if "attn" in config.positions:
+        suffixes = config.attn_modules or _preset(model, config, "attn_modules").attn_output
+        attn = [name for name in modules if _suffix_match(name, suffixes)]
+        if not attn:
+            raise ValueError(_no_match(model, f"{type(config).__name__}.attn_modules {list(suffixes)}"))
+        owners += attn
+    widths = [_last_linear(modules[owner])[0] for owner in owners]
+    return [Place(owner, None, d, d) for owner, d in zip(owners, widths)]
+
+
+def _preset(model: nn.Module, config: AdapterConfig, field: str) -> Preset:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in PRESETS:
+        raise ValueError(
+            f"{type(config).__name__}: no preset for model_type {model_type!r} ({type(model).__name__}); "
+            f"name the modules yourself with {field}=[...]. Known presets: {sorted(PRESETS)}. "
+            f"{_linear_names(model)}"
+        )
+    return PRESETS[model_type]
+
+
+def _suffix_match(name: str, suffixes) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def _linear_places(model, modules, targets) -> list[Place]:
+    targets = targets or _preset(model, KronAConfig(), "target_modules").attention
+    if isinstance(targets, str):
+        matched = [n for n in modules if re.fullmatch(targets, n)]
+    else:
+        matched = [n for n in modules if _suffix_match(n, targets)]
+    not_linear = [n for n in matched if not isinstance(modules[n], LINEAR_TYPES)]
+    if not_linear:
+        raise ValueError(
+            f"KronAConfig.target_modules {targets!r} matched {not_linear[:3]} "
+            f"({type(modules[not_linear[0]]).__name__}), but KronA needs nn.Linear or Conv1D layers. "
+            f"{_linear_names(model)}"
+        )
+    if not matched:
+        raise ValueError(_no_match(model, f"KronAConfig.target_modules {targets!r}"))
+    return [Place(n, None, *linear_shape(modules[n])) for n in matched]
+
+
+def _ffn_spans(model, modules, ffn) -> list[tuple[str, str]]:
+    """`(first, last)` module names of every feed-forward block."""
+    first_suffix, last_relative = ffn[0], ffn[-1]
+    spans = []
+    for name in modules:
+        if _suffix_match(name, [first_suffix]):
+            last = name if len(ffn) == 1 else f"{name.rpartition('.')[0]}.{last_relative}".lstrip(".")
+            if last not in modules:
+                raise ValueError(f"feed-forward block starting at {name!r} has no module {last!r}; fix ffn_modules={list(ffn)}")
+            spans.append((name, last))
+    if not spans:
+        raise ValueError(_no_match(model, f"ffn_modules {list(ffn)}"))
+    return spans
+
+
+def _linears(module: nn.Module) -> list[nn.Module]:
+    found = [m for m in module.modules() if isinstance(m, LINEAR_TYPES)]
+    if not found:
+        raise ValueError(f"{type(module).__name__} holds no nn.Linear/Conv1D, so its width is unknown")
+    return found
+
+
+def _first_linear(module: nn.Module) -> tuple[int, int]:
+    return linear_shape(_linears(module)[0])
+
+
+def _last_linear(module: nn.Module) -> tuple[int, int]:
+    return linear_shape(_linears(module)[-1])
+
+
+def _linear_names(model: nn.Module) -> str:
+    names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
+    return f"Its linear layers are named: {names}."
+
+
+def _no_match(model: nn.Module, what: str) -> str:
+    return f"{what} matched no module of {type(model).__name__}. {_linear_names(model)}"
+
+
+def attach(model: nn.Module, name: str, adapter: nn.Module, place: Place) -> AdapterSite:
+    """Put `adapter` under `name` at `place`, creating the site and its hooks on first use."""
+    owner = model.get_submodule(place.owner)
+    site = getattr(owner, SITE_ATTR, None)
+    if site is None:
+        site = AdapterSite(place.owner)
+        owner.add_module(SITE_ATTR, site)
+        site._handles.append(owner.register_forward_hook(site.rewrite_output, with_kwargs=True))
+    if place.span_first is not None:
+        if site.span_first is None:
+            first = model.get_submodule(place.span_first)
+            site._handles.append(first.register_forward_pre_hook(site.keep_span_input, with_kwargs=True))
+            site.span_first = place.span_first
+        elif site.span_first != place.span_first:
+            raise ValueError(f"{place.owner}: adapters read the inputs of both {site.span_first} and {place.span_first}")
+        site.reads_span.add(name)
+    site[name] = adapter
+    return site
+
+
+def sites(model: nn.Module) -> list[tuple[nn.Module, AdapterSite]]:
+    """`(owner module, site)` for every site in `model`."""
+    return [(m, s) for m in model.modules() if isinstance(s := getattr(m, SITE_ATTR, None), AdapterSite)]
+
+
+def detach(owner: nn.Module, site: AdapterSite):
+    """Remove a site and its hooks from `owner`."""
+    site.detach_hooks()
+    delattr(owner, SITE_ATTR)
