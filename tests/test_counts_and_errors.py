@@ -1,0 +1,224 @@
+"""Parameter counts against the papers' formulas, and every bad input against its documented error."""
+import json
+
+import pytest
+import torch
+import transformers as T
+from conftest import make_model, model_inputs, outputs
+
+from kronpeft import AdaKronConfig, AdapterConfig, BottleneckConfig, KronABConfig, KronAConfig, KronModel, get_model
+
+
+def bert_base_shaped():
+    """A BERT-base-shaped encoder (d=768, 12 layers, FFN 3072) on the meta device: shapes only."""
+    with torch.device("meta"):
+        return T.BertModel(T.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                        intermediate_size=3072), add_pooling_layer=False)
+
+
+def adapter_count(config):
+    return get_model(bert_base_shaped(), config).trainable_parameters()[0]
+
+
+def test_adakron_bert_base_matches_paper():
+    # per layer: d*k + k + 4*d + 4 + r*d + d with d=768, r=48, k=12 -> 49,936; x12 layers
+    assert adapter_count(AdaKronConfig(r=48, modules_to_save=[])) == 12 * 49_936 == 599_232
+
+
+def test_pfeiffer_bert_base_matches_paper():
+    # per layer: (d*r + r) + (r*d + d) = 36,912 + 37,632 = 74,544; x12 layers
+    assert adapter_count(BottleneckConfig(r=48, modules_to_save=[])) == 894_528
+
+
+def test_krona_qv_bert_base():
+    # 12 layers x (query, value) x (A 32x32 + B 24x24)
+    assert adapter_count(KronAConfig(a_shape=(32, 32), modules_to_save=[])) == 12 * 2 * (32 * 32 + 24 * 24) == 38_400
+
+
+def test_kronab_bert_base():
+    # 12 layers x (A 24x24 + B 32x32) on the FFN's 768 -> 768 map; the residual adds one scalar per layer
+    assert adapter_count(KronABConfig(modules_to_save=[])) == 12 * (24 * 24 + 32 * 32)
+    assert adapter_count(KronABConfig(residual=True, modules_to_save=[])) == 12 * (24 * 24 + 32 * 32 + 1)
+
+
+def test_sequence_classifier_head_is_trained_and_saved_by_default():
+    model = get_model(make_model("distilbert"), KronAConfig())
+    assert model.modules_to_save == ["pre_classifier", "classifier"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.classifier.weight" in trainable and "base_model.pre_classifier.bias" in trainable
+
+
+# -- configs --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [
+    KronAConfig(target_modules=["query"], a_shape=(4, 8), scale=2.0, dropout=0.1),
+    KronAConfig(target_modules=r".*\.(query|value)"),
+    KronABConfig(residual=True, residual_init=1.0),
+    AdaKronConfig(r=16, split=2, positions=("ffn", "attn"), activation="relu", init="zero"),
+    BottleneckConfig(r=12, modules_to_save=["classifier"]),
+])
+def test_config_json_round_trip(config):
+    assert AdapterConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: KronAConfig(a_shape=(0, 4)), "a_shape must be two positive ints"),
+    (lambda: KronAConfig(dropout=1.5), r"dropout must be in \[0, 1\)"),
+    (lambda: KronAConfig(target_modules="(unclosed"), "not a valid regex"),
+    (lambda: KronAConfig(target_modules=[]), "target_modules is empty"),
+    (lambda: AdaKronConfig(r=10, split=4), "must be a positive int dividing r=10"),
+    (lambda: AdaKronConfig(init="xavier"), "init must be 'paper' or 'zero'"),
+    (lambda: BottleneckConfig(positions=("ffn", "embeddings")), "positions must be a non-empty subset"),
+    (lambda: BottleneckConfig(activation="swish"), "activation must be one of"),
+    (lambda: AdapterConfig.from_dict({"method": "krona", "rank": 4}), r"unknown field\(s\) \['rank'\]"),
+    (lambda: AdapterConfig.from_dict({"method": "lora"}), "unknown adapter method 'lora'"),
+])
+def test_bad_configs_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# -- injection ------------------------------------------------------------------------------------------
+
+
+def test_shape_that_does_not_divide_names_module_and_dims():
+    with pytest.raises(ValueError, match=r"query: a_shape=\(5, 4\) does not divide a \(32 out x 32 in\) weight"):
+        get_model(make_model("bert"), KronAConfig(a_shape=(5, 4)))
+
+
+def test_targets_matching_nothing_list_the_models_layers():
+    with pytest.raises(ValueError, match=r"matched no module of BertForSequenceClassification.*'query'"):
+        get_model(make_model("bert"), KronAConfig(target_modules=["q_proj"]))
+
+
+def test_targets_that_are_not_linear_are_refused():
+    with pytest.raises(ValueError, match="KronA needs nn.Linear or Conv1D"):
+        get_model(make_model("bert"), KronAConfig(target_modules=["attention"]))
+
+
+def test_unknown_architecture_asks_for_module_names():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    with pytest.raises(ValueError, match="no preset for model_type None.*ffn_modules"):
+        get_model(Block(), KronABConfig())
+    model = get_model(Block(), KronABConfig(ffn_modules=["up", "down"], residual=True, residual_init=1.0))
+    x = torch.randn(3, 8)
+    with model.disable_adapter():
+        plain = model(x)
+    torch.testing.assert_close(model(x), plain + x)  # B = 0 at step 0: only the residual s_res * x acts
+    assert get_model(Block(), KronAConfig(target_modules=["up"])).trainable_parameters()[0] == 4 * 2 + 4 * 4  # A (4, 2), B (4, 4) for 8 -> 16
+
+
+def test_failed_add_adapter_changes_nothing():
+    model = get_model(make_model("bert"), KronAConfig())
+    state = set(model.state_dict())
+    with pytest.raises(ValueError, match="does not divide"):
+        model.add_adapter("bad", KronAConfig(target_modules=["query", "dense"], a_shape=(3, 2)))
+    assert set(model.state_dict()) == state and list(model.configs) == ["default"]
+
+
+def test_get_model_twice_is_refused():
+    base = make_model("bert")
+    get_model(base, KronAConfig())
+    with pytest.raises(ValueError, match="already carries kronpeft adapters"):
+        get_model(base, KronAConfig())
+
+
+# -- loading --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = get_model(make_model("bert"), KronAConfig())
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_adapter_for_other_widths_is_refused(saved):
+    wider = T.BertForSequenceClassification(T.BertConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3))
+    with pytest.raises(ValueError, match=r"does not fit BertForSequenceClassification.*saved with shape"):
+        KronModel.from_pretrained(wider, saved)
+
+
+def test_adapter_for_other_architecture_is_refused(saved):
+    with pytest.raises(ValueError, match="trained on a 'bert' model, not 'roberta'"):
+        KronModel.from_pretrained(make_model("roberta"), saved)
+
+
+def test_adapter_with_other_targets_is_refused(saved):
+    meta = json.loads((saved / "adapter_config.json").read_text())
+    meta["adapter"]["target_modules"] = ["query", "key", "value"]
+    (saved / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"does not fit.*missing \['bert.encoder.layer.0.attention.self.key"):
+        KronModel.from_pretrained(make_model("bert"), saved)
+
+
+@pytest.mark.parametrize("missing", ["adapter_config.json", "adapter_model.safetensors"])
+def test_missing_adapter_file(saved, missing):
+    (saved / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{missing} not found"):
+        KronModel.from_pretrained(make_model("bert"), saved)
+
+
+def test_corrupt_weights_are_detected(saved):
+    weights = saved / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        KronModel.from_pretrained(make_model("bert"), saved)
+
+
+def test_corrupt_config_is_detected(saved):
+    (saved / "adapter_config.json").write_text('{"adapter": {"method": "krona"')
+    with pytest.raises(ValueError, match="adapter_config.json is corrupt"):
+        KronModel.from_pretrained(make_model("bert"), saved)
+
+
+def test_loading_never_unpickles(saved, monkeypatch):
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling attempted")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    KronModel.from_pretrained(make_model("bert"), saved)
+
+
+# -- atomic saves ---------------------------------------------------------------------------------------
+
+
+def crash_after_partial_write(tensors, path, *args, **kwargs):
+    with open(path, "wb") as f:
+        f.write(b"half a file")
+    raise OSError("disk full")
+
+
+def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
+    model = get_model(make_model("bert"), KronAConfig())
+    monkeypatch.setattr("kronpeft.model.save_file", crash_after_partial_write)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "adapter")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_previous_adapter(saved, monkeypatch):
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    model = get_model(make_model("bert", seed=5), KronAConfig())
+    monkeypatch.setattr("kronpeft.model.save_file", crash_after_partial_write)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert [p.name for p in saved.parent.iterdir()] == ["adapter"]
+    inputs = model_inputs(make_model("bert"))
+    outputs(KronModel.from_pretrained(make_model("bert"), saved), inputs)
