@@ -39,7 +39,8 @@ def _balanced_divisor(n: int) -> int:
 def kron_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """`x @ torch.kron(A, B).T` for `x (..., a2*b2)`, `A (a1, a2)`, `B (b1, b2)` -> `(..., a1*b1)`.
 
-    Two matmuls on reshaped views, in the cheaper order for these shapes; autograd-exact.
+    Two matmuls on reshaped views, in the cheaper order for these shapes, with no transposed
+    copies of the activations; autograd saves only `x`, `A`, `B` (see `_KronLinear`).
     """
     (a1, a2), (b1, b2) = A.shape, B.shape
     if x.shape[-1] != a2 * b2:
@@ -48,17 +49,65 @@ def kron_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
             f"expects a2*b2 = {a2 * b2}"
         )
     lead = x.shape[:-1]
-    X = x.reshape(-1, a2, b2)  # (N, a2, b2)
-    if b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1):
-        # B first: (N*a2, b2) @ (b2, b1) -> (N, a2, b1); then A over a2 -> (N, b1, a1).
-        T = (X.reshape(-1, b2) @ B.T).reshape(-1, a2, b1)
-        Y = T.transpose(1, 2) @ A.T  # (N, b1, a1)
-        Y = Y.transpose(1, 2)  # (N, a1, b1)
-    else:
-        # A first: (N, b2, a2) @ (a2, a1) -> (N, b2, a1); then B over b2 -> (N, a1, b1).
-        T = X.transpose(1, 2) @ A.T  # (N, b2, a1)
-        Y = T.transpose(1, 2) @ B.T  # (N, a1, b1)
-    return Y.reshape(*lead, a1 * b1)
+    y = _KronLinear.apply(x.reshape(-1, a2, b2), A, B)
+    return y.reshape(*lead, a1 * b1)
+
+
+def _b_first(a1: int, a2: int, b1: int, b2: int) -> bool:
+    """Whether contracting with `B` first is cheaper, counting the multiply-adds of forward and backward.
+
+    B first: forward `T = X Bᵀ`, `Y = A T`; backward recomputes `T` and runs three more products.
+    A first is the mirror image. Per token: B first `4·a2·b1·b2 + 3·a1·a2·b1`, A first
+    `4·a1·a2·b2 + 3·a1·b1·b2`.
+    """
+    return 4 * a2 * b1 * b2 + 3 * a1 * a2 * b1 <= 4 * a1 * a2 * b2 + 3 * a1 * b1 * b2
+
+
+class _KronLinear(torch.autograd.Function):
+    """`Y[n] = A X[n] Bᵀ` for `X (N, a2, b2)` -> `Y (N, a1, b1)`.
+
+    Every product is either one GEMM over all `N·a2` (or `N·a1`) rows, or a batched GEMM against the
+    broadcast factor (`A.expand(N, ...)`), so no activation is ever transposed or copied. The
+    intermediate (`X Bᵀ` or `A X`, as large as an activation) is recomputed in backward instead of
+    saved: autograd keeps `X`, `A`, `B` only, which is what LoRA keeps too.
+    """
+
+    @staticmethod
+    def forward(ctx, X, A, B):
+        ctx.save_for_backward(X, A, B)
+        N, (a1, a2), (b1, b2) = X.shape[0], A.shape, B.shape
+        if _b_first(a1, a2, b1, b2):
+            T = (X.reshape(-1, b2) @ B.T).view(N, a2, b1)
+            return torch.bmm(A.expand(N, a1, a2), T)
+        U = torch.bmm(A.expand(N, a1, a2), X)  # (N, a1, b2)
+        return (U.view(-1, b2) @ B.T).view(N, a1, b1)
+
+    @staticmethod
+    def backward(ctx, G):
+        X, A, B = ctx.saved_tensors
+        N, (a1, a2), (b1, b2) = X.shape[0], A.shape, B.shape
+        need_x, need_a, need_b = ctx.needs_input_grad
+        G = G.contiguous()
+        gX = gA = gB = None
+        if _b_first(a1, a2, b1, b2):
+            if need_a:  # gA = Σ_n G[n] T[n]ᵀ, T recomputed
+                T = (X.reshape(-1, b2) @ B.T).view(N, a2, b1)
+                gA = torch.bmm(G, T.transpose(1, 2)).sum(0)
+                del T
+            if need_x or need_b:  # gT = Aᵀ G[n]; gX = gT B; gB = Σ gT[n]ᵀ X[n]
+                gT = torch.bmm(A.T.expand(N, a2, a1), G).view(-1, b1)
+                gB = gT.T @ X.reshape(-1, b2) if need_b else None
+                gX = (gT @ B).view(N, a2, b2) if need_x else None
+        else:
+            if need_a or need_x:  # gU = G[n] B; gX = Aᵀ gU[n]; gA = Σ gU[n] X[n]ᵀ
+                gU = (G.view(-1, b1) @ B).view(N, a1, b2)
+                gA = torch.bmm(gU, X.transpose(1, 2)).sum(0) if need_a else None
+                gX = torch.bmm(A.T.expand(N, a2, a1), gU) if need_x else None
+                del gU
+            if need_b:  # gB = Σ G[n]ᵀ U[n], U recomputed
+                U = torch.bmm(A.expand(N, a1, a2), X)
+                gB = G.view(-1, b1).T @ U.view(-1, b2)
+        return gX, gA, gB
 
 
 def kron_matrix(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

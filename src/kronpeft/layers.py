@@ -38,7 +38,7 @@ class KronDelta(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x).to(self.A.dtype)
-        return y + (self.scale * kron_linear(x, self.A, self.B)).to(y.dtype)
+        return y.add(kron_linear(x, self.A, self.B).to(y.dtype), alpha=self.scale)  # scale fused into the add
 
     def delta_weight(self) -> torch.Tensor:
         """`scale · (A ⊗ B)`, shape `(out_features, in_features)`."""
