@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
+from .injection import find_places
 from .kron import kron_shapes
 from .model import KronModel, get_model
 
@@ -67,23 +68,20 @@ def build(method: str, model: nn.Module, *, a_shape=None, scale: float = 1.0, r:
     return _build_peft(method, model, a_shape=a_shape, r=r, targets=targets)
 
 
-def _targets(model: nn.Module, targets):
-    if targets is not None:
-        return list(targets)
-    from .presets import PRESETS
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in PRESETS:
-        raise MethodError(f"no preset attention targets for model type {model_type!r}; pass --targets")
-    return list(PRESETS[model_type].attention)
-
-
 def _build_peft(method: str, model: nn.Module, *, a_shape, r, targets) -> nn.Module:
     try:
         import peft
     except ImportError:
         raise MethodError(f"method {method!r} needs the peft library: pip install peft") from None
-    target_modules = _targets(model, targets)
+    # The very layers KronA adapts (same targets, same preset, same errors), named in full for peft;
+    # --a-shape concerns LoKr only.
+    a_shape = a_shape if method == "lokr" else None
+    try:
+        places = find_places(model, KronAConfig(target_modules=targets, a_shape=a_shape))
+        shapes = {p.owner: kron_shapes(p.out_features, p.in_features, a_shape) for p in places}
+    except ValueError as err:
+        raise MethodError(f"cannot build {method}: {err}") from None
+    target_modules = list(shapes)
     if method == "lora":
         config = peft.LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                  target_modules=target_modules)
@@ -91,15 +89,6 @@ def _build_peft(method: str, model: nn.Module, *, a_shape, r, targets) -> nn.Mod
     # LoKr with KronA's factor shapes. peft factors each dimension with `factorization(dim, f)`;
     # `decompose_factor = a1` gives (a1, dim/a1) when a1 divides dim, and `-1` the balanced split,
     # which for the square projections of BERT-like models equals kron_shapes' default.
-    shapes = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules):
-            try:
-                shapes[name] = kron_shapes(module.out_features, module.in_features, a_shape)
-            except ValueError as err:
-                raise MethodError(f"cannot build lokr: {name}: {err}") from None
-    if not shapes:
-        raise MethodError(f"lokr: --targets {target_modules} match no linear layer of {type(model).__name__}")
     (a1, a2), (b1, b2) = next(iter(shapes.values()))
     if a_shape is not None and a1 != a2:
         raise MethodError(f"lokr: peft factors both dimensions with one factor, so --a-shape must be square "
@@ -121,11 +110,6 @@ def _build_peft(method: str, model: nn.Module, *, a_shape, r, targets) -> nn.Mod
 
 
 # -- parameter bookkeeping ----------------------------------------------------------------------------
-
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors by parameter name (what a resume checkpoint stores)."""

@@ -152,8 +152,7 @@ class KronModel(nn.Module):
 
     def trainable_parameters(self) -> tuple[int, int]:
         """`(trainable, total)` parameter counts."""
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        return count_parameters(self)
 
     def print_trainable_parameters(self):
         trainable, total = self.trainable_parameters()
@@ -265,6 +264,12 @@ class KronModel(nn.Module):
                     f"Only KronA (an update of one linear layer) merges; run this adapter unmerged."
                 )
         return adapter_name
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """`(trainable, total)` parameter counts of any module."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def get_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> KronModel:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from . import baselines
 from .data import get_task, limit, load_split
 from .metrics import compute_metrics
+from .model import count_parameters
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -294,7 +295,7 @@ def run(args) -> dict | None:
                                 targets=args.targets)
     except baselines.MethodError as err:
         raise UsageError(f"{err} (fix --a-shape/--r/--targets)") from None
-    trainable, total = baselines.trainable_parameters(model)
+    trainable, total = count_parameters(model)
     train_set = Encoded(tokenizer, train_examples, args.max_length, spec.is_regression)
     eval_sets = {s: Encoded(tokenizer, ex, args.max_length, spec.is_regression) for s, ex in eval_examples.items()}
 
