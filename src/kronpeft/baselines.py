@@ -46,7 +46,7 @@ class MethodError(ValueError):
 
 
 def build(method: str, model: nn.Module, *, a_shape=None, scale: float = 1.0, r: int | None = None,
-          targets: list[str] | None = None) -> nn.Module:
+          targets: list[str] | None = None, init: str | None = None) -> nn.Module:
     """Wrap `model` (a `*ForSequenceClassification`) for `method`; returns the model to train."""
     if method not in METHODS:
         raise MethodError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -57,7 +57,7 @@ def build(method: str, model: nn.Module, *, a_shape=None, scale: float = 1.0, r:
         if method in ("kronab", "kronab-res"):
             return get_model(model, KronABConfig(a_shape=a_shape, scale=scale, residual=method == "kronab-res"))
         if method == "adakron":
-            return get_model(model, AdaKronConfig(r=r))
+            return get_model(model, AdaKronConfig(r=r) if init is None else AdaKronConfig(r=r, init=init))
         if method == "bottleneck":
             return get_model(model, BottleneckConfig(r=r))
     except ValueError as err:

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--r", type=_positive(int), default=None,
                    help="bottleneck size for adakron/bottleneck (default "
                         f"{DEFAULT_R['adakron']}), LoRA rank for lora (default {DEFAULT_R['lora']}, alpha 2r)")
+    g.add_argument("--init", choices=("paper", "zero"), default=None,
+                   help="adakron initialisation: paper (all weights N(0, 0.02), the authors' code) or zero "
+                        "(up-projection zero, exact identity at step 0); default: the library's AdaKronConfig default")
     g.add_argument("--targets", type=_targets, default=None,
                    help="comma-separated linear layers for krona/lora/lokr (default: the architecture "
                         "preset, attention query,value)")

@@ -32,7 +32,7 @@ _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 CHECKPOINT = "checkpoint"
 # Settings a resumed run must share with the run it continues (others, like --eval-every, may change).
 RESUME_KEYS = ("task", "method", "model", "seed", "batch_size", "epochs", "max_steps", "max_length",
-               "max_train_samples", "a_shape", "scale", "r", "targets", "no_dropout", "warmup_ratio")
+               "max_train_samples", "a_shape", "scale", "r", "targets", "init", "no_dropout", "warmup_ratio")
 
 
 class UsageError(Exception):
@@ -292,7 +292,7 @@ def run(args) -> dict | None:
     base, tokenizer = load_base(model_path, spec.num_labels, spec.is_regression, args.no_dropout)
     try:
         model = baselines.build(args.method, base, a_shape=args.a_shape, scale=args.scale, r=args.r,
-                                targets=args.targets)
+                                targets=args.targets, init=getattr(args, "init", None))
     except baselines.MethodError as err:
         raise UsageError(f"{err} (fix --a-shape/--r/--targets)") from None
     trainable, total = count_parameters(model)
