@@ -145,7 +145,47 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="folder for the merged model (must not exist, or --overwrite)")
     m.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter)")
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    s = sub.add_parser("study", formatter_class=_Formatter, help="run a grid of training runs, recording each one",
+                       description="Run the grid a TOML file describes (tasks x methods x learning rates x seeds) "
+                                   "through `kronpeft train`, appending one row per finished run to the grid's "
+                                   "results file. Recorded runs are skipped; rerun the command to continue.")
+    s.add_argument("grid", help="grid file, e.g. benchmarks/study/glue-minilm.toml")
+    s.add_argument("--parallel", type=_positive(int), default=1, help="runs side by side")
+    s.add_argument("--threads", type=_positive(int), default=None,
+                   help="torch threads per run (default: the CPU count divided by --parallel)")
+    s.add_argument("--max-runs", type=_positive(int), default=None, help="start at most this many runs")
+    s.add_argument("--tasks", type=_targets, default=None, help="only these tasks of the grid (comma-separated)")
+    s.add_argument("--dry-run", action="store_true", help="print the runs left and an estimate of their time")
+
+    r = sub.add_parser("report", formatter_class=_Formatter, help="render docs/results.md from a study's results",
+                       description="Render the results page (table, learning rates, plots) from a grid's "
+                                   "results file alone.")
+    r.add_argument("grid", help="grid file whose results to render")
+    r.add_argument("--out", default="docs/results.md", help="Markdown page to write (plots go to <its folder>/img)")
     return parser
+
+
+def _cmd_study(args) -> int:
+    from .study import dry_run, load_grid, run_grid
+
+    grid = load_grid(args.grid)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+    if args.dry_run:
+        dry_run(grid, threads, args.parallel)
+        return 0
+    done = run_grid(grid, threads=threads, parallel=args.parallel, max_runs=args.max_runs, only_tasks=args.tasks)
+    print(f"kronpeft study: {done} run(s) recorded in {grid.results}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import render
+    from .study import load_grid
+
+    page = render(load_grid(args.grid), Path(args.out))
+    print(f"wrote {page}")
+    return 0
 
 
 def _cmd_train(args) -> int:
@@ -250,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kronpeft` console script; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
-        handler = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge}[args.command]
+        handler = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "study": _cmd_study,
+                   "report": _cmd_report}[args.command]
         return handler(args)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0

@@ -84,6 +84,13 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
     return model, tokenizer
 
 
+def head_parameters(model: torch.nn.Module) -> int:
+    """Parameters of a `*ForSequenceClassification` model outside its backbone (the task head)."""
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    inside = {id(p) for p in backbone.parameters()} if isinstance(backbone, torch.nn.Module) else set()
+    return sum(p.numel() for p in model.parameters() if id(p) not in inside)
+
+
 def disable_dropout(model: torch.nn.Module):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -296,6 +303,7 @@ def run(args) -> dict | None:
     except baselines.MethodError as err:
         raise UsageError(f"{err} (fix --a-shape/--r/--targets)") from None
     trainable, total = count_parameters(model)
+    head = head_parameters(base)
     train_set = Encoded(tokenizer, train_examples, args.max_length, spec.is_regression)
     eval_sets = {s: Encoded(tokenizer, ex, args.max_length, spec.is_regression) for s, ex in eval_examples.items()}
 
@@ -440,7 +448,7 @@ def run(args) -> dict | None:
         "main_metric": spec.main_metric,
         "final": strip(final), "best": strip(best), "best_step": best["step"],
         "before_training": strip(before) if before else None,
-        "trainable_params": trainable, "total_params": total,
+        "trainable_params": trainable, "head_params": head, "total_params": total,
         "train_seconds": round(state["train_seconds"], 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
         "steps": step, "num_processes": world, "num_train_examples": len(train_set),
         "args": vars(args),

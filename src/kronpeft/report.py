@@ -1,0 +1,230 @@
+"""`kronpeft report`: render a study's results page (Markdown + plots) from its results file alone.
+
+Per task and method, the learning rate is the sweep's best on dev (seed `sweep_seed`); the cell is the
+mean ± sample standard deviation over every recorded seed at that rate (×100, as the papers print them),
+with the seed count when it is short of the grid's. Trainable counts exclude the task head.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .study import Grid, best_lr, read_results
+
+
+def cell_stats(scores: list[float]) -> tuple[float, float, int]:
+    """(mean, sample std (0 for one value), n) of dev scores."""
+    mean = statistics.fmean(scores)
+    return mean, statistics.stdev(scores) if len(scores) > 1 else 0.0, len(scores)
+
+
+def adapter_params(row: dict) -> int:
+    """Trainable parameters without the task head (`full`: every parameter)."""
+    if row["method"] == "full":
+        return row["trainable_params"]
+    return row["trainable_params"] - (row.get("head_params") or 0)
+
+
+def model_params(row: dict) -> int:
+    """Parameters of the base model with its head (the wrapped model minus the adapter)."""
+    return row["total_params"] if row["method"] == "full" else row["total_params"] - adapter_params(row)
+
+
+def summarise(grid: Grid, rows: list[dict]) -> dict:
+    """{(task, name): {lr, sweep: {lr: score}, scores, rows}} for every pair that has a sweep row."""
+    out = {}
+    by_pair = defaultdict(list)
+    for row in rows:
+        by_pair[(row["task"], row["name"])].append(row)
+    for (task, name), pair in by_pair.items():
+        sweep = [r for r in pair if r.get("stage") == "sweep" and r["seed"] == grid.sweep_seed]
+        if not sweep:
+            continue
+        lr = best_lr(sweep)
+        at_lr = {}
+        for r in pair:  # one score per seed at the chosen rate (the last recorded if repeated)
+            if r["lr"] == lr:
+                at_lr[r["seed"]] = r
+        out[(task, name)] = {"lr": lr, "sweep": {r["lr"]: r["score"] for r in sweep},
+                             "scores": [r["score"] for r in at_lr.values()], "rows": list(at_lr.values())}
+    return out
+
+
+def _fmt_cell(stats, wanted: int) -> str:
+    mean, std, n = stats
+    text = f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return text + (f" ({n}/{wanted} seeds)" if n < wanted else "")
+
+
+def table(grid: Grid, summary: dict) -> list[str]:
+    tasks = list(grid.tasks)
+    lines = ["| method | trainable params (no head) | % of model | " + " | ".join(tasks) + " | avg |",
+             "|---|---:|---:|" + "---:|" * (len(tasks) + 1)]
+    for entry in grid.methods:
+        cells, means, any_row = [], [], None
+        for task in tasks:
+            s = summary.get((task, entry.name))
+            if s is None:
+                cells.append("—" if task not in entry.tasks else "not run")
+                continue
+            any_row = any_row or s["rows"][0]
+            stats = cell_stats(s["scores"])
+            cells.append(_fmt_cell(stats, len(grid.seeds)))
+            means.append(stats[0])
+        if any_row is None:
+            continue
+        complete = len(means) == len(tasks)
+        avg = f"{100 * statistics.fmean(means):.1f}" if complete else "—"
+        n = adapter_params(any_row)
+        lines.append(f"| {entry.name} | {n:,} | {100 * n / model_params(any_row):.3f} | " + " | ".join(cells)
+                     + f" | {avg} |")
+    return lines
+
+
+def lr_table(grid: Grid, summary: dict) -> list[str]:
+    lines = ["| method | " + " | ".join(grid.tasks) + " |", "|---|" + "---|" * len(grid.tasks)]
+    for entry in grid.methods:
+        cells = []
+        for task in grid.tasks:
+            s = summary.get((task, entry.name))
+            if s is None:
+                cells.append("—")
+                continue
+            sweep = ", ".join(f"{lr:g}: {100 * v:.1f}" for lr, v in sorted(s["sweep"].items()))
+            extended = " (sweep extended)" if set(s["sweep"]) - set(entry.lrs) else ""
+            cells.append(f"**{s['lr']:g}** ({sweep}){extended}")
+        lines.append(f"| {entry.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in grid.tasks if any((t, e.name) in summary for e in grid.methods)]
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(4.2 * max(len(tasks), 1), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        families = defaultdict(list)
+        for entry in grid.methods:
+            s = summary.get((task, entry.name))
+            if s is not None:
+                mean, std, _ = cell_stats(s["scores"])
+                families[entry.family].append((adapter_params(s["rows"][0]), 100 * mean, 100 * std, entry.name))
+        for family, points in sorted(families.items()):
+            points.sort()
+            x, y, e, _ = zip(*points)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=family)
+        ax.set_xscale("log")
+        ax.set_title(f"{task} ({summary[next(k for k in summary if k[0] == task)]['rows'][0]['main_metric']})")
+        ax.set_xlabel("trainable parameters (no head)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("dev score ×100 (mean ± std over seeds)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def time_ratios(grid: Grid, summary: dict, reference: str) -> dict[str, dict[str, float]]:
+    """{method: {task: median train seconds / the reference method's on the same task}}."""
+    out = defaultdict(dict)
+    for task in grid.tasks:
+        ref = summary.get((task, reference))
+        if ref is None:
+            continue
+        ref_s = statistics.median(r["train_seconds"] for r in ref["rows"])
+        for entry in grid.methods:
+            s = summary.get((task, entry.name))
+            if s is not None:
+                out[entry.name][task] = statistics.median(r["train_seconds"] for r in s["rows"]) / ref_s
+    return out
+
+
+def plot_times(ratios: dict, reference: str, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ratios)
+    tasks = sorted({t for v in ratios.values() for t in v})
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 3.6))
+    width = 0.8 / max(len(tasks), 1)
+    for i, task in enumerate(tasks):
+        ax.bar([j + i * width for j in range(len(names))], [ratios[n].get(task, 0) for n in names], width, label=task)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right")
+    ax.set_ylabel(f"train time / {reference}'s")
+    ax.legend(frameon=False, ncol=len(tasks))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
+    """Write `out` (Markdown) and its plots in `out.parent / "img"`; returns `out`."""
+    rows = [r for r in read_results(grid.results) if r.get("grid") == grid.name]
+    summary = summarise(grid, rows)
+    img = out.parent / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Study `{grid.name}`", "",
+             f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(rows)} runs) alone.", ""]
+    if not rows:
+        lines.append("No runs recorded yet.")
+    else:
+        wanted = sum(len(e.tasks) for e in grid.methods) * len(grid.seeds)
+        cells = sum(1 for s in summary.values() if len(s["scores"]) >= len(grid.seeds))
+        lines += [f"Cells complete at {len(grid.seeds)} seeds: {cells} of {sum(len(e.tasks) for e in grid.methods)}; "
+                  f"rows at the chosen rates: {sum(len(s['scores']) for s in summary.values())} of {wanted}.", "",
+                  "Dev score ×100 at the best checkpoint (mean ± sample std over seeds; MRPC F1, STS-B Pearson, "
+                  "CoLA Matthews, RTE/SST-2 accuracy), at each method's best learning rate on the sweep seed:", ""]
+        lines += table(grid, summary)
+        plot1 = img / f"{grid.name}-score-vs-params.png"
+        plot_score_vs_params(grid, summary, plot1)
+        lines += ["", f"![score vs trainable parameters]({plot1.relative_to(out.parent)})", "",
+                  "## Learning rates", "", "The winner in bold; each sweep value with its seed-"
+                  f"{grid.sweep_seed} dev score:", ""]
+        lines += lr_table(grid, summary)
+        reference = reference or next((e.name for e in grid.methods if e.family == "lora"), grid.methods[0].name)
+        ratios = time_ratios(grid, summary, reference)
+        if ratios:
+            plot2 = img / f"{grid.name}-train-time.png"
+            plot_times(ratios, reference, plot2)
+            lines += ["", "## Training time", "", f"Median train seconds per cell relative to `{reference}` on the "
+                      "same task (evaluation excluded). Runs shared the machine with other work: see the load "
+                      "averages in the results file; ratios are indicative.", "",
+                      f"![train time relative to {reference}]({plot2.relative_to(out.parent)})", "",
+                      "| method | " + " | ".join(grid.tasks) + " |", "|---|" + "---:|" * len(grid.tasks)]
+            for name, by_task in ratios.items():
+                lines.append(f"| {name} | " + " | ".join(f"{by_task[t]:.2f}" if t in by_task else "—"
+                                                         for t in grid.tasks) + " |")
+        lines += ["", "## Setup", ""] + setup(grid, rows)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def setup(grid: Grid, rows: list[dict]) -> list[str]:
+    def values(key):
+        return sorted({str(r.get(key)) for r in rows})
+
+    shared = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in grid.train.items())
+    return [f"- Command: `kronpeft study {grid.path} --parallel P --threads T`, then `kronpeft report {grid.path}`; "
+            f"each run is `kronpeft train --model {grid.model} {shared} --task T --method M --lr LR --seed S` "
+            "(its exact command is in its row).",
+            f"- Model: {grid.model}; data: the GLUE TSV files (train on train, report dev).",
+            f"- Machine(s): {'; '.join(values('cpu'))}; GPU: {', '.join(values('gpu'))}; "
+            f"threads per run: {', '.join(values('threads'))}; runs side by side: {', '.join(values('parallel'))}.",
+            f"- Versions: torch {', '.join(values('torch'))}; transformers {', '.join(values('transformers'))}; "
+            f"peft {', '.join(values('peft'))}; accelerate {', '.join(values('accelerate'))}; "
+            f"kronpeft commits {', '.join(values('commit'))}.",
+            f"- CPU-hours recorded: {sum(r['wall_seconds'] * r.get('threads', 1) for r in rows) / 3600:.1f}."]

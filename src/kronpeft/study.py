@@ -1,0 +1,391 @@
+"""`kronpeft study`: run a grid of `kronpeft train` runs and record one JSON line per finished run.
+
+A grid is a TOML file (see benchmarks/study/*.toml):
+
+    [study]  name, model, results (path of the .jsonl, relative to the grid file), seeds, sweep_seed,
+             tasks, extend_edges (add one learning rate beyond a sweep's edge when the edge wins)
+    [train]  flags every run shares (epochs, batch_size, max_length, ...), as `kronpeft train` spells them
+    [[method]] name (the row label), method (`--method`), family (the line a plot joins), lrs (the sweep),
+               optional tasks (a subset) and args (more `kronpeft train` flags)
+
+Stage 1 runs every learning rate of a method's sweep with `sweep_seed`; stage 2 runs the other seeds at
+the learning rate that scored best on dev. Each run is `python -m kronpeft train ...` in a subprocess (the
+code path users run), with its own output folder; a finished run is appended to the results file under an
+exclusive lock, so runners side by side never write the same row twice. Runs already recorded are skipped;
+an interrupted run resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .train import UsageError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+# -- the grid -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    method: str
+    family: str
+    lrs: tuple[float, ...]
+    tasks: tuple[str, ...]
+    args: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass
+class Grid:
+    path: Path
+    name: str
+    model: str
+    results: Path
+    seeds: tuple[int, ...]
+    sweep_seed: int
+    tasks: tuple[str, ...]
+    train: dict
+    methods: list[MethodEntry]
+    extend_edges: bool = True
+    runs_dir: Path = Path("runs/study")
+
+
+def load_grid(path: str | os.PathLike) -> Grid:
+    """Parse and check a grid file; every problem is a UsageError naming the file and the field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"grid file {path} not found; pass a .toml grid such as benchmarks/study/glue-minilm.toml")
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"grid file {path} is not valid TOML ({err})") from None
+    study = raw.get("study", {})
+    where = f"grid {path}"
+    for key in ("name", "tasks", "seeds"):
+        if key not in study:
+            raise UsageError(f"{where}: [study] needs {key!r}")
+    seeds = tuple(study["seeds"])
+    sweep_seed = study.get("sweep_seed", seeds[0])
+    if sweep_seed not in seeds:
+        raise UsageError(f"{where}: sweep_seed {sweep_seed} is not one of seeds {list(seeds)}")
+    tasks = tuple(study["tasks"])
+    methods = []
+    for i, m in enumerate(raw.get("method", [])):
+        for key in ("name", "method", "lrs"):
+            if key not in m:
+                raise UsageError(f"{where}: [[method]] #{i + 1} needs {key!r}")
+        lrs = tuple(float(v) for v in m["lrs"])
+        if not lrs or any(not math.isfinite(v) or v <= 0 for v in lrs):
+            raise UsageError(f"{where}: method {m['name']!r}: lrs must be positive numbers, got {m['lrs']!r}")
+        m_tasks = tuple(m.get("tasks", tasks))
+        unknown = [t for t in m_tasks if t not in tasks]
+        if unknown:
+            raise UsageError(f"{where}: method {m['name']!r}: tasks {unknown} are not in [study] tasks {list(tasks)}")
+        methods.append(MethodEntry(m["name"], m["method"], m.get("family", m["method"]), lrs, m_tasks,
+                                   dict(m.get("args", {}))))
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names) or not names:
+        raise UsageError(f"{where}: [[method]] names must be unique and at least one, got {names}")
+    results = Path(study.get("results", "results.jsonl"))
+    return Grid(path=path, name=study["name"], model=study.get("model", "all-MiniLM-L6-v2"),
+                results=results if results.is_absolute() else path.parent / results, seeds=seeds,
+                sweep_seed=sweep_seed, tasks=tasks, train=dict(raw.get("train", {})), methods=methods,
+                extend_edges=bool(study.get("extend_edges", True)),
+                runs_dir=Path(study.get("runs_dir", f"runs/study/{study['name']}")))
+
+
+# -- runs -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    entry: MethodEntry
+    lr: float
+    seed: int
+    stage: str  # "sweep" or "seed"
+
+    def flags(self, grid: Grid) -> dict:
+        """Every `kronpeft train` flag of this run (the grid's shared ones, the method's, the run's)."""
+        return {**grid.train, "model": grid.model, **self.entry.args, "task": self.task,
+                "method": self.entry.method, "lr": self.lr, "seed": self.seed}
+
+    def key(self, grid: Grid) -> str:
+        """Identity of a run: a digest of its flags (so a grid edit that changes a run re-runs it)."""
+        blob = json.dumps({"name": self.entry.name, **self.flags(grid)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        return f"{self.task}/{self.entry.name}/lr{self.lr:g}/seed{self.seed}"
+
+
+def argv(flags: dict) -> list[str]:
+    """`{"batch_size": 32, "no_dropout": True, "a_shape": [8, 8]}` -> `--batch-size 32 --no-dropout --a-shape 8,8`."""
+    out = []
+    for key, value in flags.items():
+        opt = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(opt)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            out += [opt, ",".join(str(v) for v in value)]
+        else:
+            out += [opt, f"{value:g}" if isinstance(value, float) else str(value)]
+    return out
+
+
+def read_results(path: Path, warn=None) -> list[dict]:
+    """Rows of a results file; a malformed line is reported (file:line) and skipped, never fatal."""
+    rows = []
+    if not path.exists():
+        return rows
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not {"key", "task", "name", "lr", "seed", "score"} <= row.keys():
+                raise ValueError("not a results row (needs key, task, name, lr, seed, score)")
+            if not isinstance(row["score"], (int, float)) or not math.isfinite(row["score"]):
+                raise ValueError(f"score {row['score']!r} is not a finite number")
+        except ValueError as err:
+            (warn or _warn)(f"{path}:{number}: skipped malformed row ({err})")
+            continue
+        rows.append(row)
+    return rows
+
+
+def _warn(message: str):
+    print(f"kronpeft: warning: {message}", file=sys.stderr)
+
+
+def append_row(path: Path, row: dict):
+    """Append one JSON line under an exclusive lock, flushed and fsynced (whole lines only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(row, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size:  # a crash mid-line earlier: start on a fresh line so this row stays parseable
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def best_lr(rows: list[dict]) -> float:
+    """The learning rate whose sweep run scored highest (ties: the smaller rate)."""
+    return max(rows, key=lambda r: (r["score"], -r["lr"]))["lr"]
+
+
+def _next_lr(lrs: tuple[float, ...], winner: float) -> float | None:
+    """One more rate beyond the edge of a sorted sweep that `winner` sits on (same ratio), else None."""
+    lrs = tuple(sorted(lrs))
+    if len(lrs) < 2 or lrs[0] < winner < lrs[-1]:
+        return None
+    if winner == lrs[0]:
+        return float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}")
+    return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
+
+
+def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[str]]:
+    """The runs left that can start now (in grid order: task, method, stage) and the pending decisions."""
+    done = {r["key"] for r in rows}
+    todo, waiting = [], []
+    for task in grid.tasks:
+        for entry in grid.methods:
+            if task not in entry.tasks:
+                continue
+            lrs = entry.lrs
+            sweep = [Run(task, entry, lr, grid.sweep_seed, "sweep") for lr in lrs]
+            recorded = [r for r in rows if r["task"] == task and r["name"] == entry.name
+                        and r["seed"] == grid.sweep_seed and r.get("stage") == "sweep"]
+            if grid.extend_edges and all(run.key(grid) in done for run in sweep):
+                extra = _next_lr(lrs, best_lr([r for r in recorded if r["lr"] in lrs]))
+                if extra is not None:
+                    sweep.append(Run(task, entry, extra, grid.sweep_seed, "sweep"))
+            left = [run for run in sweep if run.key(grid) not in done]
+            if left:
+                todo += left
+                others = [s for s in grid.seeds if s != grid.sweep_seed]
+                if others:
+                    waiting.append(f"{task}/{entry.name}: seeds {others} wait for the sweep's best lr")
+                continue
+            lr = best_lr([r for r in recorded if r["lr"] in {run.lr for run in sweep}])
+            todo += [run for s in grid.seeds if s != grid.sweep_seed
+                     if (run := Run(task, entry, lr, s, "seed")).key(grid) not in done]
+    return todo, waiting
+
+
+# -- the machine ----------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    """CPU/GPU model and library versions, recorded with every row."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
+        fam = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("cpu family")), "?")
+        model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model\t")), "?")
+        flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+        simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+        cpu = f"{name} (family {fam} model {model}; {', '.join(simd) or 'no AVX2'})"
+    except (OSError, StopIteration):
+        pass
+    out = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "gpu": None}
+    import torch
+
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    from importlib.metadata import PackageNotFoundError, version
+
+    for lib in ("torch", "transformers", "peft", "accelerate"):
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# -- running --------------------------------------------------------------------------------------------
+
+def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> dict | None:
+    """Train one run in a subprocess (resuming its checkpoint if any) and build its results row."""
+    out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
+    flags = {**run.flags(grid), "output_dir": str(out)}
+    cmd = ["train", *argv(flags)]
+    if (out / "checkpoint" / "state.json").is_file() or (out / "metrics.json").is_file():
+        cmd.append("--resume")
+    else:
+        cmd.append("--overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    started = time.time()
+    with open(out / "study.log", "a") as log:
+        proc = subprocess.run([sys.executable, "-m", "kronpeft", *cmd], env=env, stdout=log, stderr=log)
+    wall = time.time() - started
+    if proc.returncode != 0 or not (out / "metrics.json").is_file():
+        _warn(f"{run.label()} failed (exit {proc.returncode}); see {out / 'study.log'}")
+        return None
+    m = json.loads((out / "metrics.json").read_text())
+    main = m["main_metric"]
+    return {
+        "key": run.key(grid), "grid": grid.name, "task": run.task, "name": run.entry.name,
+        "method": run.entry.method, "family": run.entry.family, "lr": run.lr, "seed": run.seed,
+        "stage": run.stage, "grid_seeds": len(grid.seeds),
+        "score": m["best"][main], "main_metric": main, "best": m["best"], "final": m["final"],
+        "best_step": m["best_step"], "before_training": m.get("before_training"),
+        "trainable_params": m["trainable_params"], "head_params": m.get("head_params"),
+        "total_params": m["total_params"], "train_seconds": m["train_seconds"],
+        "peak_memory_mb": m["peak_memory_mb"], "steps": m["steps"], "wall_seconds": round(wall, 1),
+        "threads": threads, "parallel": parallel, "load_average": [round(v, 2) for v in os.getloadavg()],
+        "flags": flags,
+        "command": "kronpeft " + shlex.join(cmd[:-1]), "commit": _git_commit(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **host,
+    }
+
+
+def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict]) -> tuple[float, int]:
+    """CPU-seconds (wall x threads) the runs should take, from the recorded rows: the median cost per
+    training step of the same task and method, else of the task, else of all rows; and how many runs
+    had no row of their task to go by."""
+    def per_step(select):
+        costs = [r["wall_seconds"] * r.get("threads", 1) / max(r["steps"], 1) for r in rows if select(r)]
+        return statistics.median(costs) if costs else None
+
+    total, unknown = 0.0, 0
+    for run in runs:
+        rate = per_step(lambda r: r["task"] == run.task and r["name"] == run.entry.name) \
+            or per_step(lambda r: r["task"] == run.task)
+        steps_row = next((r["steps"] for r in rows if r["task"] == run.task and r["flags"].get("epochs")
+                          == run.flags(grid).get("epochs")), None)
+        if rate is None or steps_row is None:
+            unknown += 1
+            rate, steps_row = per_step(lambda r: True), steps_row or 500
+        total += (rate or 1.0) * steps_row
+    return total, unknown
+
+
+def dry_run(grid: Grid, threads: int, parallel: int):
+    rows = [r for r in read_results(grid.results) if r.get("grid") == grid.name]
+    todo, waiting = plan(grid, rows)
+    for run in todo:
+        print(f"{run.stage:5}  {run.label()}")
+    for note in waiting:
+        print(f"later  {note}")
+    later = []  # the seed runs still waiting, at the first lr of each sweep (for the estimate only)
+    for task in grid.tasks:
+        for entry in grid.methods:
+            if task in entry.tasks and any(r.task == task and r.entry == entry and r.stage == "sweep" for r in todo):
+                later += [Run(task, entry, entry.lrs[0], s, "seed") for s in grid.seeds if s != grid.sweep_seed]
+    seconds, unknown = estimate_seconds(grid, todo + later, rows)
+    print(f"{len(rows)} runs recorded in {grid.results}; {len(todo)} can start now, {len(later)} more wait for "
+          f"their sweep; estimate {seconds / 3600:.1f} CPU-hours, {seconds / 3600 / max(parallel * threads, 1):.1f} "
+          f"h wall with {parallel} x {threads} thread(s)"
+          + (f" ({unknown} runs on tasks with no recorded row yet: guessed)" if unknown else ""))
+
+
+def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | None = None,
+             only_tasks: list[str] | None = None) -> int:
+    """Run what is left of the grid, `parallel` runs at a time; returns how many runs were recorded."""
+    host = machine()
+    in_flight: dict = {}
+    failed: set[str] = set()  # not retried by this invocation (a rerun of the command tries again)
+    recorded = 0
+    launched = 0
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        while True:
+            rows = [r for r in read_results(grid.results) if r.get("grid") == grid.name]
+            todo, _ = plan(grid, rows)
+            busy = {run.key(grid) for run in in_flight.values()}
+            todo = [r for r in todo if r.key(grid) not in busy | failed and (not only_tasks or r.task in only_tasks)]
+            while todo and len(in_flight) < parallel and (max_runs is None or launched < max_runs):
+                run = todo.pop(0)
+                print(f"kronpeft study: start {run.label()} ({run.stage})", file=sys.stderr, flush=True)
+                in_flight[pool.submit(run_one, grid, run, threads, parallel, host)] = run
+                launched += 1
+            if not in_flight:
+                return recorded
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = in_flight.pop(future)
+                row = future.result()
+                if row is None:
+                    failed.add(run.key(grid))
+                else:
+                    append_row(grid.results, row)
+                    recorded += 1
+                    print(f"kronpeft study: done {run.label()}: {row['main_metric']} {row['score']:.4f} "
+                          f"({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
