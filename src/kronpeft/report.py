@@ -208,6 +208,8 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
             for name, by_task in ratios.items():
                 lines.append(f"| {name} | " + " | ".join(f"{by_task[t]:.2f}" if t in by_task else "—"
                                                          for t in grid.tasks) + " |")
+        if grid.notes is not None and grid.notes.is_file():
+            lines += ["", grid.notes.read_text().rstrip()]
         lines += ["", "## Setup", ""] + setup(grid, rows)
     out.write_text("\n".join(lines) + "\n")
     return out

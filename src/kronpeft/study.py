@@ -3,7 +3,8 @@
 A grid is a TOML file (see benchmarks/study/*.toml):
 
     [study]  name, model, results (path of the .jsonl, relative to the grid file), seeds, sweep_seed,
-             tasks, extend_edges (add one learning rate beyond a sweep's edge when the edge wins)
+             tasks, extend_edges (add one learning rate beyond a sweep's edge when the edge wins),
+             notes (a Markdown file the report inserts before its setup section)
     [train]  flags every run shares (epochs, batch_size, max_length, ...), as `kronpeft train` spells them
     [[method]] name (the row label), method (`--method`), family (the line a plot joins), lrs (the sweep),
                optional tasks (a subset) and args (more `kronpeft train` flags)
@@ -64,6 +65,7 @@ class Grid:
     methods: list[MethodEntry]
     extend_edges: bool = True
     runs_dir: Path = Path("runs/study")
+    notes: Path | None = None  # hand-written Markdown the report inserts (diagnosis, discussion)
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
@@ -107,7 +109,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 results=results if results.is_absolute() else path.parent / results, seeds=seeds,
                 sweep_seed=sweep_seed, tasks=tasks, train=dict(raw.get("train", {})), methods=methods,
                 extend_edges=bool(study.get("extend_edges", True)),
-                runs_dir=Path(study.get("runs_dir", f"runs/study/{study['name']}")))
+                runs_dir=Path(study.get("runs_dir", f"runs/study/{study['name']}")),
+                notes=path.parent / study["notes"] if "notes" in study else None)
 
 
 # -- runs -----------------------------------------------------------------------------------------------
@@ -176,13 +179,16 @@ def _warn(message: str):
     print(f"kronpeft: warning: {message}", file=sys.stderr)
 
 
-def append_row(path: Path, row: dict):
-    """Append one JSON line under an exclusive lock, flushed and fsynced (whole lines only)."""
+def append_row(path: Path, row: dict) -> bool:
+    """Append one JSON line under an exclusive lock, flushed and fsynced (whole lines only); False (and
+    nothing written) when a row with the same key is already there."""
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(row, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if row["key"] in {r["key"] for r in read_results(path, warn=lambda _: None)}:
+            return False
         size = os.fstat(fd).st_size
         if size:  # a crash mid-line earlier: start on a fresh line so this row stays parseable
             with open(path, "rb") as f:
@@ -191,6 +197,7 @@ def append_row(path: Path, row: dict):
                     line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
+        return True
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -212,7 +219,8 @@ def _next_lr(lrs: tuple[float, ...], winner: float) -> float | None:
 
 
 def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[str]]:
-    """The runs left that can start now (in grid order: task, method, stage) and the pending decisions."""
+    """The runs left that can start now (task by task: the sweeps, then the seeds; methods in grid order)
+    and the decisions still pending."""
     done = {r["key"] for r in rows}
     todo, waiting = [], []
     for task in grid.tasks:
@@ -237,7 +245,8 @@ def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[str]]:
             lr = best_lr([r for r in recorded if r["lr"] in {run.lr for run in sweep}])
             todo += [run for s in grid.seeds if s != grid.sweep_seed
                      if (run := Run(task, entry, lr, s, "seed")).key(grid) not in done]
-    return todo, waiting
+    order = {task: i for i, task in enumerate(grid.tasks)}  # per task: every sweep first, then the seeds
+    return sorted(todo, key=lambda run: (order[run.task], run.stage == "seed")), waiting
 
 
 # -- the machine ----------------------------------------------------------------------------------------
@@ -280,8 +289,9 @@ def _git_commit() -> str | None:
 
 # -- running --------------------------------------------------------------------------------------------
 
-def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> dict | None:
-    """Train one run in a subprocess (resuming its checkpoint if any) and build its results row."""
+def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> dict | str | None:
+    """Train one run in a subprocess (resuming its checkpoint if any) and build its results row;
+    None when it failed, "busy" when another runner holds it."""
     out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
     flags = {**run.flags(grid), "output_dir": str(out)}
     cmd = ["train", *argv(flags)]
@@ -290,6 +300,20 @@ def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> di
     else:
         cmd.append("--overwrite")
     out.mkdir(parents=True, exist_ok=True)
+    claim = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # another runner on the same grid is training this run: leave it to that one
+        fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(claim)
+        return "busy"
+    try:
+        return _train(grid, run, out, cmd, threads, parallel, host)
+    finally:
+        os.close(claim)  # releases the lock
+
+
+def _train(grid: Grid, run: Run, out: Path, cmd: list[str], threads: int, parallel: int, host: dict) -> dict | None:
+    flags = {**run.flags(grid), "output_dir": str(out)}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
@@ -317,24 +341,54 @@ def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> di
     }
 
 
+def _train_size(task: str, data_dir: str | None) -> tuple[int, float] | None:
+    """(training examples, mean characters per example) of a task, None when its data is not at hand."""
+    from .data import load_split
+
+    try:
+        examples = load_split(task, "train", data_dir)
+    except Exception:  # no data here: the estimate says it guessed
+        return None
+    chars = [len(e.text_a) + len(e.text_b or "") for e in examples]
+    return len(examples), sum(chars) / len(chars)
+
+
 def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict]) -> tuple[float, int]:
-    """CPU-seconds (wall x threads) the runs should take, from the recorded rows: the median cost per
-    training step of the same task and method, else of the task, else of all rows; and how many runs
-    had no row of their task to go by."""
+    """CPU-seconds (wall x threads) the runs should take, and how many of them were guessed.
+
+    Steps per run: a recorded run of the same task and schedule, else the task's training-set size.
+    Cost per step: the median of recorded runs of the same task and method, else of the task, else of
+    any task scaled by the tasks' mean characters per example. `rows` may come from any grid."""
+    data_dir = grid.train.get("data_dir") or os.environ.get("GLUE_DIR")
+    sizes = {}
+
+    def size(task):
+        if task not in sizes:
+            sizes[task] = _train_size(task, data_dir)
+        return sizes[task]
+
     def per_step(select):
         costs = [r["wall_seconds"] * r.get("threads", 1) / max(r["steps"], 1) for r in rows if select(r)]
         return statistics.median(costs) if costs else None
 
     total, unknown = 0.0, 0
     for run in runs:
+        flags = run.flags(grid)
+        steps = next((r["steps"] for r in rows if r["task"] == run.task and r.get("flags", {}).get("epochs")
+                      == flags.get("epochs") and r.get("flags", {}).get("batch_size") == flags.get("batch_size")),
+                     None)
+        if steps is None and size(run.task) is not None:
+            steps = math.ceil(float(flags.get("epochs", 1)) * size(run.task)[0] / int(flags.get("batch_size", 32)))
         rate = per_step(lambda r: r["task"] == run.task and r["name"] == run.entry.name) \
             or per_step(lambda r: r["task"] == run.task)
-        steps_row = next((r["steps"] for r in rows if r["task"] == run.task and r["flags"].get("epochs")
-                          == run.flags(grid).get("epochs")), None)
-        if rate is None or steps_row is None:
+        if rate is None and size(run.task) is not None:
+            known = [(t, per_step(lambda r, t=t: r["task"] == t)) for t in {r["task"] for r in rows}]
+            scaled = [c * size(run.task)[1] / size(t)[1] for t, c in known if c and size(t) is not None]
+            rate = statistics.median(scaled) if scaled else None
+        if rate is None or steps is None:
             unknown += 1
-            rate, steps_row = per_step(lambda r: True), steps_row or 500
-        total += (rate or 1.0) * steps_row
+            rate, steps = rate or 3.0, steps or 500
+        total += rate * steps
     return total, unknown
 
 
@@ -350,11 +404,12 @@ def dry_run(grid: Grid, threads: int, parallel: int):
         for entry in grid.methods:
             if task in entry.tasks and any(r.task == task and r.entry == entry and r.stage == "sweep" for r in todo):
                 later += [Run(task, entry, entry.lrs[0], s, "seed") for s in grid.seeds if s != grid.sweep_seed]
-    seconds, unknown = estimate_seconds(grid, todo + later, rows)
+    seconds, unknown = estimate_seconds(grid, todo + later, read_results(grid.results, warn=lambda _: None))
     print(f"{len(rows)} runs recorded in {grid.results}; {len(todo)} can start now, {len(later)} more wait for "
           f"their sweep; estimate {seconds / 3600:.1f} CPU-hours, {seconds / 3600 / max(parallel * threads, 1):.1f} "
           f"h wall with {parallel} x {threads} thread(s)"
-          + (f" ({unknown} runs on tasks with no recorded row yet: guessed)" if unknown else ""))
+          + (f" ({unknown} runs with no recorded row or data to go by: guessed at 3 s x 500 steps)"
+             if unknown else ""))
 
 
 def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | None = None,
@@ -382,10 +437,9 @@ def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | No
             for future in finished:
                 run = in_flight.pop(future)
                 row = future.result()
-                if row is None:
+                if row is None or row == "busy":
                     failed.add(run.key(grid))
-                else:
-                    append_row(grid.results, row)
+                elif append_row(grid.results, row):
                     recorded += 1
                     print(f"kronpeft study: done {run.label()}: {row['main_metric']} {row['score']:.4f} "
                           f"({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)

@@ -1,0 +1,230 @@
+"""`kronpeft study` / `kronpeft report` without training: planning, skipping, resuming, concurrent appends,
+malformed rows, and the rendered table and plots from a hand-written results file."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import textwrap
+
+import pytest
+
+from kronpeft import report, study
+from kronpeft.cli import main
+
+GRID = """
+[study]
+name = "t"
+results = "results.jsonl"
+tasks = ["mrpc", "rte"]
+seeds = [0, 1, 2]
+extend_edges = false
+
+[train]
+epochs = 5
+batch_size = 32
+
+[[method]]
+name = "krona"
+method = "krona"
+lrs = [1e-3, 3e-3, 1e-2]
+
+[[method]]
+name = "lora-r8"
+method = "lora"
+family = "lora"
+lrs = [1e-3, 3e-3]
+tasks = ["mrpc"]
+args = { r = 8 }
+"""
+
+
+@pytest.fixture
+def grid(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID)
+    return study.load_grid(path)
+
+
+def fake_row(grid, run, score, train_seconds=10.0, params=1000):
+    return {"key": run.key(grid), "grid": grid.name, "task": run.task, "name": run.entry.name,
+            "method": run.entry.method, "family": run.entry.family, "lr": run.lr, "seed": run.seed,
+            "stage": run.stage, "score": score, "main_metric": "f1", "trainable_params": params + 770,
+            "head_params": 770, "total_params": 1_000_000 + params, "train_seconds": train_seconds,
+            "wall_seconds": train_seconds + 5, "steps": 100, "threads": 1, "flags": run.flags(grid),
+            "cpu": "test cpu"}
+
+
+def run_by_label(grid, rows, label):
+    todo, _ = study.plan(grid, rows)
+    return next(r for r in todo if r.label() == label)
+
+
+def test_plan_sweeps_first_then_seeds_at_the_best_rate(grid):
+    todo, waiting = study.plan(grid, [])
+    assert [r.label() for r in todo] == [
+        "mrpc/krona/lr0.001/seed0", "mrpc/krona/lr0.003/seed0", "mrpc/krona/lr0.01/seed0",
+        "mrpc/lora-r8/lr0.001/seed0", "mrpc/lora-r8/lr0.003/seed0",
+        "rte/krona/lr0.001/seed0", "rte/krona/lr0.003/seed0", "rte/krona/lr0.01/seed0"]
+    assert len(waiting) == 3
+    rows = [fake_row(grid, r, score) for r, score in zip(todo[:3], (0.80, 0.85, 0.82))]
+    todo, _ = study.plan(grid, rows)
+    seeds = [r for r in todo if r.stage == "seed"]
+    assert [(r.task, r.entry.name, r.lr, r.seed) for r in seeds] == [("mrpc", "krona", 0.003, 1), ("mrpc", "krona", 0.003, 2)]
+
+
+def test_a_winner_at_the_edge_extends_the_sweep_by_one_value(grid):
+    grid.extend_edges = True
+    todo, _ = study.plan(grid, [])
+    rows = [fake_row(grid, r, score) for r, score in zip(todo[:3], (0.80, 0.82, 0.85))]  # 1e-2 wins: edge
+    todo, _ = study.plan(grid, rows)
+    mrpc_krona = [r for r in todo if r.task == "mrpc" and r.entry.name == "krona"]
+    assert [(r.lr, r.stage) for r in mrpc_krona] == [(0.0333, "sweep")]  # 1e-2 * (1e-2 / 3e-3), 3 digits
+    rows.append(fake_row(grid, mrpc_krona[0], 0.84))  # the extension loses: seeds run at 1e-2
+    todo, _ = study.plan(grid, rows)
+    assert {(r.lr, r.seed) for r in todo if r.task == "mrpc" and r.entry.name == "krona"} == {(0.01, 1), (0.01, 2)}
+
+
+def test_runner_skips_recorded_runs_and_resumes_after_an_interruption(grid, monkeypatch):
+    calls = []
+
+    def fake_run_one(grid_, run, threads, parallel, host):
+        calls.append(run.label())
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the session ends mid-grid
+        return fake_row(grid_, run, 0.5 + 0.01 * len(calls))
+
+    monkeypatch.setattr(study, "run_one", fake_run_one)
+    monkeypatch.setattr(study, "machine", lambda: {})
+    with pytest.raises(KeyboardInterrupt):
+        study.run_grid(grid, parallel=1)
+    first = list(calls)
+    assert len(study.read_results(grid.results)) == 2
+    calls.clear()
+    monkeypatch.setattr(study, "run_one", lambda g, run, *a: (calls.append(run.label()), fake_row(g, run, 0.6))[1])
+    recorded = study.run_grid(grid, parallel=2)
+    assert not set(first[:2]) & set(calls), "recorded runs must not run again"
+    assert first[2] in calls, "the interrupted run runs again"
+    rows = study.read_results(grid.results)
+    assert len(rows) == len({r["key"] for r in rows}) == 2 + recorded
+    assert study.plan(grid, rows)[0] == []  # grid complete: 3 + 2 + 3 sweeps and 2 seeds for each of 3 pairs
+    assert len(rows) == 8 + 6
+
+
+def _append_many(path, worker, n):
+    for i in range(n):
+        study.append_row(path, {"key": f"{worker}-{i}", "task": "mrpc", "name": "x", "lr": 1e-3, "seed": i,
+                                "score": 0.5, "pad": "x" * 5000})
+
+
+def test_concurrent_appends_never_corrupt_or_duplicate(tmp_path):
+    path = tmp_path / "results.jsonl"
+    procs = [multiprocessing.get_context("fork").Process(target=_append_many, args=(path, w, 40)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 160 and all(json.loads(l)["pad"] == "x" * 5000 for l in lines)
+    assert not study.append_row(path, {"key": "0-0", "task": "mrpc", "name": "x", "lr": 1e-3, "seed": 0, "score": 0.9})
+    assert len(path.read_text().splitlines()) == 160
+
+
+def test_a_second_runner_leaves_a_claimed_run_alone(grid, tmp_path, monkeypatch):
+    import fcntl
+    import os
+
+    grid.runs_dir = tmp_path / "runs"
+    run = study.plan(grid, [])[0][0]
+    out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
+    out.mkdir(parents=True)
+    held = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    monkeypatch.setattr(study, "_train", lambda *a: pytest.fail("trained a run another runner holds"))
+    try:
+        assert study.run_one(grid, run, 1, 1, {}) == "busy"
+    finally:
+        os.close(held)
+
+
+def test_malformed_rows_are_reported_with_their_line_and_skipped(grid, capsys):
+    good = fake_row(grid, study.plan(grid, [])[0][0], 0.8)
+    grid.results.write_text(json.dumps(good) + "\n" + '{"key": "x", "task": "mrpc"\n' + "[1, 2]\n"
+                            + json.dumps({**good, "key": "y", "score": "high"}) + "\n")
+    rows = study.read_results(grid.results)
+    assert [r["key"] for r in rows] == [good["key"]]
+    err = capsys.readouterr().err
+    for line in (2, 3, 4):
+        assert f"results.jsonl:{line}: skipped malformed row" in err
+    assert "results.jsonl:1:" not in err
+
+
+def test_a_crash_mid_line_does_not_swallow_the_next_row(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"key": "a", "task": "m", "name": "x", "lr": 1, "seed": 0, "score": 1}\n{"key": "b", "ta')
+    study.append_row(path, {"key": "c", "task": "m", "name": "x", "lr": 1, "seed": 0, "score": 1})
+    assert [r["key"] for r in study.read_results(path, warn=lambda m: None)] == ["a", "c"]
+
+
+def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
+    todo, _ = study.plan(grid, [])
+    rows = []
+    # mrpc/krona: lr 3e-3 wins the sweep (0.85); seeds 1, 2 score 0.83 and 0.87 -> 85.0 ± 2.0 over 3 seeds
+    for run, score in zip(todo[:3], (0.80, 0.85, 0.82)):
+        rows.append(fake_row(grid, run, score, train_seconds=30.0, params=9984))
+    # mrpc/lora-r8: 1e-3 wins (0.90), one more seed only (0.80) -> 85.0 ± 7.1 (2/3 seeds)
+    for run, score in zip(todo[3:5], (0.90, 0.70)):
+        rows.append(fake_row(grid, run, score, train_seconds=20.0, params=73728))
+    for run, score in zip(todo[5:8], (0.60, 0.65, 0.62)):
+        rows.append(fake_row(grid, run, score, train_seconds=30.0, params=9984))
+    todo, _ = study.plan(grid, rows)
+    extra = {("mrpc", "krona", 1): 0.83, ("mrpc", "krona", 2): 0.87, ("mrpc", "lora-r8", 1): 0.80,
+             ("rte", "krona", 1): 0.66, ("rte", "krona", 2): 0.64}
+    rows += [fake_row(grid, r, extra[(r.task, r.entry.name, r.seed)], train_seconds=30.0 if r.entry.name == "krona"
+                      else 20.0, params=9984 if r.entry.name == "krona" else 73728)
+             for r in todo if (r.task, r.entry.name, r.seed) in extra]
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    out = tmp_path / "docs" / "results.md"
+    assert main(["report", str(grid.path), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "| krona | 9,984 | 0.998 | 85.0 ± 2.0 | 65.0 ± 1.0 | 75.0 |" in page
+    assert "| lora-r8 | 73,728 | 7.373 | 85.0 ± 7.1 (2/3 seeds) | — | — |" in page
+    assert "**0.003** (0.001: 80.0, 0.003: 85.0, 0.01: 82.0)" in page
+    assert "| krona | 1.50 | — |" in page  # 30 s vs lora-r8's 20 s on mrpc
+    assert "test cpu" in page
+    for name in ("t-score-vs-params.png", "t-train-time.png"):
+        png = out.parent / "img" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_dry_run_lists_runs_left_with_an_estimate(grid, capsys, monkeypatch):
+    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)  # no GLUE data at hand
+    todo, _ = study.plan(grid, [])
+    rows = [fake_row(grid, r, 0.8, train_seconds=295.0) for r in todo[:2]]  # 300 s wall per 100 steps, 1 thread
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["study", str(grid.path), "--dry-run", "--parallel", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep  mrpc/krona/lr0.01/seed0" in out and "mrpc/krona/lr0.001/seed0" not in out
+    # 6 sweep runs left + 2 seeds of each of the 3 pairs still sweeping; the 7 on mrpc at the recorded
+    # 3 s/step x 100 steps, the 5 on rte (no row, no data) guessed at 3 s/step x 500 steps: 9,600 s
+    assert "2 runs recorded" in out and "6 can start now, 6 more wait" in out and "estimate 2.7 CPU-hours" in out
+    assert "1.3 h wall with 2 x 1 thread(s) (5 runs with no recorded row or data to go by: guessed" in out
+
+
+def test_estimate_scales_a_known_rate_to_other_tasks_by_size(grid, monkeypatch):
+    sizes = {"mrpc": (3200, 200.0), "rte": (1600, 400.0)}  # rte: half the examples, twice as long
+    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: sizes[task])
+    todo, _ = study.plan(grid, [])
+    row = fake_row(grid, todo[0], 0.8, train_seconds=295.0)  # mrpc: 3 CPU-s per step, 100 steps recorded
+    rte = [r for r in todo if r.task == "rte"]
+    seconds, unknown = study.estimate_seconds(grid, rte, [row])
+    # rte: 5 epochs x 1600 / 32 = 250 steps at 3 x 400/200 = 6 s per step, for each of the 3 sweep runs
+    assert unknown == 0 and seconds == pytest.approx(3 * 250 * 6.0)
+
+
+def test_bad_grid_files_are_one_line_errors(tmp_path, capsys):
+    path = tmp_path / "g.toml"
+    path.write_text(textwrap.dedent(GRID).replace('lrs = [1e-3, 3e-3]', 'lrs = [-1]'))
+    assert main(["study", str(path), "--dry-run"]) == 2
+    assert "method 'lora-r8': lrs must be positive" in capsys.readouterr().err
+    assert main(["study", str(tmp_path / "missing.toml")]) == 2
+    assert "not found" in capsys.readouterr().err
