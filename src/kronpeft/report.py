@@ -177,7 +177,7 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     summary = summarise(grid, rows)
     img = out.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Study `{grid.name}`", "",
+    lines = [f"# {grid.title or 'Study ' + grid.name}", "",
              f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(rows)} runs) alone.", ""]
     if not rows:
         lines.append("No runs recorded yet.")
@@ -208,8 +208,9 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
             for name, by_task in ratios.items():
                 lines.append(f"| {name} | " + " | ".join(f"{by_task[t]:.2f}" if t in by_task else "—"
                                                          for t in grid.tasks) + " |")
-        if grid.notes is not None and grid.notes.is_file():
-            lines += ["", grid.notes.read_text().rstrip()]
+    if grid.notes is not None and grid.notes.is_file():
+        lines += ["", grid.notes.read_text().rstrip()]
+    if rows:
         lines += ["", "## Setup", ""] + setup(grid, rows)
     out.write_text("\n".join(lines) + "\n")
     return out

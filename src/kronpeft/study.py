@@ -4,7 +4,7 @@ A grid is a TOML file (see benchmarks/study/*.toml):
 
     [study]  name, model, results (path of the .jsonl, relative to the grid file), seeds, sweep_seed,
              tasks, extend_edges (add one learning rate beyond a sweep's edge when the edge wins),
-             notes (a Markdown file the report inserts before its setup section)
+             notes (a Markdown file the report inserts before its setup section), title (the page's)
     [train]  flags every run shares (epochs, batch_size, max_length, ...), as `kronpeft train` spells them
     [[method]] name (the row label), method (`--method`), family (the line a plot joins), lrs (the sweep),
                optional tasks (a subset) and args (more `kronpeft train` flags)
@@ -66,6 +66,7 @@ class Grid:
     extend_edges: bool = True
     runs_dir: Path = Path("runs/study")
     notes: Path | None = None  # hand-written Markdown the report inserts (diagnosis, discussion)
+    title: str | None = None
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
@@ -110,7 +111,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 sweep_seed=sweep_seed, tasks=tasks, train=dict(raw.get("train", {})), methods=methods,
                 extend_edges=bool(study.get("extend_edges", True)),
                 runs_dir=Path(study.get("runs_dir", f"runs/study/{study['name']}")),
-                notes=path.parent / study["notes"] if "notes" in study else None)
+                notes=path.parent / study["notes"] if "notes" in study else None, title=study.get("title"))
 
 
 # -- runs -----------------------------------------------------------------------------------------------
