@@ -103,6 +103,7 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tasks = [t for t in grid.tasks if any((t, e.name) in summary for e in grid.methods)]
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(4.2 * max(len(tasks), 1), 3.6), squeeze=False)
@@ -115,9 +116,13 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
                 families[entry.family].append((adapter_params(s["rows"][0]), 100 * mean, 100 * std, entry.name))
         for family, points in sorted(families.items()):
             points.sort()
-            x, y, e, _ = zip(*points)
+            x, y, e, names = zip(*points)
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=family)
+            for xi, yi, name in zip(x, y, names):
+                ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.set_title(f"{task} ({summary[next(k for k in summary if k[0] == task)]['rows'][0]['main_metric']})")
         ax.set_xlabel("trainable parameters (no head)")
         ax.grid(alpha=0.3)
