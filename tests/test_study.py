@@ -116,6 +116,15 @@ def _append_many(path, worker, n):
                                 "score": 0.5, "pad": "x" * 5000})
 
 
+def test_task_and_method_filters(grid, monkeypatch):
+    ran = []
+    monkeypatch.setattr(study, "run_one", lambda g, run, *a: (ran.append(run.label()), fake_row(g, run, 0.5))[1])
+    monkeypatch.setattr(study, "machine", lambda: {})
+    study.run_grid(grid, only_tasks=["mrpc"], only_methods=["lora-r8"])
+    assert ran == ["mrpc/lora-r8/lr0.001/seed0", "mrpc/lora-r8/lr0.003/seed0",
+                   "mrpc/lora-r8/lr0.001/seed1", "mrpc/lora-r8/lr0.001/seed2"]
+
+
 def test_concurrent_appends_never_corrupt_or_duplicate(tmp_path):
     path = tmp_path / "results.jsonl"
     procs = [multiprocessing.get_context("fork").Process(target=_append_many, args=(path, w, 40)) for w in range(4)]

@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per run (default: the CPU count divided by --parallel)")
     s.add_argument("--max-runs", type=_positive(int), default=None, help="start at most this many runs")
     s.add_argument("--tasks", type=_targets, default=None, help="only these tasks of the grid (comma-separated)")
+    s.add_argument("--methods", type=_targets, default=None,
+                   help="only these [[method]] names of the grid (comma-separated)")
     s.add_argument("--dry-run", action="store_true", help="print the runs left and an estimate of their time")
 
     r = sub.add_parser("report", formatter_class=_Formatter, help="render docs/results.md from a study's results",
@@ -174,7 +176,8 @@ def _cmd_study(args) -> int:
     if args.dry_run:
         dry_run(grid, threads, args.parallel)
         return 0
-    done = run_grid(grid, threads=threads, parallel=args.parallel, max_runs=args.max_runs, only_tasks=args.tasks)
+    done = run_grid(grid, threads=threads, parallel=args.parallel, max_runs=args.max_runs, only_tasks=args.tasks,
+                    only_methods=args.methods)
     print(f"kronpeft study: {done} run(s) recorded in {grid.results}")
     return 0
 

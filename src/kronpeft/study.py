@@ -414,7 +414,7 @@ def dry_run(grid: Grid, threads: int, parallel: int):
 
 
 def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | None = None,
-             only_tasks: list[str] | None = None) -> int:
+             only_tasks: list[str] | None = None, only_methods: list[str] | None = None) -> int:
     """Run what is left of the grid, `parallel` runs at a time; returns how many runs were recorded."""
     host = machine()
     in_flight: dict = {}
@@ -426,7 +426,8 @@ def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | No
             rows = [r for r in read_results(grid.results) if r.get("grid") == grid.name]
             todo, _ = plan(grid, rows)
             busy = {run.key(grid) for run in in_flight.values()}
-            todo = [r for r in todo if r.key(grid) not in busy | failed and (not only_tasks or r.task in only_tasks)]
+            todo = [r for r in todo if r.key(grid) not in busy | failed and (not only_tasks or r.task in only_tasks)
+                    and (not only_methods or r.entry.name in only_methods)]
             while todo and len(in_flight) < parallel and (max_runs is None or launched < max_runs):
                 run = todo.pop(0)
                 print(f"kronpeft study: start {run.label()} ({run.stage})", file=sys.stderr, flush=True)
