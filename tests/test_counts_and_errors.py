@@ -63,14 +63,14 @@ def test_config_json_round_trip(config):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: KronAConfig(a_shape=(0, 4)), "a_shape must be two positive ints"),
-    (lambda: KronAConfig(dropout=1.5), r"dropout must be in \[0, 1\)"),
-    (lambda: KronAConfig(target_modules="(unclosed"), "not a valid regex"),
-    (lambda: KronAConfig(target_modules=[]), "target_modules is empty"),
-    (lambda: AdaKronConfig(r=10, split=4), "must be a positive int dividing r=10"),
-    (lambda: AdaKronConfig(init="xavier"), "init must be 'paper' or 'zero'"),
-    (lambda: BottleneckConfig(positions=("ffn", "embeddings")), "positions must be a non-empty subset"),
-    (lambda: BottleneckConfig(activation="swish"), "activation must be one of"),
+    (lambda: KronAConfig(a_shape=(0, 4)), r"KronAConfig.a_shape = \(0, 4\).*two positive ints"),
+    (lambda: KronAConfig(dropout=1.5), r"KronAConfig.dropout = 1.5.*in \[0.0, 1.0\)"),
+    (lambda: KronAConfig(target_modules="(unclosed"), r"KronAConfig.target_modules = '\(unclosed'.*valid regex"),
+    (lambda: KronAConfig(target_modules=[]), r"KronAConfig.target_modules = \[\].*non-empty list"),
+    (lambda: AdaKronConfig(r=10, split=4), r"AdaKronConfig.split = 4.*dividing r=10"),
+    (lambda: AdaKronConfig(init="xavier"), r"AdaKronConfig.init = 'xavier'.*one of \('paper', 'zero'\)"),
+    (lambda: BottleneckConfig(positions=("ffn", "embeddings")), r"BottleneckConfig.positions = .*non-empty list of distinct entries"),
+    (lambda: BottleneckConfig(activation="swish"), r"BottleneckConfig.activation = 'swish'.*one of"),
     (lambda: AdapterConfig.from_dict({"method": "krona", "rank": 4}), r"unknown field\(s\) \['rank'\]"),
     (lambda: AdapterConfig.from_dict({"method": "lora"}), "unknown adapter method 'lora'"),
 ])

@@ -1,7 +1,13 @@
-"""Adapter configurations: dataclasses validated on construction, round-tripped through JSON."""
+"""Adapter configurations: dataclasses validated on construction, round-tripped through JSON.
+
+Every field is type- and range-checked in `__post_init__` (so `from_dict`, and with it a hand-edited
+`adapter_config.json`, is checked too); a bad value raises `ValueError` naming the class, the field,
+the value and what is allowed.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -9,60 +15,90 @@ ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
 POSITIONS = ("ffn", "attn")
 
 
+def _refuse(config, field: str, allowed: str):
+    value = getattr(config, field)
+    raise ValueError(f"{type(config).__name__}.{field} = {value!r} ({type(value).__name__}) is not allowed: "
+                     f"it must be {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_real(config, field: str, low: float | None = None, high: float | None = None, high_open=False):
+    """A finite real number (int or float, not bool) in `[low, high]` (`[low, high)` with `high_open`)."""
+    value = getattr(config, field)
+    bounds = f" in [{low}, {high}{')' if high_open else ']'}" if low is not None else ""
+    if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+        _refuse(config, field, f"a finite real number{bounds}")
+    if low is not None and (value < low or value > high or (high_open and value == high)):
+        _refuse(config, field, f"a finite real number{bounds}")
+    setattr(config, field, float(value))
+
+
+def _check_positive_int(config, field: str):
+    if not _is_int(getattr(config, field)) or getattr(config, field) <= 0:
+        _refuse(config, field, "a positive int (not a bool)")
+
+
+def _check_names(config, field: str, lengths: tuple[int, ...] | None = None, optional: bool = True):
+    """None (when `optional`) or a list/tuple of non-empty module-name strings; a bare string is refused."""
+    value = getattr(config, field)
+    if value is None and optional:
+        return
+    what = "a list of module-name strings" + (f" of length {' or '.join(map(str, lengths))}" if lengths else "")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        _refuse(config, field, what + (" or None" if optional else "") + " (a bare string is not a list)")
+    if lengths and len(value) not in lengths:
+        _refuse(config, field, what)
+    setattr(config, field, list(value))
+
+
+def _check_a_shape(config):
+    value = config.a_shape
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_int(v) and v > 0 for v in value):
+        _refuse(config, "a_shape", "None (the balanced split) or two positive ints (a1, a2)")
+    config.a_shape = tuple(value)
+
+
+def _check_choice(config, field: str, choices: tuple[str, ...]):
+    if not isinstance(getattr(config, field), str) or getattr(config, field) not in choices:
+        _refuse(config, field, f"one of {choices}")
+
+
 @dataclass
 class AdapterConfig:
     """Fields every method shares. `modules_to_save`: names of extra modules trained and saved
-    with the adapter (None: the task head of a `*ForSequenceClassification` model; [] : none)."""
+    with the adapter, each adapter holding its own copy (None: the task head of a
+    `*ForSequenceClassification` model; [] : none)."""
 
     modules_to_save: list[str] | None = None
 
     method = ""
 
     def __post_init__(self):
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
-                raise ValueError(f"{type(self).__name__}: modules_to_save must be a list of module names, got {self.modules_to_save!r}")
-            self.modules_to_save = list(self.modules_to_save)
+        _check_names(self, "modules_to_save")
 
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdapterConfig":
-        """Build the config a `to_dict()` (or `adapter_config.json`) describes."""
+        """Build the config a `to_dict()` (or `adapter_config.json`) describes; every field is checked."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an adapter config must be a JSON object (dict), got {type(data).__name__}")
         data = dict(data)
         method = data.pop("method", None)
-        config_cls = METHODS.get(method)
+        config_cls = METHODS.get(method) if isinstance(method, str) else None
         if config_cls is None:
             raise ValueError(f"unknown adapter method {method!r}; known: {sorted(METHODS)}")
         known = {f.name for f in dataclasses.fields(config_cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise ValueError(f"{config_cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
         return config_cls(**data)
-
-
-def _check_a_shape(owner: str, a_shape):
-    if a_shape is None:
-        return None
-    if len(a_shape) != 2 or not all(isinstance(v, int) and v > 0 for v in a_shape):
-        raise ValueError(f"{owner}: a_shape must be two positive ints (a1, a2), got {a_shape!r}")
-    return tuple(a_shape)
-
-
-def _check_dropout(owner: str, p):
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{owner}: dropout must be in [0, 1), got {p}")
-
-
-def _check_module_pair(owner: str, ffn_modules):
-    """`ffn_modules` names the feed-forward span: `[first]` for one module, or `[first, last]`
-    with `last` given relative to `first`'s parent (BERT: `["intermediate", "output.dense"]`)."""
-    if ffn_modules is None:
-        return None
-    if isinstance(ffn_modules, str) or len(ffn_modules) not in (1, 2):
-        raise ValueError(f"{owner}: ffn_modules must be [module] or [first, last], got {ffn_modules!r}")
-    return list(ffn_modules)
 
 
 @dataclass
@@ -82,24 +118,30 @@ class KronAConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        name = type(self).__name__
+        if self.target_modules == "":
+            _refuse(self, "target_modules", "a non-empty regex, a list of module names or None")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
             except re.error as err:
-                raise ValueError(f"{name}: target_modules {self.target_modules!r} is not a valid regex: {err}") from None
-        elif self.target_modules is not None:
-            if not self.target_modules:
-                raise ValueError(f"{name}: target_modules is empty; give module names or None for the preset")
-            self.target_modules = list(self.target_modules)
-        self.a_shape = _check_a_shape(name, self.a_shape)
-        _check_dropout(name, self.dropout)
+                _refuse(self, "target_modules", f"a valid regex ({err}), a list of module names or None")
+        else:
+            _check_names(self, "target_modules")
+            if self.target_modules == []:
+                _refuse(self, "target_modules", "a non-empty list of module names (or None for the preset)")
+        _check_a_shape(self)
+        _check_real(self, "scale")
+        _check_real(self, "dropout", 0.0, 1.0, high_open=True)
 
 
 @dataclass
 class KronABConfig(AdapterConfig):
     """KronA^B: `Y = FFN(X) + scale · X (A ⊗ B)ᵀ` beside each feed-forward block;
-    `residual=True` (KronA^B_res) adds `s_res · X` with a learnable `s_res` starting at `residual_init`."""
+    `residual=True` (KronA^B_res) adds `s_res · X` with a learnable `s_res` starting at `residual_init`.
+
+    `ffn_modules` names the feed-forward span: `[first]` for one module, or `[first, last]` with
+    `last` given relative to `first`'s parent (BERT: `["intermediate", "output.dense"]`).
+    """
 
     a_shape: tuple[int, int] | None = None
     scale: float = 1.0
@@ -112,10 +154,13 @@ class KronABConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        name = type(self).__name__
-        self.a_shape = _check_a_shape(name, self.a_shape)
-        _check_dropout(name, self.dropout)
-        self.ffn_modules = _check_module_pair(name, self.ffn_modules)
+        _check_a_shape(self)
+        _check_real(self, "scale")
+        if not isinstance(self.residual, bool):
+            _refuse(self, "residual", "true or false (a bool, not a string or number)")
+        _check_real(self, "residual_init")
+        _check_real(self, "dropout", 0.0, 1.0, high_open=True)
+        _check_names(self, "ffn_modules", lengths=(1, 2))
 
 
 @dataclass
@@ -133,17 +178,20 @@ class BottleneckConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        name = type(self).__name__
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"{name}: r must be a positive int, got {self.r!r}")
-        self.positions = tuple(self.positions) if not isinstance(self.positions, str) else (self.positions,)
-        if not self.positions or set(self.positions) - set(POSITIONS):
-            raise ValueError(f"{name}: positions must be a non-empty subset of {POSITIONS}, got {self.positions!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        self.ffn_modules = _check_module_pair(name, self.ffn_modules)
-        if self.attn_modules is not None:
-            self.attn_modules = list(self.attn_modules)
+        _check_positive_int(self, "r")
+        if isinstance(self.positions, str):
+            self.positions = (self.positions,)
+        allowed = f"a non-empty list of distinct entries of {POSITIONS}"
+        if not isinstance(self.positions, (list, tuple)) or not self.positions \
+                or not all(isinstance(p, str) and p in POSITIONS for p in self.positions) \
+                or len(set(self.positions)) != len(self.positions):
+            _refuse(self, "positions", allowed)
+        self.positions = tuple(self.positions)
+        _check_choice(self, "activation", ACTIVATIONS)
+        _check_names(self, "ffn_modules", lengths=(1, 2))
+        _check_names(self, "attn_modules")
+        if self.attn_modules == []:
+            _refuse(self, "attn_modules", "a non-empty list of module names (or None for the preset)")
 
 
 @dataclass
@@ -161,11 +209,10 @@ class AdaKronConfig(BottleneckConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        name = type(self).__name__
-        if not isinstance(self.split, int) or self.split <= 0 or self.r % self.split:
-            raise ValueError(f"{name}: split={self.split!r} must be a positive int dividing r={self.r}")
-        if self.init not in ("paper", "zero"):
-            raise ValueError(f"{name}: init must be 'paper' or 'zero', got {self.init!r}")
+        _check_positive_int(self, "split")
+        if self.r % self.split:
+            _refuse(self, "split", f"a positive int dividing r={self.r}")
+        _check_choice(self, "init", ("paper", "zero"))
 
 
 METHODS: dict[str, type[AdapterConfig]] = {
