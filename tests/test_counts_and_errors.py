@@ -45,7 +45,9 @@ def test_sequence_classifier_head_is_trained_and_saved_by_default():
     model = get_model(make_model("distilbert"), KronAConfig())
     assert model.modules_to_save == ["pre_classifier", "classifier"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "base_model.classifier.weight" in trainable and "base_model.pre_classifier.bias" in trainable
+    # each adapter trains its own copy of the head
+    assert {"base_model.classifier.kronpeft.default.weight", "base_model.pre_classifier.kronpeft.default.bias"} <= trainable
+    assert "base_model.classifier.weight" not in trainable
 
 
 # -- configs --------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def crash_after_partial_write(tensors, path, *args, **kwargs):
 
 def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
     model = get_model(make_model("bert"), KronAConfig())
-    monkeypatch.setattr("kronpeft.model.save_file", crash_after_partial_write)
+    monkeypatch.setattr("kronpeft.atomic.save_file", crash_after_partial_write)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []
@@ -215,7 +217,7 @@ def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
 def test_failed_overwrite_keeps_the_previous_adapter(saved, monkeypatch):
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     model = get_model(make_model("bert", seed=5), KronAConfig())
-    monkeypatch.setattr("kronpeft.model.save_file", crash_after_partial_write)
+    monkeypatch.setattr("kronpeft.atomic.save_file", crash_after_partial_write)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before

@@ -3,10 +3,13 @@
 A site is attached to one module of the base model (as attribute `kronpeft`) and rewrites that
 module's output with a forward hook: `y' = adapter(x, y)`. `x` is the module's own input, or, for
 an adapter beside a whole feed-forward block split over two modules, the input of the block's
-first module (kept by a forward pre-hook on it). The base model's code and weights are untouched.
+first module (kept by a forward pre-hook on it). An adapter's own copy of a module it saves
+(`modules_to_save`, e.g. the task head) sits in the same site and replaces the module's output with
+`copy(*args, **kwargs)`. The base model's code and weights are untouched.
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -39,6 +42,7 @@ class AdapterSite(nn.ModuleDict):
         self.merged: set[str] = set()
         self.span_first: str | None = None  # name of the module whose input span adapters read
         self.reads_span: set[str] = set()  # adapter names that read the span input
+        self.copies: set[str] = set()  # adapter names whose entry is a copy of the owner module
         self._span_input = None
         self._handles = []
 
@@ -49,6 +53,8 @@ class AdapterSite(nn.ModuleDict):
         name = self.active
         if not self.enabled or name is None or name in self.merged or name not in self:
             return output
+        if name in self.copies:
+            return self[name](*args, **kwargs)
         if name in self.reads_span:
             x, self._span_input = self._span_input, None
         else:
@@ -77,9 +83,14 @@ class Place:
     in_features: int
 
 
+def base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """`model`'s named modules, without the adapters and module copies kronpeft hung into it."""
+    return {n: m for n, m in model.named_modules() if SITE_ATTR not in n.split(".")}
+
+
 def find_places(model: nn.Module, config: AdapterConfig) -> list[Place]:
     """The places `config` puts an adapter into `model`; a `ValueError` when there are none."""
-    modules = dict(model.named_modules())
+    modules = base_modules(model)
     if isinstance(config, KronAConfig):
         return _linear_places(model, modules, config.target_modules)
     ffn = config.ffn_modules or _preset(model, config, "ffn_modules").ffn
@@ -165,7 +176,7 @@ def _last_linear(module: nn.Module) -> tuple[int, int]:
 
 
 def _linear_names(model: nn.Module) -> str:
-    names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
+    names = sorted({n.rpartition(".")[2] for n, m in base_modules(model).items() if isinstance(m, LINEAR_TYPES)})
     return f"Its linear layers are named: {names}."
 
 
@@ -173,12 +184,27 @@ def _no_match(model: nn.Module, what: str) -> str:
     return f"{what} matched no module of {type(model).__name__}. {_linear_names(model)}"
 
 
-def attach(model: nn.Module, name: str, adapter: nn.Module, place: Place) -> AdapterSite:
-    """Put `adapter` under `name` at `place`, creating the site and its hooks on first use."""
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` (its own parameters) without the kronpeft site it may carry."""
+    site = getattr(module, SITE_ATTR, None)
+    if site is None:
+        return copy.deepcopy(module)
+    clone = copy.deepcopy(module, {id(site): site})  # the site (and its hooks' owner) is not copied ...
+    del clone._modules[SITE_ATTR]  # ... and is then cut off the copy, with its hooks
+    for handle in site._handles:
+        for hooks in (clone._forward_hooks, clone._forward_hooks_with_kwargs, clone._forward_pre_hooks,
+                      clone._forward_pre_hooks_with_kwargs):
+            hooks.pop(handle.id, None)
+    return clone
+
+
+def attach(model: nn.Module, name: str, adapter: nn.Module, place: Place, replaces_owner: bool = False) -> AdapterSite:
+    """Put `adapter` under `name` at `place`, creating the site and its hooks on first use.
+    `replaces_owner`: `adapter` is a copy of the owner module and runs instead of it."""
     owner = model.get_submodule(place.owner)
     site = getattr(owner, SITE_ATTR, None)
     if site is None:
-        site = AdapterSite(place.owner)
+        site = AdapterSite(place.owner).train(owner.training)
         owner.add_module(SITE_ATTR, site)
         site._handles.append(owner.register_forward_hook(site.rewrite_output, with_kwargs=True))
     if place.span_first is not None:
@@ -189,6 +215,8 @@ def attach(model: nn.Module, name: str, adapter: nn.Module, place: Place) -> Ada
         elif site.span_first != place.span_first:
             raise ValueError(f"{place.owner}: adapters read the inputs of both {site.span_first} and {place.span_first}")
         site.reads_span.add(name)
+    if replaces_owner:
+        site.copies.add(name)
     site[name] = adapter
     return site
 

@@ -1,34 +1,45 @@
-"""`KronModel`: a frozen base model with named adapters — train, switch, merge, save, load."""
+"""`KronModel`: a frozen base model with named adapters — train, switch, merge, save, load.
+
+Every call that adds something (`get_model`, `add_adapter`, `load_adapter`, `from_pretrained`)
+validates first and rolls back on failure: afterwards the base model's outputs, trainable
+parameters and state-dict keys are exactly what they were.
+"""
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import copy
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import AdapterConfig
-from .injection import SITE_ATTR, attach, detach, find_places, sites
+from .atomic import TMP_MARK, commit, read_manifest, sha256, write_tensors
+from .config import AdapterConfig, KronAConfig
+from .injection import SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, detach, find_places, sites
 from .layers import build_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+WEIGHTS_STEM = "adapter_model"
+FORMAT_VERSION = 2  # 2: `weights_file` names the weights (versioned, crash-safe overwrite); 1: always WEIGHTS_NAME
+READABLE_VERSIONS = (1, 2)
+UNLOADED = ("this KronModel was merged and unloaded (merge_and_unload); use the model that call returned, "
+            "or wrap a base model again with get_model")
 
 
 class KronModel(nn.Module):
     """Wraps a `transformers` model; `forward` is the base model's, with the active adapter applied.
 
-    The base model is frozen except `modules_to_save` (by default the task head of a
-    `*ForSequenceClassification` model), which are trained and saved with every adapter.
+    The base model is frozen. Each adapter trains and saves its own copy of its `modules_to_save`
+    (by default the task head of a `*ForSequenceClassification` model), switched with the adapter;
+    `disable_adapter()` runs the original modules.
     """
 
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default"):
@@ -38,50 +49,76 @@ class KronModel(nn.Module):
                              f"use KronModel.add_adapter to add another")
         self.base_model = model
         self.configs: dict[str, AdapterConfig] = {}
+        self.saved_modules: dict[str, list[str]] = {}  # adapter -> full names of the modules it copies
         self.active_adapter: str | None = None
-        self.modules_to_save: list[str] = []
-        model.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        self._disabled = 0  # depth of nested disable_adapter() blocks
+        self._remerge: list[str] = []  # adapters the outermost disable_adapter() unmerged
+        self._unloaded = False
+        with _unchanged_on_failure(model):
+            model.requires_grad_(False)
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
 
     def forward(self, *args, **kwargs):
+        self._check_usable()
         return self.base_model(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if self.__dict__.get("_unloaded"):
+                raise AttributeError(f"{name!r}: {UNLOADED}") from None
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
 
+    @property
+    def modules_to_save(self) -> list[str]:
+        """Full names of the modules the active adapter trains and saves its own copy of."""
+        return list(self.saved_modules.get(self.active_adapter, []))
+
     # -- adapters -----------------------------------------------------------------------------------
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig):
-        """Add a new adapter (inactive until `set_adapter`)."""
-        if not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
-        if adapter_name in self.configs:
-            raise ValueError(f"adapter {adapter_name!r} exists already; delete_adapter it first or pick another name")
-        places = find_places(self.base_model, config)
+        """Add a new adapter (inactive and frozen until `set_adapter`). `config` is copied: changing it
+        later changes neither this adapter nor what is saved."""
+        self._check_usable()
+        self._check_new_name(adapter_name)
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"add_adapter needs a kronpeft AdapterConfig, got {type(config).__name__}")
+        config = copy.deepcopy(config)
+        model = self.base_model
+        places = find_places(model, config)
+        saved = _resolve_modules_to_save(model, config.modules_to_save)
+        _check_saved_modules(model, places, saved)
+        if isinstance(config, KronAConfig):  # mergeable: its weight must belong to its layer alone
+            _check_untied(model, [p.owner for p in places], f"{type(config).__name__}.target_modules")
         built = []
-        for place in places:  # build every adapter before attaching any, so a failure changes nothing
-            ref = next(self.base_model.get_submodule(place.owner).parameters())
+        for place in places:  # build everything before attaching anything
+            owner = model.get_submodule(place.owner)
+            ref = next(owner.parameters())
             try:
-                built.append(build_adapter(config, place.out_features, place.in_features, ref.dtype, ref.device))
+                adapter = build_adapter(config, place.out_features, place.in_features, ref.dtype, ref.device)
             except ValueError as err:
                 raise ValueError(f"{place.owner}: {err}") from None
-        for place, adapter in zip(places, built):
-            attach(self.base_model, adapter_name, adapter, place)
-        for name in _resolve_modules_to_save(self.base_model, config.modules_to_save):
-            if name not in self.modules_to_save:
-                self.modules_to_save.append(name)
-        for name in self.modules_to_save:
-            self.base_model.get_submodule(name).requires_grad_(True)
-        self.configs[adapter_name] = config
+            built.append(adapter.train(owner.training))  # a new adapter follows its host's train/eval mode
+        copies = [copy_module(model.get_submodule(name)) for name in saved]
+        with self._all_or_nothing():
+            for place, adapter in zip(places, built):
+                attach(model, adapter_name, adapter, place)
+            for name, module in zip(saved, copies):
+                attach(model, adapter_name, module, Place(name, None, 0, 0), replaces_owner=True)
+            for _, site in sites(model):
+                site.enabled = self._disabled == 0
+                if adapter_name in site:
+                    site[adapter_name].requires_grad_(adapter_name == self.active_adapter)
+            self.configs[adapter_name] = config
+            self.saved_modules[adapter_name] = saved
 
     def set_adapter(self, adapter_name: str):
-        """Make `adapter_name` the one that runs and trains; the others are frozen."""
+        """Make `adapter_name` (and its copies of `modules_to_save`) the one that runs and trains;
+        the others are frozen."""
         self._check_name(adapter_name)
         for _, site in sites(self.base_model):
             site.active = adapter_name
@@ -97,9 +134,11 @@ class KronModel(nn.Module):
             if adapter_name in site:
                 del site[adapter_name]
                 site.reads_span.discard(adapter_name)
+                site.copies.discard(adapter_name)
             if not len(site):
                 detach(owner, site)
         del self.configs[adapter_name]
+        del self.saved_modules[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = None
             if self.configs:
@@ -107,19 +146,27 @@ class KronModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the base model alone inside the `with` block (merged weights are taken out meanwhile)."""
-        merged = [name for name in self.configs if self._is_merged(name)]
-        for name in merged:
-            self.unmerge_adapter(name)
-        for _, site in sites(self.base_model):
-            site.enabled = False
+        """Run the base model alone (original `modules_to_save` too) inside the `with` block; merged
+        weights are taken out meanwhile. Reentrant: only the outermost block re-enables, also on an error."""
+        self._check_usable()
+        if self._disabled == 0:
+            merged = [name for name in self.configs if self._is_merged(name)]
+            for name in merged:
+                self.unmerge_adapter(name)
+            self._remerge = merged
+            for _, site in sites(self.base_model):
+                site.enabled = False
+        self._disabled += 1
         try:
             yield self
         finally:
-            for _, site in sites(self.base_model):
-                site.enabled = True
-            for name in merged:
-                self.merge_adapter(name)
+            self._disabled -= 1
+            if self._disabled == 0:
+                for _, site in sites(self.base_model):
+                    site.enabled = True
+                for name in self._remerge:
+                    self.merge_adapter(name)
+                self._remerge = []
 
     # -- merging ------------------------------------------------------------------------------------
 
@@ -128,12 +175,13 @@ class KronModel(nn.Module):
         adapter_name = self._mergeable(adapter_name)
         with torch.no_grad():
             for owner, site in sites(self.base_model):
-                if adapter_name in site and adapter_name not in site.merged:
+                if adapter_name in site and adapter_name not in site.merged and adapter_name not in site.copies:
                     _add_to_weight(owner, site[adapter_name].delta_weight())
                     site.merged.add(adapter_name)
 
     def unmerge_adapter(self, adapter_name: str | None = None):
         """Subtract a merged adapter from the weights again."""
+        self._check_usable()
         adapter_name = adapter_name or self.active_adapter
         with torch.no_grad():
             for owner, site in sites(self.base_model):
@@ -142,16 +190,30 @@ class KronModel(nn.Module):
                     site.merged.discard(adapter_name)
 
     def merge_and_unload(self) -> nn.Module:
-        """The plain base model with the active KronA adapter merged in and every adapter removed."""
-        self.merge_adapter()
-        for owner, site in sites(self.base_model):
+        """The plain base model with the active KronA adapter merged in (and its copies of
+        `modules_to_save` in place of the originals), every adapter removed. This wrapper is
+        unusable afterwards."""
+        adapter_name = self._mergeable(None)
+        self.merge_adapter(adapter_name)
+        model = self.base_model
+        for owner, site in sites(model):
+            clone = site[adapter_name] if adapter_name in site.copies else None
             detach(owner, site)
-        return self.base_model
+            if clone is not None:
+                parent, _, child = site.owner_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, clone)
+        del self.base_model
+        self.configs.clear()
+        self.saved_modules.clear()
+        self.active_adapter = None
+        self._unloaded = True
+        return model
 
     # -- parameters ---------------------------------------------------------------------------------
 
     def trainable_parameters(self) -> tuple[int, int]:
         """`(trainable, total)` parameter counts."""
+        self._check_usable()
         return count_parameters(self)
 
     def print_trainable_parameters(self):
@@ -161,66 +223,72 @@ class KronModel(nn.Module):
     # -- saving and loading -------------------------------------------------------------------------
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors (and `modules_to_save`), keyed without the adapter's name."""
+        """The adapter's tensors keyed without the adapter's name (`<module>.kronpeft.<tensor>`), and its
+        copies of `modules_to_save` under the original modules' keys."""
         adapter_name = adapter_name or self.active_adapter
         self._check_name(adapter_name)
-        marker = f".{SITE_ATTR}.{adapter_name}."
         state = {}
-        for key, tensor in self.base_model.state_dict().items():
-            if marker in key:
-                state[key.replace(marker, f".{SITE_ATTR}.")] = tensor
-            elif any(key.startswith(m + ".") for m in self.modules_to_save):
-                state[key] = tensor
+        for _, site in sites(self.base_model):
+            if adapter_name not in site:
+                continue
+            prefix = f"{site.owner_name}." if site.owner_name else ""
+            if adapter_name not in site.copies:
+                prefix += f"{SITE_ATTR}."
+            for key, tensor in site[adapter_name].state_dict().items():
+                state[prefix + key] = tensor
         return state
 
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None):
-        """Write `adapter_config.json` + `adapter_model.safetensors` (adapter and `modules_to_save` only).
+        """Write `adapter_config.json` + the weights file it names (adapter and its `modules_to_save`).
 
-        Atomic: files are written in a temporary directory and renamed into place, weights first.
+        Crash-safe overwrite: new weights go under a name the current config does not use, then the
+        config is atomically replaced (see `atomic.py`); after a crash at any point the old or the new
+        adapter loads.
         """
+        self._check_usable()
         adapter_name = adapter_name or self.active_adapter
         state = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict(adapter_name).items()}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "adapter": self.configs[adapter_name].to_dict(),
+            "modules_to_save": self.saved_modules[adapter_name],
+            "base_model": _describe(self.base_model),
+        }
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"cannot save the adapter to {target}: it is a file; pass a folder path")
+        if target.exists():
+            _write_adapter(target, state, meta)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)  # a first save appears whole or not at all
+        tmp = target.with_name(f".{target.name}{TMP_MARK}{secrets.token_hex(4)}")
+        tmp.mkdir()
         try:
-            save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "adapter": self.configs[adapter_name].to_dict(),
-                "modules_to_save": self.modules_to_save,
-                "base_model": _describe(self.base_model),
-                "weights_sha256": _sha256(tmp / WEIGHTS_NAME),
-            }
-            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-            for path in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-            if not target.exists():
-                os.rename(tmp, target)
-            else:
-                for name in (WEIGHTS_NAME, CONFIG_NAME):
-                    os.replace(tmp / name, target / name)
-        finally:
+            _write_adapter(tmp, state, meta)
+            os.rename(tmp, target)
+        except Exception:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> "KronModel":
-        """Wrap `model` and load the adapter saved in `adapter_dir` into it."""
+        """Wrap `model` and load the adapter saved in `adapter_dir` into it (in `model`'s train/eval mode)."""
         meta, state = read_adapter(adapter_dir, model)
-        kron_model = cls(model, AdapterConfig.from_dict(meta["adapter"]), adapter_name)
-        kron_model._load_state(adapter_dir, adapter_name, state)
+        config = _config_from(meta, adapter_dir)
+        with _unchanged_on_failure(model):
+            kron_model = cls(model, config, adapter_name)
+            kron_model._load_state(adapter_dir, adapter_name, state)
         return kron_model
 
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str):
         """Add the adapter saved in `adapter_dir` under `adapter_name` (inactive until `set_adapter`)."""
+        self._check_usable()
+        self._check_new_name(adapter_name)
         meta, state = read_adapter(adapter_dir, self.base_model)
-        self.add_adapter(adapter_name, AdapterConfig.from_dict(meta["adapter"]))
-        try:
+        config = _config_from(meta, adapter_dir)
+        with self._all_or_nothing():
+            self.add_adapter(adapter_name, config)
             self._load_state(adapter_dir, adapter_name, state)
-        except ValueError:
-            self.delete_adapter(adapter_name)
-            raise
 
     def _load_state(self, adapter_dir, adapter_name: str, state: dict[str, torch.Tensor]):
         expected = self.adapter_state_dict(adapter_name)
@@ -239,13 +307,44 @@ class KronModel(nn.Module):
                     f"shape {tuple(tensor.shape)} but the model needs {tuple(expected[key].shape)}; "
                     f"load it into the base model it was trained on"
                 )
+            if expected[key].is_meta:
+                raise ValueError(
+                    f"cannot load the adapter in {adapter_dir}: {type(self.base_model).__name__} is on the meta "
+                    f"device (no storage; {key} would silently load nothing); load the base model's weights first "
+                    f"(e.g. from_pretrained without device 'meta', or to_empty() and load_state_dict)"
+                )
         with torch.no_grad():
             for key, tensor in state.items():
                 expected[key].copy_(tensor)
 
     # -- helpers ------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _all_or_nothing(self):
+        """Undo every change to the base model and to this wrapper's bookkeeping if the block fails."""
+        configs, saved, active = dict(self.configs), dict(self.saved_modules), self.active_adapter
+        try:
+            with _unchanged_on_failure(self.base_model):
+                yield
+        except BaseException:
+            self.configs, self.saved_modules, self.active_adapter = configs, saved, active
+            raise
+
+    def _check_usable(self):
+        if self._unloaded:
+            raise RuntimeError(UNLOADED)
+
+    def _check_new_name(self, adapter_name):
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without '.'")
+        if hasattr(AdapterSite, adapter_name) or adapter_name in vars(AdapterSite("")):
+            raise ValueError(f"adapter name {adapter_name!r} collides with an attribute of kronpeft's adapter "
+                             f"sites; pick another name (e.g. {adapter_name + '_adapter'!r})")
+        if adapter_name in self.configs:
+            raise ValueError(f"adapter {adapter_name!r} exists already; delete_adapter it first or pick another name")
+
     def _check_name(self, adapter_name: str | None):
+        self._check_usable()
         if adapter_name not in self.configs:
             raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.configs)}")
 
@@ -256,7 +355,7 @@ class KronModel(nn.Module):
         adapter_name = adapter_name or self.active_adapter
         self._check_name(adapter_name)
         for _, site in sites(self.base_model):
-            if adapter_name in site and not site[adapter_name].mergeable:
+            if adapter_name in site and adapter_name not in site.copies and not site[adapter_name].mergeable:
                 method = self.configs[adapter_name].method
                 raise ValueError(
                     f"adapter {adapter_name!r} ({method}) cannot be merged: it is non-linear in the hidden state "
@@ -280,28 +379,82 @@ def get_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "defa
 def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and check an adapter directory (no unpickling: JSON + safetensors)."""
     adapter_dir = Path(adapter_dir)
-    config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {adapter_dir} is not a kronpeft adapter directory "
-                                    f"(it needs {CONFIG_NAME} and {WEIGHTS_NAME}, written by save_pretrained)")
+    config_path = adapter_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: {adapter_dir} is not a kronpeft adapter directory "
+                                f"(it needs {CONFIG_NAME} and its weights file, written by save_pretrained)")
     try:
         meta = json.loads(config_path.read_text())
         meta["adapter"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{config_path} is corrupt ({err}); save the adapter again") from None
-    if meta.get("weights_sha256") != _sha256(weights_path):
+    version = meta.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        newer = type(version) is int and version > FORMAT_VERSION
+        raise ValueError(f"{config_path} has format_version {version!r}; this kronpeft reads {list(READABLE_VERSIONS)}"
+                         + ("; upgrade kronpeft to load it" if newer else "; save the adapter again"))
+    weights_file = meta.get("weights_file", WEIGHTS_NAME)
+    if not isinstance(weights_file, str) or Path(weights_file).name != weights_file or not weights_file:
+        raise ValueError(f"{config_path} is corrupt (weights_file {weights_file!r} is not a file name); "
+                         f"save the adapter again")
+    weights_path = adapter_dir / weights_file
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} not found: the weights {config_path} names are missing; "
+                                f"save the adapter again")
+    if meta.get("weights_sha256") != sha256(weights_path):
         raise ValueError(f"{weights_path} is corrupt or does not belong to {config_path} (checksum mismatch); "
                          f"save the adapter again")
     try:
         state = load_file(weights_path)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights_path} is corrupt ({err}); save the adapter again") from None
-    saved, here = meta.get("base_model", {}).get("model_type"), _describe(model)["model_type"]
+    described = meta.get("base_model")
+    saved, here = (described.get("model_type") if isinstance(described, dict) else None), _describe(model)["model_type"]
     if saved != here:
         raise ValueError(f"adapter in {adapter_dir} was trained on a {saved!r} model, not {here!r} "
                          f"({type(model).__name__}); load it into the base model it was trained on")
     return meta, state
+
+
+def _write_adapter(directory: Path, state: dict[str, torch.Tensor], meta: dict):
+    current = read_manifest(directory / CONFIG_NAME)
+    in_use = {str(current.get("weights_file", WEIGHTS_NAME))} if current else set()
+    weights_file, digest = write_tensors(directory, WEIGHTS_STEM, state, in_use)
+    meta = {**meta, "weights_file": weights_file, "weights_sha256": digest}
+    commit(directory, CONFIG_NAME, meta, keep={weights_file}, stems=(WEIGHTS_STEM,))
+
+
+def _config_from(meta: dict, adapter_dir) -> AdapterConfig:
+    try:
+        return AdapterConfig.from_dict(meta["adapter"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{Path(adapter_dir) / CONFIG_NAME}: {err}") from None
+
+
+@contextlib.contextmanager
+def _unchanged_on_failure(model: nn.Module):
+    """If the block raises, remove the adapters, sites and hooks it added to `model` and restore every
+    parameter's `requires_grad`."""
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    before = {id(site): (set(site.keys()), site.span_first, len(site._handles), set(site.reads_span), set(site.copies))
+              for _, site in sites(model)}
+    try:
+        yield
+    except BaseException:
+        for owner, site in sites(model):
+            if id(site) not in before:
+                detach(owner, site)
+                continue
+            names, span_first, n_handles, reads_span, copies = before[id(site)]
+            for name in set(site.keys()) - names:
+                del site[name]
+            for handle in site._handles[n_handles:]:
+                handle.remove()
+            del site._handles[n_handles:]
+            site.span_first, site.reads_span, site.copies = span_first, reads_span, copies
+        for param, requires_grad in grads:
+            param.requires_grad_(requires_grad)
+        raise
 
 
 def _resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
@@ -311,15 +464,50 @@ def _resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[
             return []
         backbone = getattr(model, "base_model_prefix", None)
         return [n for n, m in model.named_children() if n != backbone and any(True for _ in m.parameters())]
-    modules = [n for n, _ in model.named_modules() if n]
+    modules = [n for n in base_modules(model) if n]
     resolved = []
     for wanted in names:
         found = [n for n in modules if n == wanted or n.endswith("." + wanted)]
         if not found:
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of {type(model).__name__}; "
                              f"its top-level modules are {[n for n, _ in model.named_children()]}")
-        resolved += found
+        resolved += [n for n in found if n not in resolved]
+    nested = [(a, b) for a in resolved for b in resolved if b.startswith(a + ".")]
+    if nested:
+        raise ValueError(f"modules_to_save names both {nested[0][0]!r} and {nested[0][1]!r}, which is inside it; "
+                         f"name only the outer module")
     return resolved
+
+
+def _check_saved_modules(model: nn.Module, places: list[Place], saved: list[str]):
+    """A module is either adapted or saved whole: refuse a module to save that holds an adapted module,
+    and one whose parameters are shared (tied) with modules outside it (a copy would untie them)."""
+    adapted = [p.owner for p in places] + [s.owner_name for _, s in sites(model) if s.copies != set(s.keys())]
+    for name in saved:
+        inside = [a for a in adapted if a == name or a.startswith(name + ".")]
+        if inside:
+            raise ValueError(f"modules_to_save entry {name!r} holds the adapted module {inside[0]!r}; an adapter "
+                             f"cannot both adapt a module and train a whole copy of it: drop one of the two")
+    _check_untied(model, saved, "modules_to_save")
+
+
+def _check_untied(model: nn.Module, names: list[str], field: str):
+    """Refuse modules whose parameters are also reachable from outside them (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if SITE_ATTR not in name.split("."):
+            owners.setdefault(id(param), []).append(name)
+    for module_name in names:
+        for pname, param in model.get_submodule(module_name).named_parameters(remove_duplicate=False):
+            if SITE_ATTR in pname.split("."):
+                continue
+            full = f"{module_name}.{pname}" if module_name else pname
+            outside = [n for n in owners[id(param)] if not n.startswith(module_name + ".")]
+            if outside:
+                raise ValueError(
+                    f"{field}: {full} is tied to {outside[0]} (one shared parameter, e.g. tie_word_embeddings); "
+                    f"adapting or copying {module_name!r} would silently change or untie {outside[0]} too. "
+                    f"Pick untied modules, or load the base model untied (e.g. tie_word_embeddings=False)")
 
 
 def _add_to_weight(module: nn.Module, delta: torch.Tensor):
@@ -335,11 +523,3 @@ def _describe(model: nn.Module) -> dict:
         "name_or_path": getattr(config, "_name_or_path", None),
         "class": type(model).__name__,
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -8,6 +8,7 @@ uninterrupted one would have seen, and 1 process and N processes see the same gl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,19 +21,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from . import baselines
 from .data import get_task, limit, load_split
 from .metrics import compute_metrics
+from .atomic import commit, read_manifest, sha256, write_atomic, write_tensors
 from .model import count_parameters
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
-_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 CHECKPOINT = "checkpoint"
-# Settings a resumed run must share with the run it continues (others, like --eval-every, may change).
-RESUME_KEYS = ("task", "method", "model", "seed", "batch_size", "epochs", "max_steps", "max_length",
-               "max_train_samples", "a_shape", "scale", "r", "targets", "init", "no_dropout", "warmup_ratio")
+STATE_FILE = "state.json"
+_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+# The only settings a resumed run may change; every other flag must equal the run's (the data is
+# checked by hash, so --data-dir may move).
+RESUME_MAY_CHANGE = ("eval_every", "save_every", "log_every", "eval_batch_size", "no_eval_before", "cpu",
+                     "data_dir", "output_dir", "overwrite", "resume", "stop_after", "inject_nan_at")
+RUN_FILES = ("metrics.json", "log.jsonl", "curves.png", CHECKPOINT, "adapter")
 
 
 class UsageError(Exception):
@@ -177,53 +183,97 @@ def evaluate(model, task_spec, eval_sets: dict, batch_size: int, device) -> dict
 # -- checkpoints ----------------------------------------------------------------------------------------
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict):
-    """Latest state for --resume: trainable weights + optimizer tensors (safetensors), the rest JSON.
-    Written to a temporary folder and swapped in, so a crash mid-write keeps the previous one."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(baselines.trainable_state(model), tmp / "trainable.safetensors")
+    """Latest state for --resume: trainable weights + optimizer tensors (safetensors), the rest in
+    `state.json`, which names both files and their sha256 and is replaced last, atomically (see
+    `atomic.py`): after a crash at any point the previous or the new checkpoint loads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    current = read_manifest(directory / STATE_FILE) or {}
+    in_use = {f.get("file") for f in current.get("files", {}).values() if isinstance(f, dict)} \
+        if isinstance(current.get("files"), dict) else set()
     opt = optimizer.state_dict()
     tensors = {f"{idx}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
                for idx, st in opt["state"].items() for k, v in st.items()}
-    save_file(tensors, tmp / "optimizer.safetensors")
-    meta = {**state, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=_jsonable) + "\n")
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    files = {}
+    for stem, part in (("trainable", baselines.trainable_state(model)), ("optimizer", tensors)):
+        name, digest = write_tensors(directory, stem, part, in_use)
+        files[stem] = {"file": name, "sha256": digest}
+    meta = {**state, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "files": files}
+    commit(directory, STATE_FILE, meta, keep={f["file"] for f in files.values()}, stems=("trainable", "optimizer"))
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
-    meta = json.loads((directory / "state.json").read_text())
-    baselines.load_trainable_state(model, load_file(directory / "trainable.safetensors"))
-    tensors = load_file(directory / "optimizer.safetensors")
-    state: dict = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
-    scheduler.load_state_dict(meta.pop("scheduler"))
+def read_checkpoint_state(directory: Path) -> dict:
+    """`state.json` of a checkpoint, checked for the shape `load_checkpoint` needs."""
+    path = directory / STATE_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} is unreadable ({err}); start over with --overwrite") from None
+    shape = {"step": int, "evals": list, "train_seconds": (int, float), "args": dict, "param_groups": list,
+             "scheduler": dict}
+    wrong = [k for k, kind in shape.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise UsageError(f"{path} is not a kronpeft checkpoint (field {wrong[0]!r} missing or of the wrong type); "
+                         f"start over with --overwrite")
     return meta
 
 
-def _jsonable(value):
-    if isinstance(value, tuple):
-        return list(value)
-    if torch.is_tensor(value):
-        return value.tolist()
-    return str(value)
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
+    meta = read_checkpoint_state(directory)
+    files = meta.pop("files", None) or {s: {"file": f"{s}.safetensors"} for s in ("trainable", "optimizer")}
+    loaded = {}
+    for stem in ("trainable", "optimizer"):
+        entry = files.get(stem) if isinstance(files, dict) else None
+        name = entry.get("file") if isinstance(entry, dict) else None
+        path = directory / str(name)
+        fix = "start over with --overwrite (or resume from a copy of the run)"
+        if not isinstance(name, str) or Path(name).name != name or not path.is_file():
+            raise UsageError(f"{directory / STATE_FILE} names no readable {stem} file ({name!r}); {fix}")
+        if "sha256" in entry and entry["sha256"] != sha256(path):
+            raise UsageError(f"{path} is corrupt or does not belong to this checkpoint (checksum mismatch); {fix}")
+        try:
+            loaded[stem] = load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise UsageError(f"{path} is corrupt ({err}); {fix}") from None
+    try:
+        baselines.load_trainable_state(model, loaded["trainable"])
+        state: dict = {}
+        for key, value in loaded["optimizer"].items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+        scheduler.load_state_dict(meta.pop("scheduler"))
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"checkpoint in {directory} does not fit this run ({first}); "
+                         f"start over with --overwrite") from None
+    return meta
 
 
 # -- output folder --------------------------------------------------------------------------------------
 
+def check_writable_dir(path: Path, flag: str):
+    """Refuse a folder path that is a file, lies under a file, or under a read-only folder."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder; pass a folder path")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is a file, so no folder can be made under it; pass another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {parent} is not writable; pass a writable {flag}")
+
+
 def check_output_dir(out: Path, overwrite: bool, resume: bool) -> bool:
-    """Refuse to clobber a run; returns True when a checkpoint should be resumed."""
+    """Refuse to clobber a run (nothing is deleted without --overwrite); returns True when a checkpoint
+    should be resumed."""
+    check_writable_dir(out, "--output-dir")
     finished = (out / "metrics.json").is_file()
-    has_ckpt = (out / CHECKPOINT / "state.json").is_file()
+    legacy = out / f"{CHECKPOINT}.old"  # left by kronpeft <= 0.1's two-rename checkpoint swap on a crash
+    if not (out / CHECKPOINT / STATE_FILE).is_file() and (legacy / STATE_FILE).is_file():
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+        os.rename(legacy, out / CHECKPOINT)
+    has_ckpt = (out / CHECKPOINT / STATE_FILE).is_file()
     if resume:
         if not has_ckpt and not finished:
             raise UsageError(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a new run")
@@ -236,7 +286,31 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> bool:
     if has_ckpt:
         raise UsageError(f"{out} holds an unfinished run (checkpoint/); pass --resume to continue it, "
                          f"--overwrite to start over, or choose another --output-dir")
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier:
+        raise UsageError(f"{out} holds files of an earlier run ({', '.join(earlier)}) but no checkpoint to resume; "
+                         f"pass --overwrite to replace them, or choose another --output-dir")
     return False
+
+
+def check_resume_args(out: Path, saved: dict, args) -> None:
+    """Refuse a resume whose flags differ from the run's, except the RESUME_MAY_CHANGE ones."""
+    now = json.loads(json.dumps(vars(args), default=str))
+    changed = [k for k in saved if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if changed:
+        k = changed[0]
+        may = ", ".join("--" + f.replace("_", "-") for f in RESUME_MAY_CHANGE[:6])
+        raise UsageError(f"--resume: {out} was started with --{k.replace('_', '-')} {saved[k]!r}, not {now[k]!r}; "
+                         f"only {may} may change on resume: resume with the run's settings or start over with "
+                         f"--overwrite")
+
+
+def data_digest(examples) -> str:
+    """sha256 of examples (texts and labels, in order): a resumed run must train on the same data."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.text_a, e.text_b, e.label]).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def peak_memory_mb(device) -> float:
@@ -279,18 +353,21 @@ def run(args) -> dict | None:
             print(f"{out} already holds a finished run; nothing to resume", file=sys.stderr)
         return metrics
     if resuming:
-        saved = json.loads((out / CHECKPOINT / "state.json").read_text())["args"]
-        changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
-        if changed:
-            k = changed[0]
-            raise UsageError(f"--resume: {out} was started with --{k.replace('_', '-')} {saved.get(k)!r}, not "
-                             f"{getattr(args, k)!r}; resume with the run's settings or use --overwrite")
+        saved_state = read_checkpoint_state(out / CHECKPOINT)
+        check_resume_args(out, saved_state["args"], args)
 
     # data (before anything is written, so a missing/malformed file leaves the folder as it was)
     data_dir = args.data_dir or None
     train_examples = limit(load_split(spec.name, "train", data_dir), args.max_train_samples, args.seed)
     eval_examples = {s: limit(load_split(spec.name, s, data_dir), args.max_eval_samples, args.seed)
                      for s in spec.eval_splits}
+    digests = {"train": data_digest(train_examples), **{s: data_digest(e) for s, e in eval_examples.items()}}
+    if resuming:
+        changed = [s for s, d in saved_state.get("data_sha256", {}).items() if digests.get(s) != d]
+        if changed:
+            raise UsageError(f"--resume: the {changed[0]} data of task {spec.name} differs from the data {out} was "
+                             f"trained on (sha256 mismatch; --data-dir {args.data_dir}); resume with the original "
+                             f"files or start over with --overwrite")
     model_path = resolve_model(args.model)
 
     torch.manual_seed(args.seed)
@@ -322,7 +399,7 @@ def run(args) -> dict | None:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
     model = model.to(device)
 
-    state = {"step": 0, "evals": [], "best": None, "train_seconds": 0.0, "args": vars(args)}
+    state = {"step": 0, "evals": [], "best": None, "train_seconds": 0.0, "args": vars(args), "data_sha256": digests}
     if resuming:
         loaded = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler)
         state.update({k: loaded[k] for k in ("step", "evals", "best", "train_seconds")})
@@ -340,10 +417,10 @@ def run(args) -> dict | None:
                 (out / stale).unlink(missing_ok=True)
             for stale in (CHECKPOINT, "adapter"):
                 shutil.rmtree(out / stale, ignore_errors=True)
-        else:  # drop log lines written after the checkpoint: they will be written again
-            lines = log_path.read_text().splitlines() if log_path.exists() else []
-            kept = [l for l in lines if json.loads(l)["step"] <= state["step"]]
-            log_path.write_text("".join(l + "\n" for l in kept))
+        else:  # drop log lines written after the checkpoint (they will be written again) and a line cut by a crash
+            lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+            kept = [line for line in lines if _log_step(line) <= state["step"]]
+            write_atomic(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
     def log(record: dict):
         if main:
@@ -403,10 +480,13 @@ def run(args) -> dict | None:
             mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
             if not math.isfinite(mean_loss):
                 bar.close()
-                kept = f"the last good checkpoint is in {out / CHECKPOINT}" if (out / CHECKPOINT).exists() \
-                    else "no checkpoint had been written yet"
-                raise UsageError(f"loss is {mean_loss} at step {step + 1}; training stopped ({kept}); lower --lr "
-                                 f"(now {args.lr:g}) and continue with --resume, or check the data")
+                if (out / CHECKPOINT / STATE_FILE).exists():
+                    fix = (f"the last good checkpoint is in {out / CHECKPOINT}; lower --lr (now {args.lr:g}) and "
+                           f"continue with --resume, or check the data")
+                else:
+                    fix = (f"no checkpoint had been written yet; lower --lr (now {args.lr:g}) and start over with "
+                           f"--overwrite, or check the data")
+                raise UsageError(f"loss is {mean_loss} at step {step + 1}; training stopped ({fix})")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -460,6 +540,15 @@ def run(args) -> dict | None:
         print(f"kronpeft: warning: could not draw curves.png ({err})", file=sys.stderr)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _log_step(line: str) -> float:
+    """The step of a log.jsonl line; infinity for a line a crash cut short (it is dropped)."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
 
 
 def _better(spec, new: float, old: float) -> bool:

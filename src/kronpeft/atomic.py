@@ -1,0 +1,99 @@
+"""Crash-safe writes of a folder holding safetensors files and one JSON manifest naming them.
+
+The manifest is the commit point. New tensor files go under names the current manifest does not use,
+each written to a temporary file, fsynced and renamed; then the manifest is replaced the same way
+(one `os.replace`, atomic on POSIX); only then are files no manifest names deleted. A crash at any
+point therefore leaves either the old manifest with its intact files or the new one with its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+TMP_MARK = ".tmp-"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]):
+    """`write(tmp)` then fsync and rename `tmp` over `path`; on an error the temporary file is removed."""
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{secrets.token_hex(4)}")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict):
+    write_atomic(path, lambda tmp: _write_text(tmp, json.dumps(data, indent=2, default=_jsonable) + "\n"))
+
+
+def write_tensors(directory: Path, stem: str, tensors: dict[str, torch.Tensor], in_use: set[str]) -> tuple[str, str]:
+    """Write `tensors` to `<stem>.safetensors`, or to a fresh `<stem>.<hex>.safetensors` when the current
+    manifest uses that name; returns `(file name, sha256)`."""
+    name = f"{stem}.safetensors"
+    if name in in_use:
+        name = f"{stem}.{secrets.token_hex(4)}.safetensors"
+    write_atomic(directory / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    return name, sha256(directory / name)
+
+
+def commit(directory: Path, manifest_name: str, manifest: dict, keep: set[str], stems: tuple[str, ...]):
+    """Atomically replace the manifest, then delete `<stem>*.safetensors` files not in `keep` and leftover
+    temporary files (from an earlier crash)."""
+    write_json_atomic(directory / manifest_name, manifest)
+    _fsync_dir(directory)
+    for path in directory.iterdir():
+        stale_tensors = path.name.startswith(stems) and path.name.endswith(".safetensors") and path.name not in keep
+        if stale_tensors or TMP_MARK in path.name:
+            path.unlink(missing_ok=True)
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The JSON object at `path`, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_text(path: Path, text: str):
+    path.write_text(text)
+
+
+def _fsync(path: Path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if torch.is_tensor(value):
+        return value.tolist()
+    return str(value)
