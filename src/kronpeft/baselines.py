@@ -155,9 +155,14 @@ def read_run(directory: str | os.PathLike) -> dict:
     path = directory / RUN_FILE
     if path.is_file():
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+            run = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is corrupt ({err}); train again or pass --model/--task explicitly") from None
+        if not isinstance(run, dict) or run.get("kind") not in ("kronpeft", "peft", "model") \
+                or not all(isinstance(run.get(k), (str, type(None))) for k in ("task", "model", "method")):
+            raise ValueError(f"{path} is not a kronpeft run file (a JSON object with kind kronpeft/peft/model and "
+                             f"string task/model/method); train again, or delete it and pass --model/--task")
+        return run
     config = directory / "adapter_config.json"
     if config.is_file():
         meta = json.loads(config.read_text())
@@ -180,6 +185,11 @@ def load_trained(directory: str | os.PathLike, base: nn.Module | None, run: dict
         return KronModel.from_pretrained(base, directory)
     if kind == "peft":
         import peft
+
+        if not (Path(directory) / "adapter_model.safetensors").is_file():
+            raise ValueError(f"{directory} holds no adapter_model.safetensors (pickled adapter_model.bin is not "
+                             f"loaded: kronpeft loads safetensors only); save the peft adapter with "
+                             f"safe_serialization=True")
 
         try:
             return peft.PeftModel.from_pretrained(base, str(directory))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -40,18 +41,30 @@ def _targets(text: str) -> list[str]:
     return names
 
 
-def _positive(kind):
+MAX_INT = 2**31 - 1
+
+
+def _number(kind, low, high, low_open=False):
+    """argparse type: a finite `kind` (int or float) in `[low, high]` (`(low, high]` with `low_open`)."""
+    what = f"{'a whole number' if kind is int else 'a finite number'} in {'(' if low_open else '['}{low:g}, {high:g}]"
+
     def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     return parse
 
 
+def _positive(kind):
+    return _number(int, 1, MAX_INT) if kind is int else _number(float, 0, 1e6, low_open=True)
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: same one-line form, same status
-        self.print_usage(sys.stderr)
+    def error(self, message):  # argparse's own errors: same one-line form, same status, no usage dump
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
@@ -87,12 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive(int), default=32,
                    help="global batch size, split evenly over the processes")
     g.add_argument("--eval-batch-size", type=_positive(int), default=None, help="evaluation batch (default --batch-size)")
-    g.add_argument("--lr", type=_positive(float), default=None, help=f"peak learning rate; default by method: {lrs}")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
-    g.add_argument("--warmup-ratio", type=float, default=0.06, help="linear warm-up over this fraction of the steps")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
-    g.add_argument("--max-length", type=_positive(int), default=128, help="tokens per example (truncated)")
-    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and dropout")
+    g.add_argument("--lr", type=_number(float, 0, 1, low_open=True), default=None,
+                   help=f"peak learning rate in (0, 1]; default by method: {lrs}")
+    g.add_argument("--weight-decay", type=_number(float, 0, 1), default=0.0, help="AdamW weight decay (matrices only), in [0, 1]")
+    g.add_argument("--warmup-ratio", type=_number(float, 0, 1), default=0.06,
+                   help="linear warm-up over this fraction of the steps, in [0, 1]")
+    g.add_argument("--max-grad-norm", type=_positive(float), default=1.0, help="gradient clipping norm (> 0)")
+    g.add_argument("--max-length", type=_positive(int), default=128,
+                   help="tokens per example (truncated); at most the model's position limit")
+    g.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0,
+                   help="seed for initialisation, data order and dropout")
     g.add_argument("--max-train-samples", type=_positive(int), default=None,
                    help="use a seeded random subset of the training set (default: all of it; the bbc-news "
                         "demo uses all 1780 training articles)")
@@ -110,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--a-shape", type=_a_shape, default=None,
                    help="KronA/KronA^B/LoKr factor A's shape a1,a2 (e.g. 32,32); default: the balanced split "
                         "(384 -> 16 x 24)")
-    g.add_argument("--scale", type=float, default=1.0, help="KronA/KronA^B scale s of s * (A kron B)")
+    g.add_argument("--scale", type=_number(float, 0, 1e4, low_open=True), default=1.0,
+                   help="KronA/KronA^B scale s of s * (A kron B), in (0, 10000]")
     g.add_argument("--r", type=_positive(int), default=None,
                    help="bottleneck size for adakron/bottleneck (default "
                         f"{DEFAULT_R['adakron']}), LoRA rank for lora (default {DEFAULT_R['lora']}, alpha 2r)")
@@ -122,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "preset, attention query,value)")
     g.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
     # test hooks: stop as if interrupted after step N; make the loss NaN at step N
-    t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    t.add_argument("--inject-nan-at", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--stop-after", type=_positive(int), default=None, help=argparse.SUPPRESS)
+    t.add_argument("--inject-nan-at", type=_positive(int), default=None, help=argparse.SUPPRESS)
 
     e = sub.add_parser("eval", formatter_class=_Formatter, help="evaluate a trained adapter or a merged model",
                        description="Load base model + adapter (or a merged/full model folder), evaluate on the "
@@ -135,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-eval-samples", type=_positive(int), default=None, help="seeded subset of each dev split")
     e.add_argument("--max-length", type=_positive(int), default=None, help="default: the training run's")
     e.add_argument("--batch-size", type=_positive(int), default=64, help="evaluation batch size")
-    e.add_argument("--seed", type=int, default=0, help="seed of the --max-eval-samples subset")
+    e.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="seed of the --max-eval-samples subset")
     e.add_argument("--output", default=None, help="metrics file to write (default <adapter>/eval_<task>.json)")
 
     m = sub.add_parser("merge", formatter_class=_Formatter, help="merge a KronA (or LoRA/LoKr) adapter into its base",
@@ -206,7 +224,8 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _load_for_eval(adapter: str, model_name: str | None, task_spec_num_labels: int | None, regression: bool | None):
+def _load_for_eval(adapter: str, model_name: str | None, task_spec_num_labels: int | None, regression: bool | None,
+                   max_length: int | None = None):
     """(model, tokenizer, run_info) for a saved adapter or model folder."""
     from . import baselines
     from .train import load_base, resolve_model
@@ -220,7 +239,7 @@ def _load_for_eval(adapter: str, model_name: str | None, task_spec_num_labels: i
         if not name:
             raise UsageError(f"{adapter} does not record its base model; pass --model")
         base_path = resolve_model(name) if model_name or not info.get("model_path") else info["model_path"]
-    model, tokenizer = load_base(base_path, num_labels, bool(regression))
+    model, tokenizer = load_base(base_path, num_labels, bool(regression), max_length=max_length)
     if info["kind"] != "model":
         model = baselines.load_trained(adapter, model, info)
     return model, tokenizer, info
@@ -243,18 +262,24 @@ def _cmd_eval(args) -> int:
         raise UsageError(f"{args.adapter} was trained on {info['task']!r}, not {spec.name!r}: its task head does "
                          f"not fit; pass --task {info['task']} or an adapter trained on {spec.name}")
     max_length = args.max_length or info.get("max_length") or 128
+    out = Path(args.output) if args.output else Path(args.adapter) / f"eval_{spec.name}.json"
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a folder; pass a file path like {out / ('eval_' + spec.name + '.json')}")
     eval_sets = {s: limit(load_split(spec.name, s, args.data_dir or None), args.max_eval_samples, args.seed)
                  for s in spec.eval_splits}
-    model, tokenizer, info = _load_for_eval(args.adapter, args.model, spec.num_labels, spec.is_regression)
+    model, tokenizer, info = _load_for_eval(args.adapter, args.model, spec.num_labels, spec.is_regression, max_length)
     encoded = {s: Encoded(tokenizer, ex, max_length, spec.is_regression) for s, ex in eval_sets.items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(model.to(device), spec, encoded, args.batch_size, device)
     result = {"task": spec.name, "adapter": str(args.adapter), "method": info.get("method"),
               "num_examples": {s: len(d) for s, d in encoded.items()}, "metrics": metrics}
-    out = Path(args.output) if args.output else Path(args.adapter) / f"eval_{spec.name}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    for k, v in metrics.items():
+    for k, v in metrics.items():  # printed first: a failed write must not lose them
         print(f"{spec.name} dev {k}: {v:.4f}")
+    try:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as err:
+        raise UsageError(f"could not write {out} ({err.strerror or err}); the metrics are printed above; "
+                         f"pass --output a writable file path") from None
     print(f"wrote {out}")
     return 0
 
@@ -263,20 +288,29 @@ def _cmd_merge(args) -> int:
     import shutil
 
     from . import baselines
-    out = Path(args.out)
+    from .train import check_writable_dir
+
+    out, adapter = Path(args.out).resolve(), Path(args.adapter).resolve()
+    if out == adapter or adapter.is_relative_to(out) or out.is_relative_to(adapter):
+        raise UsageError(f"--out {args.out} is --adapter {args.adapter} or inside/around it: merging would "
+                         f"overwrite the adapter it reads; pass another --out")
+    check_writable_dir(out, "--out")
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it or choose another --out")
     model, tokenizer, info = _load_for_eval(args.adapter, args.model, None, info_regression(args.adapter))
     if info["kind"] == "model":
         raise UsageError(f"{args.adapter} is already a plain model (method {info.get('method')}); nothing to merge")
     merged = model.merge_and_unload()  # KronModel (KronA only; others raise) or peft (LoRA, LoKr)
+    tmp = out.with_name(f".{out.name}.tmp-merge")  # written whole, then swapped in
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    run = {k: v for k, v in info.items() if k not in ("kind", "method", "model_path")}
+    baselines._write_json(tmp / baselines.RUN_FILE, {**run, "method": info.get("method"), "kind": "model",
+                                                      "merged_from": str(args.adapter)})
     if out.exists():
         shutil.rmtree(out)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    run = {k: v for k, v in info.items() if k not in ("kind", "method", "model_path")}
-    baselines._write_json(out / baselines.RUN_FILE, {**run, "method": info.get("method"), "kind": "model",
-                                                      "merged_from": str(args.adapter)})
+    os.rename(tmp, out)
     print(f"wrote merged {info.get('method')} model to {out}")
     return 0
 
@@ -298,12 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
-    except (UsageError, FileNotFoundError, ValueError, ImportError) as err:
+    except (UsageError, OSError, ValueError, ImportError) as err:  # OSError: a path the user gave
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"kronpeft: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("kronpeft: interrupted; continue a training run with --resume", file=sys.stderr)
+        print("kronpeft: interrupted; a training run continues from its last checkpoint with --resume "
+              "(start over with --overwrite if none was written yet)", file=sys.stderr)
         return 130
 
 

@@ -171,6 +171,9 @@ def read_glue_tsv(task: str, path: str | os.PathLike) -> list[Example]:
                     for row in reader]
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e.reason}: byte {e.object[e.start:e.end]!r})") from None
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit(), often a stray quote or a missing newline
+            raise ValueError(f"{path}: line {reader.line_num}: {e} (limit {csv.field_size_limit()} characters); "
+                             f"fix the file (a tab-separated GLUE file has short fields)") from None
 
 
 def _column_positions(path: Path, header: list[str], names: Sequence[str | int | None]):

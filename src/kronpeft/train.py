@@ -28,6 +28,7 @@ from . import baselines
 from .data import get_task, limit, load_split
 from .metrics import compute_metrics
 from .atomic import commit, read_manifest, sha256, write_atomic, write_tensors
+from .injection import SITE_ATTR
 from .model import count_parameters
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -63,20 +64,24 @@ def resolve_model(name: str) -> str:
     return str(Path(name).expanduser()) if looks_local else name
 
 
-def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bool = False):
-    """`AutoModelForSequenceClassification` + tokenizer, with a one-line error for an unknown model."""
+def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bool = False,
+              max_length: int | None = None):
+    """`AutoModelForSequenceClassification` + tokenizer, with a one-line error for an unknown model, a
+    folder holding only pickled (`.bin`) weights, or a `max_length` over the model's position limit."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    refuse_pickles(Path(model_path))
     try:
         config = AutoConfig.from_pretrained(model_path, num_labels=num_labels,
                                             problem_type="regression" if regression else "single_label_classification")
         tokenizer = AutoTokenizer.from_pretrained(model_path)
+        check_max_length(max_length, config, tokenizer, model_path)
         verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
         hf_logging.disable_progress_bar()
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(model_path, config=config)
+            model = AutoModelForSequenceClassification.from_pretrained(model_path, config=config, use_safetensors=True)
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
@@ -91,10 +96,31 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
 
 
 def head_parameters(model: torch.nn.Module) -> int:
-    """Parameters of a `*ForSequenceClassification` model outside its backbone (the task head)."""
+    """Parameters of a `*ForSequenceClassification` model outside its backbone (the task head; adapters'
+    own copies of it are not counted)."""
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     inside = {id(p) for p in backbone.parameters()} if isinstance(backbone, torch.nn.Module) else set()
-    return sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    return sum(p.numel() for n, p in model.named_parameters() if id(p) not in inside and SITE_ATTR not in n.split("."))
+
+
+def refuse_pickles(folder: Path):
+    """Only safetensors are loaded: refuse a local folder whose weights are pickles (`*.bin`, `*.pt`)."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+    if pickles:
+        raise UsageError(f"{folder} holds only pickled weights ({pickles[0]}); kronpeft loads safetensors only "
+                         f"(no unpickling): convert them to .safetensors (save_pretrained(..., "
+                         f"safe_serialization=True)) and pass that folder")
+
+
+def check_max_length(max_length: int | None, config, tokenizer, model_path: str):
+    """Refuse a --max-length over the model's position limit (before its weights are loaded)."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    if max_length is not None and limits and max_length > min(limits):
+        raise UsageError(f"--max-length {max_length} exceeds the position limit {min(limits)} of {model_path}; "
+                         f"pass --max-length {min(limits)} or less")
 
 
 def disable_dropout(model: torch.nn.Module):
@@ -373,7 +399,7 @@ def run(args) -> dict | None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    base, tokenizer = load_base(model_path, spec.num_labels, spec.is_regression, args.no_dropout)
+    base, tokenizer = load_base(model_path, spec.num_labels, spec.is_regression, args.no_dropout, args.max_length)
     try:
         model = baselines.build(args.method, base, a_shape=args.a_shape, scale=args.scale, r=args.r,
                                 targets=args.targets, init=getattr(args, "init", None))
