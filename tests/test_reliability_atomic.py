@@ -22,7 +22,8 @@ class CrashAt:
 
     def __init__(self, monkeypatch, at: int | None):
         self.calls, self.at = 0, at
-        for owner, name in [(os, "replace"), (os, "rename"), (os, "fsync"), (Path, "unlink"), (shutil, "rmtree"),
+        for owner, name in [(os, "replace"), (os, "rename"), (os, "link"), (os, "fsync"), (Path, "unlink"),
+                            (shutil, "rmtree"),
                             (atomic, "save_file"), (atomic, "_write_text")]:
             monkeypatch.setattr(owner, name, self.wrap(getattr(owner, name), name))
 
@@ -68,8 +69,7 @@ def test_adapter_overwrite_survives_a_crash_at_every_step(tmp_path, monkeypatch)
         seen.add("old" if torch.equal(got, want_old) else "new" if torch.equal(got, want_new) else "neither")
         new.save_pretrained(target)  # the next save cleans up and works
         assert torch.equal(outputs(KronModel.from_pretrained(make_model("bert"), target), inputs), want_new)
-        leftovers = [p.name for p in target.iterdir() if p.name not in ("adapter_config.json",)]
-        assert len(leftovers) == 1 and leftovers[0].endswith(".safetensors"), leftovers
+        assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert seen == {"old", "new"}
 
 
@@ -130,4 +130,7 @@ def test_checkpoint_survives_a_crash_at_every_step(tmp_path, monkeypatch):
         step, params = fresh_load(target)
         assert all(torch.equal(params[n], trained[step][n]) for n in params)
         seen.add(step)
+        save_checkpoint(target, *new, {**base, "step": 2})  # the next write cleans up: the plain layout again
+        assert sorted(p.name for p in target.iterdir()) == ["optimizer.safetensors", "state.json",
+                                                            "trainable.safetensors"]
     assert seen == {1, 2}

@@ -2,8 +2,10 @@
 
 The manifest is the commit point. New tensor files go under names the current manifest does not use,
 each written to a temporary file, fsynced and renamed; then the manifest is replaced the same way
-(one `os.replace`, atomic on POSIX); only then are files no manifest names deleted. A crash at any
-point therefore leaves either the old manifest with its intact files or the new one with its own.
+(one `os.replace`, atomic on POSIX). Files are then hard-linked to their plain names
+(`<stem>.safetensors`) and the manifest replaced again to name those; only then are files no manifest
+names deleted. A crash at any point therefore leaves either the old manifest with its intact files or
+the new one with its own, and a finished write always has the plain layout.
 """
 from __future__ import annotations
 
@@ -44,34 +46,41 @@ def write_json_atomic(path: Path, data: dict):
     write_atomic(path, lambda tmp: _write_text(tmp, json.dumps(data, indent=2, default=_jsonable) + "\n"))
 
 
-def write_tensors(directory: Path, stem: str, tensors: dict[str, torch.Tensor], in_use: set[str]) -> tuple[str, str]:
-    """Write `tensors` to `<stem>.safetensors`, or to a fresh `<stem>.<hex>.safetensors` when the current
-    manifest uses that name; returns `(file name, sha256)`."""
+def write_tensors(directory: Path, stem: str, tensors: dict[str, torch.Tensor], overwrite: bool) -> tuple[str, str]:
+    """Write `tensors` to `<stem>.safetensors`, or, when overwriting (a manifest exists), to a fresh
+    `<stem>.<hex>.safetensors` so the current version stays intact; returns `(file name, sha256)`."""
     name = f"{stem}.safetensors"
-    if name in in_use:
+    if overwrite:
         name = f"{stem}.{secrets.token_hex(4)}.safetensors"
     write_atomic(directory / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return name, sha256(directory / name)
 
 
-def commit(directory: Path, manifest_name: str, manifest: dict, keep: set[str], stems: tuple[str, ...]):
-    """Atomically replace the manifest, then delete `<stem>*.safetensors` files not in `keep` and leftover
-    temporary files (from an earlier crash)."""
-    write_json_atomic(directory / manifest_name, manifest)
+def commit(directory: Path, manifest_name: str, manifest: Callable[[dict[str, str]], dict], written: dict[str, str]):
+    """Atomically replace the manifest (`manifest(names)`, `names`: stem -> file name) to name the `written`
+    files, move them to their plain names (second commit), then delete stale `<stem>*.safetensors` files
+    and temporary files left by an earlier crash."""
+    write_json_atomic(directory / manifest_name, manifest(written))
     _fsync_dir(directory)
+    final = dict(written)
+    for stem, name in written.items():
+        plain = f"{stem}.safetensors"
+        if name != plain:
+            (directory / plain).unlink(missing_ok=True)  # the old version, no longer named
+            try:
+                os.link(directory / name, directory / plain)
+                final[stem] = plain
+            except OSError:  # no hard links on this file system: keep the versioned name
+                pass
+    if final != written:
+        _fsync_dir(directory)
+        write_json_atomic(directory / manifest_name, manifest(final))
+        _fsync_dir(directory)
     for path in directory.iterdir():
-        stale_tensors = path.name.startswith(stems) and path.name.endswith(".safetensors") and path.name not in keep
-        if stale_tensors or TMP_MARK in path.name:
+        stale = path.name.startswith(tuple(final)) and path.name.endswith(".safetensors") \
+            and path.name not in final.values()
+        if stale or TMP_MARK in path.name:
             path.unlink(missing_ok=True)
-
-
-def read_manifest(path: Path) -> dict | None:
-    """The JSON object at `path`, or None when it is missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _write_text(path: Path, text: str):

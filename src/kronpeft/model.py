@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .atomic import TMP_MARK, commit, read_manifest, sha256, write_tensors
+from .atomic import TMP_MARK, commit, sha256, write_tensors
 from .config import AdapterConfig, KronAConfig
 from .injection import SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, detach, find_places, sites
 from .layers import build_adapter
@@ -417,11 +417,10 @@ def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tuple[dict
 
 
 def _write_adapter(directory: Path, state: dict[str, torch.Tensor], meta: dict):
-    current = read_manifest(directory / CONFIG_NAME)
-    in_use = {str(current.get("weights_file", WEIGHTS_NAME))} if current else set()
-    weights_file, digest = write_tensors(directory, WEIGHTS_STEM, state, in_use)
-    meta = {**meta, "weights_file": weights_file, "weights_sha256": digest}
-    commit(directory, CONFIG_NAME, meta, keep={weights_file}, stems=(WEIGHTS_STEM,))
+    overwrite = (directory / CONFIG_NAME).exists()
+    weights_file, digest = write_tensors(directory, WEIGHTS_STEM, state, overwrite)
+    commit(directory, CONFIG_NAME, lambda names: {**meta, "weights_file": names[WEIGHTS_STEM], "weights_sha256": digest},
+           {WEIGHTS_STEM: weights_file})
 
 
 def _config_from(meta: dict, adapter_dir) -> AdapterConfig:

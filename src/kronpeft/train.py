@@ -25,9 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import baselines
+from .atomic import commit, sha256, write_atomic, write_tensors
 from .data import get_task, limit, load_split
 from .metrics import compute_metrics
-from .atomic import commit, read_manifest, sha256, write_atomic, write_tensors
 from .injection import SITE_ATTR
 from .model import count_parameters
 
@@ -213,18 +213,16 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict):
     `state.json`, which names both files and their sha256 and is replaced last, atomically (see
     `atomic.py`): after a crash at any point the previous or the new checkpoint loads."""
     directory.mkdir(parents=True, exist_ok=True)
-    current = read_manifest(directory / STATE_FILE) or {}
-    in_use = {f.get("file") for f in current.get("files", {}).values() if isinstance(f, dict)} \
-        if isinstance(current.get("files"), dict) else set()
+    overwrite = (directory / STATE_FILE).exists()
     opt = optimizer.state_dict()
     tensors = {f"{idx}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
                for idx, st in opt["state"].items() for k, v in st.items()}
-    files = {}
+    written, digests = {}, {}
     for stem, part in (("trainable", baselines.trainable_state(model)), ("optimizer", tensors)):
-        name, digest = write_tensors(directory, stem, part, in_use)
-        files[stem] = {"file": name, "sha256": digest}
-    meta = {**state, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "files": files}
-    commit(directory, STATE_FILE, meta, keep={f["file"] for f in files.values()}, stems=("trainable", "optimizer"))
+        written[stem], digests[stem] = write_tensors(directory, stem, part, overwrite)
+    meta = {**state, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
+    commit(directory, STATE_FILE, lambda names: {**meta, "files": {
+        stem: {"file": name, "sha256": digests[stem]} for stem, name in names.items()}}, written)
 
 
 def read_checkpoint_state(directory: Path) -> dict:
