@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from . import baselines
 from .atomic import commit, sha256, write_atomic, write_tensors
 from .data import get_task, limit, load_split
-from .metrics import compute_metrics
 from .injection import SITE_ATTR
+from .metrics import compute_metrics
 from .model import count_parameters
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
