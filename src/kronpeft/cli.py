@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=_positive(int), default=None, help="evaluation batch (default --batch-size)")
     g.add_argument("--lr", type=_number(float, 0, 1, low_open=True), default=None,
                    help=f"peak learning rate; default by method: {lrs}; at most 1")
-    g.add_argument("--weight-decay", type=_number(float, 0, 1), default=0.0, help="AdamW weight decay (matrices only), in [0, 1]")
+    g.add_argument("--weight-decay", type=_number(float, 0, 1), default=0.0,
+                   help="AdamW weight decay (matrices only), in [0, 1]")
     g.add_argument("--warmup-ratio", type=_number(float, 0, 1), default=0.06,
                    help="linear warm-up over this fraction of the steps, in [0, 1]")
     g.add_argument("--max-grad-norm", type=_positive(float), default=1.0, help="gradient clipping norm (> 0)")

@@ -419,7 +419,8 @@ def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tuple[dict
 def _write_adapter(directory: Path, state: dict[str, torch.Tensor], meta: dict):
     overwrite = (directory / CONFIG_NAME).exists()
     weights_file, digest = write_tensors(directory, WEIGHTS_STEM, state, overwrite)
-    commit(directory, CONFIG_NAME, lambda names: {**meta, "weights_file": names[WEIGHTS_STEM], "weights_sha256": digest},
+    commit(directory, CONFIG_NAME,
+           lambda names: {**meta, "weights_file": names[WEIGHTS_STEM], "weights_sha256": digest},
            {WEIGHTS_STEM: weights_file})
 
 

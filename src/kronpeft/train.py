@@ -32,9 +32,9 @@ from .metrics import compute_metrics
 from .model import count_parameters
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.json"
-_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 # The only settings a resumed run may change; every other flag must equal the run's (the data is
 # checked by hash, so --data-dir may move).
 RESUME_MAY_CHANGE = ("eval_every", "save_every", "log_every", "eval_batch_size", "no_eval_before", "cpu",
@@ -100,7 +100,8 @@ def head_parameters(model: torch.nn.Module) -> int:
     own copies of it are not counted)."""
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     inside = {id(p) for p in backbone.parameters()} if isinstance(backbone, torch.nn.Module) else set()
-    return sum(p.numel() for n, p in model.named_parameters() if id(p) not in inside and SITE_ATTR not in n.split("."))
+    return sum(p.numel() for n, p in model.named_parameters()
+               if id(p) not in inside and SITE_ATTR not in n.split("."))
 
 
 def refuse_pickles(folder: Path):
