@@ -482,9 +482,11 @@ def _resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[
 def _check_saved_modules(model: nn.Module, places: list[Place], saved: list[str]):
     """A module is either adapted or saved whole: refuse a module to save that holds an adapted module,
     and one whose parameters are shared (tied) with modules outside it (a copy would untie them)."""
-    adapted = [p.owner for p in places] + [s.owner_name for _, s in sites(model) if s.copies != set(s.keys())]
+    existing = [s for _, s in sites(model)]
     for name in saved:
-        inside = [a for a in adapted if a == name or a.startswith(name + ".")]
+        inside = [p.owner for p in places if p.owner == name or p.owner.startswith(name + ".")]
+        inside += [s.owner_name for s in existing if s.owner_name.startswith(name + ".")
+                   or (s.owner_name == name and s.copies != set(s.keys()))]
         if inside:
             raise ValueError(f"modules_to_save entry {name!r} holds the adapted module {inside[0]!r}; an adapter "
                              f"cannot both adapt a module and train a whole copy of it: drop one of the two")
