@@ -46,8 +46,9 @@ class MethodError(ValueError):
 
 
 def build(method: str, model: nn.Module, *, a_shape=None, scale: float = 1.0, r: int | None = None,
-          targets: list[str] | None = None, init: str | None = None) -> nn.Module:
-    """Wrap `model` (a `*ForSequenceClassification`) for `method`; returns the model to train."""
+          targets: list[str] | str | None = None, init: str | None = None, causal_lm: bool = False) -> nn.Module:
+    """Wrap `model` (a `*ForSequenceClassification`, or a `*ForCausalLM` with `causal_lm=True`) for
+    `method`; returns the model to train."""
     if method not in METHODS:
         raise MethodError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     r = r if r is not None else DEFAULT_R.get(method)
@@ -65,10 +66,11 @@ def build(method: str, model: nn.Module, *, a_shape=None, scale: float = 1.0, r:
     if method == "full":
         model.requires_grad_(True)
         return model
-    return _build_peft(method, model, a_shape=a_shape, r=r, targets=targets)
+    return _build_peft(method, model, a_shape=a_shape, r=r, targets=targets,
+                       task_type="CAUSAL_LM" if causal_lm else "SEQ_CLS")
 
 
-def _build_peft(method: str, model: nn.Module, *, a_shape, r, targets) -> nn.Module:
+def _build_peft(method: str, model: nn.Module, *, a_shape, r, targets, task_type: str) -> nn.Module:
     try:
         import peft
     except ImportError:
@@ -83,7 +85,7 @@ def _build_peft(method: str, model: nn.Module, *, a_shape, r, targets) -> nn.Mod
         raise MethodError(f"cannot build {method}: {err}") from None
     target_modules = list(shapes)
     if method == "lora":
-        config = peft.LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.0,
+        config = peft.LoraConfig(task_type=task_type, r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                  target_modules=target_modules)
         return peft.get_peft_model(model, config)
     # LoKr with KronA's factor shapes. peft factors each dimension with `factorization(dim, f)`;
@@ -94,7 +96,7 @@ def _build_peft(method: str, model: nn.Module, *, a_shape, r, targets) -> nn.Mod
         raise MethodError(f"lokr: peft factors both dimensions with one factor, so --a-shape must be square "
                           f"(a1 == a2), got {a1},{a2}")
     rank = max(max(b1, b2) for _, (b1, b2) in shapes.values())  # >= max/2: peft keeps w2 full
-    config = peft.LoKrConfig(task_type="SEQ_CLS", r=rank, alpha=rank, decompose_both=False,
+    config = peft.LoKrConfig(task_type=task_type, r=rank, alpha=rank, decompose_both=False,
                              decompose_factor=a1 if a_shape is not None else -1,
                              target_modules=target_modules, rank_dropout=0.0, module_dropout=0.0)
     wrapped = peft.get_peft_model(model, config)

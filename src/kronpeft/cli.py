@@ -1,4 +1,4 @@
-"""`kronpeft` command line: `train`, `eval`, `merge`. See docs/cli.md.
+"""`kronpeft` command line: `train`, `eval`, `merge`, `generate`. See docs/cli.md and docs/llm.md.
 
 Every user-fixable problem (unknown task/method/model, missing or malformed data, an adapter from
 another base model, an output folder holding a run, a NaN loss) ends with one line
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .baselines import DEFAULT_LR, DEFAULT_R, METHODS
 from .data import TASKS
+from .injection import ALL_LINEAR
 from .train import DEFAULT_MODEL, UsageError
 
 EXIT_USAGE = 2
@@ -34,11 +35,11 @@ def _a_shape(text: str) -> tuple[int, int]:
     return a1, a2
 
 
-def _targets(text: str) -> list[str]:
+def _targets(text: str) -> list[str] | str:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
-        raise argparse.ArgumentTypeError("expected module names like query,value")
-    return names
+        raise argparse.ArgumentTypeError("expected module names like query,value, or all-linear")
+    return ALL_LINEAR if names == [ALL_LINEAR] else names
 
 
 MAX_INT = 2**31 - 1
@@ -184,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "results file alone.")
     r.add_argument("grid", help="grid file whose results to render")
     r.add_argument("--out", default="docs/results.md", help="Markdown page to write (plots go to <its folder>/img)")
+
+    gen = sub.add_parser("generate", formatter_class=_Formatter,
+                         help="continue a prompt with a decoder LM, an adapter on it, or a merged model",
+                         description="Greedy (or sampled) continuation of --prompt, streamed token by token. "
+                                     "A text-to-text prompt reads like the training ones: "
+                                     "'sst2 sentence: a gem of a film\\nlabel:'.")
+    gen.add_argument("--adapter", default=None, help="adapter/ folder of a train run, or a merged export")
+    gen.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter); "
+                                                   "alone, the base model without adapter")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=_positive(int), default=64, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample at this temperature")
+    gen.add_argument("--seed", type=int, default=0, help="seed for sampling")
     return parser
 
 
@@ -250,7 +264,8 @@ def _cmd_eval(args) -> int:
     import torch
 
     from .data import get_task, limit, load_split
-    from .train import Encoded, evaluate
+    from .text2text import is_causal_lm
+    from .train import encode, evaluate
 
     from . import baselines
 
@@ -269,7 +284,8 @@ def _cmd_eval(args) -> int:
     eval_sets = {s: limit(load_split(spec.name, s, args.data_dir or None), args.max_eval_samples, args.seed)
                  for s in spec.eval_splits}
     model, tokenizer, info = _load_for_eval(args.adapter, args.model, spec.num_labels, spec.is_regression, max_length)
-    encoded = {s: Encoded(tokenizer, ex, max_length, spec.is_regression) for s, ex in eval_sets.items()}
+    text_to_text = is_causal_lm(model.config)
+    encoded = {s: encode(tokenizer, spec, ex, max_length, text_to_text) for s, ex in eval_sets.items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(model.to(device), spec, encoded, args.batch_size, device)
     result = {"task": spec.name, "adapter": str(args.adapter), "method": info.get("method"),
@@ -316,6 +332,46 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from .text2text import is_causal_lm
+    from .train import load_base, resolve_model
+
+    if args.adapter is None and args.model is None:
+        raise UsageError("generate needs --adapter (a trained adapter or merged model) or --model (a base model)")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.adapter is None:
+        model, tokenizer = load_base(resolve_model(args.model), 2, False)
+    else:
+        model, tokenizer, _ = _load_for_eval(args.adapter, args.model, None, False)
+    if not is_causal_lm(model.config):
+        raise UsageError(f"generate needs a decoder LM (*ForCausalLM); {args.adapter or args.model} is a "
+                         f"{model.config.model_type} sequence classifier; use kronpeft eval for it")
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed,
+                         stream=True)
+    if not text.endswith("\n"):
+        print()
+    return 0
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                  stream: bool = False) -> str:
+    """The model's continuation of `prompt` (greedy at temperature 0), printed as it comes when `stream`."""
+    import torch
+    from transformers import TextStreamer
+
+    model.eval()
+    encoded = tokenizer(prompt, return_tensors="pt")
+    inputs = {k: encoded[k] for k in ("input_ids", "attention_mask")}
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, streamer=streamer, **sampling)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def info_regression(adapter: str) -> bool:
     from . import baselines
     from .data import get_task
@@ -329,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "study": _cmd_study,
-                   "report": _cmd_report}[args.command]
+                   "report": _cmd_report, "generate": _cmd_generate}[args.command]
         return handler(args)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0

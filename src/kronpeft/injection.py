@@ -21,6 +21,8 @@ from .presets import PRESETS, Preset
 
 SITE_ATTR = "kronpeft"
 LINEAR_TYPES = (nn.Linear, Conv1D)
+ALL_LINEAR = "all-linear"  # target_modules value: every linear layer inside the numbered blocks
+_IN_A_BLOCK = re.compile(r".*\.\d+\..*")  # `model.layers.3.mlp.up_proj`, not `lm_head`, `classifier`, `pooler.dense`
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -129,7 +131,9 @@ def _suffix_match(name: str, suffixes) -> bool:
 
 def _linear_places(model, modules, targets) -> list[Place]:
     targets = targets or _preset(model, KronAConfig(), "target_modules").attention
-    if isinstance(targets, str):
+    if targets == ALL_LINEAR:
+        matched = [n for n, m in modules.items() if isinstance(m, LINEAR_TYPES) and _IN_A_BLOCK.fullmatch(n)]
+    elif isinstance(targets, str):
         matched = [n for n in modules if re.fullmatch(targets, n)]
     else:
         matched = [n for n in modules if _suffix_match(n, targets)]

