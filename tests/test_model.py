@@ -11,7 +11,7 @@ CONFIGS = {
     "krona": lambda: KronAConfig(),
     "kronab": lambda: KronABConfig(),
     "kronab-res": lambda: KronABConfig(residual=True),
-    "adakron": lambda: AdaKronConfig(r=8, positions=("ffn", "attn")),
+    "adakron": lambda: AdaKronConfig(r=8, positions=("ffn", "attn"), init="paper"),
     "adakron-zero": lambda: AdaKronConfig(r=8, init="zero"),
     "bottleneck": lambda: BottleneckConfig(r=8, positions=("ffn", "attn")),
 }

@@ -198,7 +198,7 @@ def test_generate_merged_equals_unmerged(tiny_llama_dir, tmp_path, capsys):
     merged = tmp_path / "merged"
     assert cli.main(["merge", "--adapter", str(run / "adapter"), "--out", str(merged)]) == 0
     capsys.readouterr()
-    prompt = ["--prompt", "sst2 sentence: a gem of a film\nlabel:", "--max-new-tokens", "12"]
+    prompt = ["--prompt", "the weather today", "--max-new-tokens", "12"]
     outputs = {}
     for name, source in (("adapter", run / "adapter"), ("merged", merged)):
         assert cli.main(["generate", "--adapter", str(source), *prompt]) == 0

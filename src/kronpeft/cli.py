@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", default=None, help="adapter/ folder of a train run, or a merged export")
     gen.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter); "
                                                    "alone, the base model without adapter")
-    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--prompt", required=True, action="append",
+                     help="the text to continue; repeat the flag for several prompts (one model load)")
     gen.add_argument("--max-new-tokens", type=_positive(int), default=64, help="tokens to generate at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample at this temperature")
     gen.add_argument("--seed", type=int, default=0, help="seed for sampling")
@@ -347,10 +348,12 @@ def _cmd_generate(args) -> int:
     if not is_causal_lm(model.config):
         raise UsageError(f"generate needs a decoder LM (*ForCausalLM); {args.adapter or args.model} is a "
                          f"{model.config.model_type} sequence classifier; use kronpeft eval for it")
-    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed,
-                         stream=True)
-    if not text.endswith("\n"):
-        print()
+    for prompt in args.prompt:
+        if len(args.prompt) > 1:
+            print(f"--- {prompt!r}")
+        text = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.seed, stream=True)
+        if not text.endswith("\n"):
+            print()
     return 0
 
 
@@ -360,9 +363,11 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     import torch
     from transformers import TextStreamer
 
+    from .text2text import prompt_ids
+
     model.eval()
-    encoded = tokenizer(prompt, return_tensors="pt")
-    inputs = {k: encoded[k] for k in ("input_ids", "attention_mask")}
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

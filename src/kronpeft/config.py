@@ -199,12 +199,14 @@ class BottleneckConfig(AdapterConfig):
 class AdaKronConfig(BottleneckConfig):
     """AdaKron: `h + W_up · act(v ⊗ u) + b_up` with `u = W1 h + b1 (r/split)`, `v = W2 h + b2 (split)`.
 
-    `init="paper"`: all weights N(0, 0.02), biases zero (the authors' code; near, not exactly,
-    the identity at step 0). `init="zero"`: `W_up = 0`, so the model is unchanged at step 0.
+    `init="zero"` (default): `W_up = 0`, so every model is unchanged at step 0. `init="paper"`: all
+    weights N(0, 0.02), biases zero (the authors' code, for the reproduction). Near the identity on
+    BERT-like models, but `v ⊗ u` is quadratic in the hidden state, whose norm after a pre-norm
+    decoder's FFN is 20-640 (SmolLM2): there it wrecks the model (docs/llm.md).
     """
 
     split: int = 4
-    init: str = "paper"
+    init: str = "zero"
 
     method = "adakron"
 

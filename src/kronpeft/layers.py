@@ -104,7 +104,7 @@ class AdaKron(SequentialAdapter):
     """AdaKron: bottleneck `z = v ⊗ u (r)` of two small projections, `u = W1 h + b1 (r/split)`,
     `v = W2 h + b2 (split)`. `init="paper"`: weights N(0, 0.02), biases 0; `"zero"`: `up` starts at 0."""
 
-    def __init__(self, d: int, r: int, split: int = 4, activation: str = "gelu", init: str = "paper",
+    def __init__(self, d: int, r: int, split: int = 4, activation: str = "gelu", init: str = "zero",
                  dtype=None, device=None):
         super().__init__(d, r, activation, dtype, device)
         self.u = nn.Linear(d, r // split, dtype=dtype, device=device)

@@ -72,6 +72,18 @@ def target_text(spec: TaskSpec, example: Example) -> str:
     return stsb_text(example.label) if spec.is_regression else spec.label_names[example.label]
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """`[bos]` when the tokenizer puts a BOS token first (Llama-2 style), else `[]`; no other
+    special token (a WordPiece tokenizer's [CLS]/[SEP]) enters a prompt."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a free-text prompt, encoded as `PromptedSet` encodes the training prompts."""
+    return bos_prefix(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 class PromptedSet:
     """A task's examples as token ids: `prompts[i]` (BOS if the tokenizer adds one, the prompt text
     truncated so that the longest target still fits in `max_length`, the separator) and
@@ -84,8 +96,7 @@ class PromptedSet:
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
-        bos = tokenizer.bos_token_id
-        self.bos = [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+        self.bos = bos_prefix(tokenizer)
         self.candidates = [self.encode_target(w) for w in label_words(spec)]
         separator = self._ids(SEPARATOR)
         budget = max_length - len(self.bos) - len(separator) - max(len(c) for c in self.candidates)
