@@ -136,7 +136,7 @@ def train(model_dir, out, *extra, task="sst2", method="krona"):
 
 
 @needs_glue
-@pytest.mark.parametrize("method", ["krona", "adakron", "lora"])
+@pytest.mark.parametrize("method", ["krona", "kronab", "adakron", "lora", "lokr", "full"])
 def test_train_eval_on_decoder(tiny_llama_dir, tmp_path, method):
     out = tmp_path / method
     assert train(tiny_llama_dir, out, method=method) == 0
