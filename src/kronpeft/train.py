@@ -132,7 +132,7 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
             model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32, **extra)
             quantizer = getattr(model, "hf_quantizer", None)
             tensors = [*model.parameters(), *model.buffers()]
-            if extra and quantizer is not None and all(t.is_floating_point() for t in tensors):
+            if gguf and quantizer is not None and all(t.is_floating_point() for t in tensors):
                 quantizer.remove_quantization_config(model)  # fully dequantised: a plain fp32 model (saveable)
         else:
             config = AutoConfig.from_pretrained(source, num_labels=num_labels, **gguf,
