@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import layer_level  # noqa: E402
+import mixed_precision  # noqa: E402
 import model_level  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -31,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--only", choices=["layers", "models"], help="run one part only")
+    parser.add_argument("--only", choices=["layers", "models", "mixed"], help="run one part only")
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(model_level.MODELS),
                         help="model-level cases (default: all; quick: minilm and llama_d2048)")
     parser.add_argument("--out", default="benchmarks/results")
@@ -129,6 +130,10 @@ def main(argv=None):
         sections.append("### Model level: one training step (forward, backward, AdamW)\n\n"
                         + "\n\n".join(model_table(r) for r in results["models"]))
         sections.append("### Inference\n\n" + "\n\n".join(inference_table(r) for r in results["models"]))
+    if args.only in (None, "mixed"):
+        results["mixed_precision"] = mixed_precision.run(args.quick, 3 if args.quick else 5, device)
+        print(mixed_precision.table(results["mixed_precision"]), flush=True)
+        sections.append("### Mixed precision: fp32 and bf16 autocast\n\n" + mixed_precision.table(results["mixed_precision"]))
     results["seconds"] = time.time() - started
     header = (f"Command: `{results['command']}`  \nMachine: {results['machine']}  \n"
               f"dtype {args.dtype}, device {args.device}; medians of interleaved repetitions; "

@@ -1,4 +1,4 @@
-"""`kronpeft` command line: `train`, `eval`, `merge`, `generate`. See docs/cli.md and docs/llm.md.
+"""`kronpeft` command line: `train`, `eval`, `merge`, `generate`, `convert`. See docs/cli.md and docs/llm.md.
 
 Every user-fixable problem (unknown task/method/model, missing or malformed data, an adapter from
 another base model, an output folder holding a run, a NaN loss) ends with one line
@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated linear layers for krona/lora/lokr, or all-linear (default: the "
                         "architecture preset, attention query,value; all-linear for a decoder LM)")
     g.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
+    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="autocast the forward pass (accelerate's mixed_precision); adapter weights stay fp32. "
+                        "fp16 needs a CUDA GPU; see docs/performance.md for what bf16 gives on CPU")
     # test hooks: stop as if interrupted after step N; make the loss NaN at step N
     t.add_argument("--stop-after", type=_positive(int), default=None, help=argparse.SUPPRESS)
     t.add_argument("--inject-nan-at", type=_positive(int), default=None, help=argparse.SUPPRESS)
@@ -200,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_positive(int), default=64, help="tokens to generate at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample at this temperature")
     gen.add_argument("--seed", type=int, default=0, help="seed for sampling")
+
+    c = sub.add_parser("convert", formatter_class=_Formatter, help="convert a KronA adapter to PEFT LoKr or back",
+                       description="--to peft: write a KronA adapter folder as a PEFT LoKr adapter "
+                                   "(peft.PeftModel.from_pretrained loads it). --to kronpeft: write a PEFT LoKr "
+                                   "adapter with full factors (decompose_both=False) as a KronA adapter.")
+    c.add_argument("--to", required=True, choices=("peft", "kronpeft"), help="the format to write")
+    c.add_argument("source", help="adapter folder to convert")
+    c.add_argument("out", help="folder to write (must not exist, or --overwrite)")
+    c.add_argument("--model", default=None, help="--to kronpeft: the base model's folder or Hub id (default: the "
+                                                 "adapter's base_model_name_or_path)")
+    c.add_argument("--overwrite", action="store_true", help="replace files in --out")
     return parser
 
 
@@ -320,6 +334,7 @@ def _cmd_merge(args) -> int:
     if info["kind"] == "model":
         raise UsageError(f"{args.adapter} is already a plain model (method {info.get('method')}); nothing to merge")
     merged = model.merge_and_unload()  # KronModel (KronA only; others raise) or peft (LoRA, LoKr)
+    _name_labels(merged.config, info.get("task"))
     tmp = out.with_name(f".{out.name}.tmp-merge")  # written whole, then swapped in
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
@@ -378,6 +393,31 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _cmd_convert(args) -> int:
+    from .interop import from_peft, to_peft
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise UsageError(f"{args.out} exists; pass --overwrite to replace it or choose another output folder")
+    if args.to == "peft":
+        to_peft(args.source, args.out)
+    else:
+        from_peft(args.source, args.out, base_model=args.model)
+    print(f"wrote {'PEFT LoKr' if args.to == 'peft' else 'kronpeft KronA'} adapter to {args.out}")
+    return 0
+
+
+def _name_labels(config, task: str | None):
+    """`id2label`/`label2id` from the task's label names (GLUE's), so pipelines print them; a decoder LM
+    answers in label words and keeps its config."""
+    from .data import get_task
+    from .text2text import is_causal_lm
+
+    names = get_task(task).label_names if task and not is_causal_lm(config) else ()
+    if names:
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
+
+
 def info_regression(adapter: str) -> bool:
     from . import baselines
     from .data import get_task
@@ -391,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "study": _cmd_study,
-                   "report": _cmd_report, "generate": _cmd_generate}[args.command]
+                   "report": _cmd_report, "generate": _cmd_generate, "convert": _cmd_convert}[args.command]
         return handler(args)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0

@@ -105,9 +105,10 @@ class AdapterConfig:
 class KronAConfig(AdapterConfig):
     """KronA: `y = x Wᵀ + scale · x (A ⊗ B)ᵀ` on each targeted linear layer.
 
-    `target_modules`: module-name suffixes, one regex (full match), or `"all-linear"` (every linear
-    layer inside the transformer blocks: no LM head, pooler or classifier); None uses the
-    architecture preset (attention query and value). `a_shape`: `(a1, a2)`, None for the balanced split.
+    `target_modules`: module-name suffixes, one regex (full match), or `"all-linear"` (PEFT's meaning:
+    every linear layer but the output head — `lm_head`, `classifier`/`score`; on a decoder LM that is
+    every linear layer of the blocks); None uses the architecture preset (attention query and value).
+    `a_shape`: `(a1, a2)`, None for the balanced split.
     """
 
     target_modules: list[str] | str | None = None

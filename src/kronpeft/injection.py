@@ -21,8 +21,7 @@ from .presets import PRESETS, Preset
 
 SITE_ATTR = "kronpeft"
 LINEAR_TYPES = (nn.Linear, Conv1D)
-ALL_LINEAR = "all-linear"  # target_modules value: every linear layer inside the numbered blocks
-_IN_A_BLOCK = re.compile(r".*\.\d+\..*")  # `model.layers.3.mlp.up_proj`, not `lm_head`, `classifier`, `pooler.dense`
+ALL_LINEAR = "all-linear"  # target_modules: every linear layer but the output head (lm_head, classifier, score), as PEFT
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -132,7 +131,9 @@ def _suffix_match(name: str, suffixes) -> bool:
 def _linear_places(model, modules, targets) -> list[Place]:
     targets = targets or _preset(model, KronAConfig(), "target_modules").attention
     if targets == ALL_LINEAR:
-        matched = [n for n, m in modules.items() if isinstance(m, LINEAR_TYPES) and _IN_A_BLOCK.fullmatch(n)]
+        heads = _head_names(model)
+        matched = [n for n, m in modules.items() if isinstance(m, LINEAR_TYPES)
+                   and not any(n == h or n.startswith(h + ".") for h in heads)]
     elif isinstance(targets, str):
         matched = [n for n in modules if re.fullmatch(targets, n)]
     else:
@@ -147,6 +148,18 @@ def _linear_places(model, modules, targets) -> list[Place]:
     if not matched:
         raise ValueError(_no_match(model, f"KronAConfig.target_modules {targets!r}"))
     return [Place(n, None, *linear_shape(modules[n])) for n in matched]
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """The output head: the output embeddings (`lm_head`), and every top-level module beside the
+    backbone (`base_model_prefix`) of a task model (`classifier`, DistilBERT's `pre_classifier`)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = {n for n, m in model.named_modules() if output is not None and m is output}
+    children = dict(model.named_children())
+    backbone = getattr(model, "base_model_prefix", None)
+    if backbone in children:
+        heads |= {n for n, child in children.items() if n != backbone and any(True for _ in child.parameters())}
+    return heads
 
 
 def _ffn_spans(model, modules, ffn) -> list[tuple[str, str]]:

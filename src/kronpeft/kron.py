@@ -6,6 +6,7 @@ which is two ordinary matrix multiplications over all tokens at once.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -74,20 +75,31 @@ class _KronLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, A, B):
+        ctx.input_dtypes = X.dtype, A.dtype, B.dtype
+        compute_dtype = _autocast_dtype(X.device.type)
+        if compute_dtype is not None:  # under autocast: compute in its dtype, as its matmuls would
+            X, A, B = X.to(compute_dtype), A.to(compute_dtype), B.to(compute_dtype)
         ctx.save_for_backward(X, A, B)
         N, (a1, a2), (b1, b2) = X.shape[0], A.shape, B.shape
-        if _b_first(a1, a2, b1, b2):
-            T = (X.reshape(-1, b2) @ B.T).view(N, a2, b1)
-            return torch.bmm(A.expand(N, a1, a2), T)
-        U = torch.bmm(A.expand(N, a1, a2), X)  # (N, a1, b2)
-        return (U.view(-1, b2) @ B.T).view(N, a1, b1)
+        with _autocast_off(X.device.type):
+            if _b_first(a1, a2, b1, b2):
+                T = (X.reshape(-1, b2) @ B.T).view(N, a2, b1)
+                return torch.bmm(A.expand(N, a1, a2), T)
+            U = torch.bmm(A.expand(N, a1, a2), X)  # (N, a1, b2)
+            return (U.view(-1, b2) @ B.T).view(N, a1, b1)
 
     @staticmethod
     def backward(ctx, G):
         X, A, B = ctx.saved_tensors
+        with _autocast_off(X.device.type):
+            grads = _KronLinear._grads(ctx, G.to(X.dtype).contiguous(), X, A, B)
+        # each gradient in its input's dtype (fp32 adapter weights stay fp32 under bf16 autocast)
+        return tuple(g if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.input_dtypes))
+
+    @staticmethod
+    def _grads(ctx, G, X, A, B):
         N, (a1, a2), (b1, b2) = X.shape[0], A.shape, B.shape
         need_x, need_a, need_b = ctx.needs_input_grad
-        G = G.contiguous()
         gX = gA = gB = None
         if _b_first(a1, a2, b1, b2):
             if need_a:  # gA = Σ_n G[n] T[n]ᵀ, T recomputed
@@ -108,6 +120,21 @@ class _KronLinear(torch.autograd.Function):
                 U = torch.bmm(A.expand(N, a1, a2), X)
                 gB = G.view(-1, b1).T @ U.view(-1, b2)
         return gX, gA, gB
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype `torch.autocast` computes matmuls in on `device_type`, None when it is off."""
+    if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled inside: the function casts its inputs itself, once."""
+    return torch.autocast(device_type, enabled=False) if device_type in _AUTOCAST_DEVICES else contextlib.nullcontext()
 
 
 def kron_matrix(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -54,3 +54,16 @@ def compute_metrics(task: str, predictions, labels) -> dict[str, float]:
                          f"{predictions[:3].tolist()}")
     predictions, labels = predictions.astype(dtype), labels.astype(dtype)
     return {name: _METRICS[name](predictions, labels) for name in spec.metric_names}
+
+
+def constant_baseline(task: str, labels) -> dict[str, float]:
+    """The metrics of always predicting the most frequent label of ``labels`` (smallest id on a tie),
+    or their mean for a regression task: the score a model must beat to have learned anything."""
+    spec = get_task(task)
+    labels = np.asarray(labels)
+    if spec.is_regression:
+        constant = float(labels.mean())
+    else:
+        ids, counts = np.unique(labels.astype(np.int64), return_counts=True)
+        constant = ids[np.argmax(counts)]
+    return compute_metrics(task, np.full(labels.shape, constant), labels)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import os
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from safetensors import SafetensorError
@@ -40,9 +43,20 @@ class KronModel(nn.Module):
     The base model is frozen. Each adapter trains and saves its own copy of its `modules_to_save`
     (by default the task head of a `*ForSequenceClassification` model), switched with the adapter;
     `disable_adapter()` runs the original modules.
+    `autocast_adapter_dtype=True`: on a bf16/fp16 base the adapters are kept in fp32 (as PEFT's
+    option of that name); False keeps them in the base's dtype.
+
+    For `transformers.Trainer` as-is: `forward` advertises the base model's named parameters (so
+    the Trainer keeps the input columns and finds `labels`), and `state_dict()` / `load_state_dict()`
+    hold only what is trained -- every adapter and its copies of `modules_to_save` -- so Trainer and
+    accelerate checkpoints are adapter-sized and load back (the frozen base: `base_model.state_dict()`).
     """
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default"):
+    def __new__(cls, model: nn.Module | None = None, *args, **kwargs):
+        return super().__new__(cls if model is None else _with_forward_signature(cls, type(model)))
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
         if sites(model):
             raise ValueError(f"{type(model).__name__} already carries kronpeft adapters; "
@@ -51,6 +65,8 @@ class KronModel(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self.saved_modules: dict[str, list[str]] = {}  # adapter -> full names of the modules it copies
         self.active_adapter: str | None = None
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self._inference: set[str] = set()  # adapters loaded with is_trainable=False
         self._disabled = 0  # depth of nested disable_adapter() blocks
         self._remerge: list[str] = []  # adapters the outermost disable_adapter() unmerged
         self._unloaded = False
@@ -58,6 +74,8 @@ class KronModel(nn.Module):
             model.requires_grad_(False)
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
+        self.register_state_dict_post_hook(_keep_trained_state)
+        self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
 
     def forward(self, *args, **kwargs):
         self._check_usable()
@@ -98,8 +116,11 @@ class KronModel(nn.Module):
         for place in places:  # build everything before attaching anything
             owner = model.get_submodule(place.owner)
             ref = next(owner.parameters())
+            dtype = ref.dtype
+            if self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+                dtype = torch.float32
             try:
-                adapter = build_adapter(config, place.out_features, place.in_features, ref.dtype, ref.device)
+                adapter = build_adapter(config, place.out_features, place.in_features, dtype, ref.device)
             except ValueError as err:
                 raise ValueError(f"{place.owner}: {err}") from None
             built.append(adapter.train(owner.training))  # a new adapter follows its host's train/eval mode
@@ -120,11 +141,44 @@ class KronModel(nn.Module):
         """Make `adapter_name` (and its copies of `modules_to_save`) the one that runs and trains;
         the others are frozen."""
         self._check_name(adapter_name)
+        trainable = adapter_name not in self._inference
         for _, site in sites(self.base_model):
             site.active = adapter_name
             for name, adapter in site.items():
-                adapter.requires_grad_(name == adapter_name)
+                adapter.requires_grad_(name == adapter_name and trainable)
         self.active_adapter = adapter_name
+
+    @property
+    def peft_config(self) -> MappingProxyType:
+        """The adapters' configs by name: a read-only mapping of copies (changing one changes nothing)."""
+        return MappingProxyType({name: copy.deepcopy(config) for name, config in self.configs.items()})
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapter that runs, as a list (PEFT's interface; kronpeft runs one at a time)."""
+        return [self.active_adapter] if self.active_adapter is not None else []
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped `transformers` model (adapters attached; `unload()` removes them)."""
+        self._check_usable()
+        return self.base_model
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging (merged ones are taken out first): the original base
+        model, original `modules_to_save` included. This wrapper is unusable afterwards."""
+        self._check_usable()
+        for name in list(self.configs):
+            if self._is_merged(name):
+                self.unmerge_adapter(name)
+        model = self.base_model
+        for owner, site in sites(model):
+            detach(owner, site)
+        del self.base_model
+        self.configs.clear()
+        self.saved_modules.clear()
+        self.active_adapter = None
+        self._unloaded = True
+        return model
 
     def delete_adapter(self, adapter_name: str):
         self._check_name(adapter_name)
@@ -139,6 +193,7 @@ class KronModel(nn.Module):
                 detach(owner, site)
         del self.configs[adapter_name]
         del self.saved_modules[adapter_name]
+        self._inference.discard(adapter_name)
         if self.active_adapter == adapter_name:
             self.active_adapter = None
             if self.configs:
@@ -238,57 +293,71 @@ class KronModel(nn.Module):
                 state[prefix + key] = tensor
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None):
-        """Write `adapter_config.json` + the weights file it names (adapter and its `modules_to_save`).
-
-        Crash-safe overwrite: new weights go under a name the current config does not use, then the
-        config is atomically replaced (see `atomic.py`); after a crash at any point the old or the new
-        adapter loads.
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None):
+        """Write every adapter (or `selected_adapters`) as `adapter_config.json` + the weights file it
+        names (adapter and its `modules_to_save`): "default" in `save_directory`, any other in
+        `save_directory/<name>`, as PEFT does. Each folder is written crash-safe (see `write_adapter`).
         """
         self._check_usable()
-        adapter_name = adapter_name or self.active_adapter
-        state = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict(adapter_name).items()}
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "adapter": self.configs[adapter_name].to_dict(),
-            "modules_to_save": self.saved_modules[adapter_name],
-            "base_model": _describe(self.base_model),
-        }
-        target = Path(save_directory)
-        if target.exists() and not target.is_dir():
-            raise ValueError(f"cannot save the adapter to {target}: it is a file; pass a folder path")
-        if target.exists():
-            _write_adapter(target, state, meta)
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)  # a first save appears whole or not at all
-        tmp = target.with_name(f".{target.name}{TMP_MARK}{secrets.token_hex(4)}")
-        tmp.mkdir()
-        try:
-            _write_adapter(tmp, state, meta)
-            os.rename(tmp, target)
-        except Exception:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        names = list(self.configs) if selected_adapters is None else list(selected_adapters)
+        for name in names:  # check every name before writing anything
+            self._check_name(name)
+        for name in names:
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "adapter": self.configs[name].to_dict(),
+                "modules_to_save": self.saved_modules[name],
+                "base_model": _describe(self.base_model),
+            }
+            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            write_adapter(directory, meta, self.adapter_state_dict(name))
+
+    def push_to_hub(self, repo_id: str, selected_adapters: list[str] | None = None, private: bool | None = None,
+                    token: str | None = None, revision: str | None = None,
+                    commit_message: str = "Upload kronpeft adapter"):
+        """Upload `save_pretrained`'s files to the Hugging Face Hub repository `repo_id` (created if needed)."""
+        from .hub import upload_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, selected_adapters)
+            return upload_folder(tmp, repo_id, private=private, token=token, revision=revision,
+                                 commit_message=commit_message)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> "KronModel":
-        """Wrap `model` and load the adapter saved in `adapter_dir` into it (in `model`'s train/eval mode)."""
+    def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, autocast_adapter_dtype: bool = True,
+                        revision: str | None = None, token: str | None = None) -> "KronModel":
+        """Wrap `model` and load the adapter saved in `adapter_dir` (a folder, or a Hub repository id).
+
+        `is_trainable=False` (as in PEFT): inference -- everything frozen, `eval()` mode;
+        `is_trainable=True` goes on training the adapter (in `model`'s train/eval mode).
+        """
+        adapter_dir = _local_adapter_dir(adapter_dir, revision, token)
         meta, state = read_adapter(adapter_dir, model)
         config = _config_from(meta, adapter_dir)
         with _unchanged_on_failure(model):
-            kron_model = cls(model, config, adapter_name)
+            kron_model = cls(model, config, adapter_name, autocast_adapter_dtype)
             kron_model._load_state(adapter_dir, adapter_name, state)
+        if not is_trainable:
+            kron_model._inference.add(adapter_name)
+            kron_model.set_adapter(adapter_name)
+            kron_model.eval()
         return kron_model
 
-    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str):
-        """Add the adapter saved in `adapter_dir` under `adapter_name` (inactive until `set_adapter`)."""
+    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     revision: str | None = None, token: str | None = None):
+        """Add the adapter saved in `adapter_dir` (folder or Hub id) under `adapter_name`, inactive until
+        `set_adapter`; frozen when it runs unless `is_trainable=True`."""
         self._check_usable()
         self._check_new_name(adapter_name)
+        adapter_dir = _local_adapter_dir(adapter_dir, revision, token)
         meta, state = read_adapter(adapter_dir, self.base_model)
         config = _config_from(meta, adapter_dir)
         with self._all_or_nothing():
             self.add_adapter(adapter_name, config)
             self._load_state(adapter_dir, adapter_name, state)
+        if not is_trainable:
+            self._inference.add(adapter_name)
 
     def _load_state(self, adapter_dir, adapter_name: str, state: dict[str, torch.Tensor]):
         expected = self.adapter_state_dict(adapter_name)
@@ -371,13 +440,102 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def get_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> KronModel:
+def get_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
+              autocast_adapter_dtype: bool = True) -> KronModel:
     """Freeze `model` and add the adapter `config` describes; see `KronModel`."""
-    return KronModel(model, config, adapter_name)
+    return KronModel(model, config, adapter_name, autocast_adapter_dtype)
+
+
+_SIGNATURE_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _with_forward_signature(cls: type, base_class: type) -> type:
+    """A subclass of `cls` whose `forward` carries `base_class.forward`'s signature (one per pair).
+
+    `transformers.Trainer` reads the signature to choose the dataset columns it keeps and, on the
+    class, to find the label arguments; PEFT's task wrappers list them by hand for the same reason.
+    """
+    key = (cls, base_class)
+    if key not in _SIGNATURE_CLASSES:
+        def forward(self, *args, **kwargs):
+            self._check_usable()
+            return self.base_model(*args, **kwargs)
+
+        forward.__signature__ = inspect.signature(base_class.forward)
+        forward.__doc__ = f"`{base_class.__name__}.forward` with the active adapter applied."
+        _SIGNATURE_CLASSES[key] = type(cls.__name__, (cls,), {
+            "forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _SIGNATURE_CLASSES[key]
+
+
+def _is_trained_key(key: str) -> bool:
+    """Adapters and the adapters' copies of `modules_to_save` all live under `.kronpeft.` sites."""
+    return f".{SITE_ATTR}." in key
+
+
+def _keep_trained_state(kron_model: "KronModel", state_dict: dict, prefix: str, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix) and not _is_trained_key(k[len(prefix):])]:
+        del state_dict[key]
+
+
+def _ignore_missing_frozen_keys(kron_model: "KronModel", incompatible_keys):
+    """A state dict of the trained tensors alone loads strictly: frozen base keys are not missing."""
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if _is_trained_key(k)]
+
+
+def _local_adapter_dir(adapter_dir: str | os.PathLike, revision: str | None, token: str | None) -> Path:
+    """`adapter_dir` itself when it exists locally, else the Hub repository of that id, downloaded."""
+    if Path(adapter_dir).exists() or not _looks_like_repo_id(str(adapter_dir)):
+        return Path(adapter_dir)
+    from .hub import download_adapter
+
+    return download_adapter(str(adapter_dir), revision=revision, token=token)
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def write_adapter(save_directory: str | os.PathLike, meta: dict, state: dict[str, torch.Tensor]):
+    """Write `meta` as `adapter_config.json` (plus the weights' file name and checksum) and `state`.
+
+    Crash-safe overwrite: new weights go under a name the current config does not use, then the
+    config is atomically replaced (see `atomic.py`); after a crash at any point the old or the new
+    adapter loads. A first save appears whole or not at all.
+    """
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    target = Path(save_directory)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"cannot save the adapter to {target}: it is a file; pass a folder path")
+    if target.exists():
+        _write_adapter(target, state, meta)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}{TMP_MARK}{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        _write_adapter(tmp, state, meta)
+        os.rename(tmp, target)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and check an adapter directory (no unpickling: JSON + safetensors)."""
+    """Read and check an adapter directory for `model` (no unpickling: JSON + safetensors)."""
+    meta, state = read_adapter_files(adapter_dir)
+    described = meta.get("base_model")
+    saved, here = (described.get("model_type") if isinstance(described, dict) else None), _describe(model)["model_type"]
+    if saved != here:
+        raise ValueError(f"adapter in {adapter_dir} was trained on a {saved!r} model, not {here!r} "
+                         f"({type(model).__name__}); load it into the base model it was trained on")
+    return meta, state
+
+
+def read_adapter_files(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`(meta, tensors)` of a kronpeft adapter directory, checked against its checksum; a foreign
+    adapter (PEFT's, or any other `adapter_config.json`) is named as such, with how to convert it."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / CONFIG_NAME
     if not config_path.is_file():
@@ -385,9 +543,14 @@ def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tuple[dict
                                 f"(it needs {CONFIG_NAME} and its weights file, written by save_pretrained)")
     try:
         meta = json.loads(config_path.read_text())
-        meta["adapter"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path} is corrupt ({err}); save the adapter again") from None
+    if isinstance(meta, dict) and "peft_type" in meta:
+        raise ValueError(_peft_adapter_message(adapter_dir, meta))
+    if not isinstance(meta, dict) or not isinstance(meta.get("adapter"), dict):
+        keys = sorted(meta)[:6] if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{adapter_dir} is not a kronpeft adapter: its {CONFIG_NAME} has {keys}, not the "
+                         f"'adapter' entry KronModel.save_pretrained writes; load it with the library that wrote it")
     version = meta.get("format_version")
     if type(version) is not int or version not in READABLE_VERSIONS:
         newer = type(version) is int and version > FORMAT_VERSION
@@ -408,12 +571,16 @@ def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tuple[dict
         state = load_file(weights_path)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights_path} is corrupt ({err}); save the adapter again") from None
-    described = meta.get("base_model")
-    saved, here = (described.get("model_type") if isinstance(described, dict) else None), _describe(model)["model_type"]
-    if saved != here:
-        raise ValueError(f"adapter in {adapter_dir} was trained on a {saved!r} model, not {here!r} "
-                         f"({type(model).__name__}); load it into the base model it was trained on")
     return meta, state
+
+
+def _peft_adapter_message(adapter_dir: Path, meta: dict) -> str:
+    peft_type = meta["peft_type"]
+    how = ("convert it with `kronpeft convert --to kronpeft` (or kronpeft.interop.from_peft) when its factors "
+           "are full (decompose_both=False), or load it with peft.PeftModel.from_pretrained"
+           if str(peft_type).upper() == "LOKR" else "load it with peft.PeftModel.from_pretrained; only PEFT LoKr "
+           "adapters convert to kronpeft (KronA)")
+    return f"{adapter_dir} holds a PEFT {peft_type} adapter (peft {meta.get('peft_version', '?')}), not a kronpeft one: {how}"
 
 
 def _write_adapter(directory: Path, state: dict[str, torch.Tensor], meta: dict):

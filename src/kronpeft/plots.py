@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MARKERS_UP_TO = 50  # loss curves with at most this many logged points get a marker per point
+
 
 def plot_curves(records: list[dict], path: str | Path, main_metric: str) -> Path:
     """Draw loss (left) and dev `main_metric` (right) from log records; returns the file written."""
@@ -14,7 +16,8 @@ def plot_curves(records: list[dict], path: str | Path, main_metric: str) -> Path
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval" and main_metric in r]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue")
+    few = len(train) <= MARKERS_UP_TO  # a handful of points: draw them, or a short run looks like a smooth curve
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", marker="o" if few else None)
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
     ax_metric.plot([r["step"] for r in evals], [r[main_metric] for r in evals], marker="o", color="tab:orange")
     ax_metric.set(xlabel="step", ylabel=f"dev {main_metric}", title=f"dev {main_metric}")

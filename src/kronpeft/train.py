@@ -30,7 +30,7 @@ from . import baselines
 from .atomic import commit, sha256, write_atomic, write_tensors
 from .data import get_task, limit, load_split
 from .injection import ALL_LINEAR, SITE_ATTR
-from .metrics import compute_metrics
+from .metrics import compute_metrics, constant_baseline
 from .model import count_parameters
 from .text2text import PromptedSet, is_causal_lm
 
@@ -424,7 +424,12 @@ def run(args) -> dict | None:
     from .plots import plot_curves
 
     # cpu=True without a GPU: accelerate then sets up gloo for torchrun/`accelerate launch` processes
-    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
+    on_cpu = args.cpu or not torch.cuda.is_available()
+    mixed_precision = getattr(args, "mixed_precision", "no")
+    if mixed_precision == "fp16" and on_cpu:  # accelerate would silently run fp32: its fp16 autocast is GPU-only
+        raise UsageError("--mixed-precision fp16 needs a CUDA GPU (accelerate runs fp16 autocast only there); "
+                         "use --mixed-precision bf16 on CPU")
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed_precision)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     if args.batch_size % world:
@@ -623,6 +628,8 @@ def run(args) -> dict | None:
         "main_metric": spec.main_metric,
         "final": strip(final), "best": strip(best), "best_step": best["step"],
         "before_training": strip(before) if before else None,
+        "majority_baseline": {f"{k}{split_suffix(spec, split)}": v for split, data in eval_sets.items()
+                              for k, v in constant_baseline(spec.name, data.labels).items()},
         "trainable_params": trainable, "head_params": head, "total_params": total,
         "train_seconds": round(state["train_seconds"], 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
         "steps": step, "num_processes": world, "num_train_examples": len(train_set), "text_to_text": text_to_text,
@@ -656,6 +663,10 @@ def print_summary(metrics: dict, out: Path):
     rows = [("task", metrics["task"]), ("method", metrics["method"]), ("model", metrics["model"]),
             ("trainable params", f"{metrics['trainable_params']:,} of {metrics['total_params']:,} "
                                  f"({100 * metrics['trainable_params'] / metrics['total_params']:.3f}%)")]
+    baseline = (metrics.get("majority_baseline") or {}).get(main_metric)
+    baseline_name = "mean-prediction" if main_metric in ("pearson", "spearmanr", "combined") else "majority-class"
+    if baseline is not None:
+        rows.append((f"dev {main_metric}, {baseline_name} baseline", f"{baseline:.4f}"))
     if metrics.get("before_training"):
         rows.append((f"dev {main_metric} before training", f"{metrics['before_training'][main_metric]:.4f}"))
     rows += [(f"dev {k} (final)", f"{v:.4f}") for k, v in metrics["final"].items()]
@@ -678,4 +689,5 @@ def print_summary(metrics: dict, out: Path):
             print(f"{k:<{width}}  {v}")
     if metrics.get("before_training"):
         print(f"dev {main_metric} before training: {metrics['before_training'][main_metric]:.4f}  "
-              f"after: {metrics['final'][main_metric]:.4f}")
+              f"after: {metrics['final'][main_metric]:.4f}"
+              + (f"  ({baseline_name} baseline: {baseline:.4f})" if baseline is not None else ""))

@@ -1,0 +1,21 @@
+"""Every Python block of docs/ecosystem.md runs, in order, in one namespace (real MiniLM, offline)."""
+import re
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "ecosystem.md"
+HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_ecosystem_examples_run(minilm_path, tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert len(blocks) >= 5
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for i, block in enumerate(blocks):
+        code = block.replace(f'"{HUB_NAME}"', repr(str(minilm_path)))  # offline: the packaged copy
+        exec(compile(code, f"{DOC.name} block {i}", "exec"), namespace)
+    checkpoint_mb = sum(f.stat().st_size for f in (tmp_path / "trainer-run" / "checkpoint-2").rglob("*")) / 2**20
+    print(f"checkpoint-2: {checkpoint_mb:.2f} MB")
+    assert checkpoint_mb < 5
