@@ -293,13 +293,16 @@ class KronModel(nn.Module):
                 state[prefix + key] = tensor
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None):
-        """Write every adapter (or `selected_adapters`) as `adapter_config.json` + the weights file it
-        names (adapter and its `modules_to_save`): "default" in `save_directory`, any other in
-        `save_directory/<name>`, as PEFT does. Each folder is written crash-safe (see `write_adapter`).
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None,
+                        selected_adapters: list[str] | None = None):
+        """Write adapters as `adapter_config.json` + the weights file it names (adapter and its
+        `modules_to_save`): `adapter_name` alone into `save_directory`; otherwise every adapter (or
+        `selected_adapters`) as PEFT does, "default" in `save_directory` and any other in
+        `save_directory/<name>`. Each folder is written crash-safe (see `write_adapter`).
         """
         self._check_usable()
-        names = list(self.configs) if selected_adapters is None else list(selected_adapters)
+        names = [adapter_name] if adapter_name is not None else (
+            list(self.configs) if selected_adapters is None else list(selected_adapters))
         for name in names:  # check every name before writing anything
             self._check_name(name)
         for name in names:
@@ -309,7 +312,8 @@ class KronModel(nn.Module):
                 "modules_to_save": self.saved_modules[name],
                 "base_model": _describe(self.base_model),
             }
-            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            alone = adapter_name is not None or name == "default"
+            directory = Path(save_directory) if alone else Path(save_directory) / name
             write_adapter(directory, meta, self.adapter_state_dict(name))
 
     def push_to_hub(self, repo_id: str, selected_adapters: list[str] | None = None, private: bool | None = None,
@@ -319,7 +323,7 @@ class KronModel(nn.Module):
         from .hub import upload_folder
 
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, selected_adapters)
+            self.save_pretrained(tmp, selected_adapters=selected_adapters)
             return upload_folder(tmp, repo_id, private=private, token=token, revision=revision,
                                  commit_message=commit_message)
 
