@@ -168,7 +168,7 @@ def test_help_lists_flags_with_defaults(capsys):
                  "--max-train-samples", "--max-eval-samples", "--eval-every", "--resume", "--a-shape",
                  "--scale", "--r", "--targets"):
         assert flag in text, flag
-    assert "default: bbc-news" in text and "krona 0.02" in text
+    assert "default: bbc-news" in text and "krona 0.005" in text
 
 
 def test_console_script_and_module(tmp_path):
