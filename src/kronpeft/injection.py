@@ -41,6 +41,7 @@ class AdapterSite(nn.ModuleDict):
         self.active: str | None = None
         self.enabled = True
         self.merged: set[str] = set()
+        self.register_buffer("unmerged_weight", None, persistent=False)  # the owner's weight before merging
         self.span_first: str | None = None  # name of the module whose input span adapters read
         self.reads_span: set[str] = set()  # adapter names that read the span input
         self.copies: set[str] = set()  # adapter names whose entry is a copy of the owner module

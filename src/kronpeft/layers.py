@@ -41,8 +41,9 @@ class KronDelta(nn.Module):
         return y.add(kron_linear(x, self.A, self.B).to(y.dtype), alpha=self.scale)  # scale fused into the add
 
     def delta_weight(self) -> torch.Tensor:
-        """`scale · (A ⊗ B)`, shape `(out_features, in_features)`."""
-        return self.scale * kron_matrix(self.A, self.B)
+        """`scale · (A ⊗ B)`, shape `(out_features, in_features)`, in fp32 (or wider) for merging."""
+        dtype = torch.promote_types(self.A.dtype, torch.float32)
+        return self.scale * kron_matrix(self.A.to(dtype), self.B.to(dtype))
 
     def extra_repr(self) -> str:
         return f"A={tuple(self.A.shape)}, B={tuple(self.B.shape)}, scale={self.scale}"

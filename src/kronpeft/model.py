@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from types import MappingProxyType
 
@@ -139,8 +140,17 @@ class KronModel(nn.Module):
 
     def set_adapter(self, adapter_name: str):
         """Make `adapter_name` (and its copies of `modules_to_save`) the one that runs and trains;
-        the others are frozen."""
+        the others are frozen.
+
+        Any other adapter merged into the weights is unmerged first (with a warning, as PEFT does):
+        left merged, it would keep acting underneath the newly active one.
+        """
         self._check_name(adapter_name)
+        for other in self.configs:
+            if other != adapter_name and self._is_merged(other):
+                warnings.warn(f"adapter {other!r} is merged into the weights; unmerging it before activating "
+                              f"{adapter_name!r}", stacklevel=2)
+                self.unmerge_adapter(other)
         trainable = adapter_name not in self._inference
         for _, site in sites(self.base_model):
             site.active = adapter_name
@@ -226,23 +236,27 @@ class KronModel(nn.Module):
     # -- merging ------------------------------------------------------------------------------------
 
     def merge_adapter(self, adapter_name: str | None = None):
-        """Add `scale · (A ⊗ B)` into each adapted weight; the forward then costs the base model's."""
+        """Add `scale · (A ⊗ B)` into each adapted weight; the forward then costs the base model's.
+
+        While merged, each adapted layer also keeps its original weight (one extra copy), so that
+        unmerging restores it bit-exactly in every dtype (see `_write_merged_weight`).
+        """
         adapter_name = self._mergeable(adapter_name)
         with torch.no_grad():
             for owner, site in sites(self.base_model):
                 if adapter_name in site and adapter_name not in site.merged and adapter_name not in site.copies:
-                    _add_to_weight(owner, site[adapter_name].delta_weight())
                     site.merged.add(adapter_name)
+                    _write_merged_weight(owner, site)
 
     def unmerge_adapter(self, adapter_name: str | None = None):
-        """Subtract a merged adapter from the weights again."""
+        """Take a merged adapter out of the weights again (the original weights come back exactly)."""
         self._check_usable()
         adapter_name = adapter_name or self.active_adapter
         with torch.no_grad():
             for owner, site in sites(self.base_model):
                 if adapter_name in site.merged:
-                    _add_to_weight(owner, -site[adapter_name].delta_weight())
                     site.merged.discard(adapter_name)
+                    _write_merged_weight(owner, site)
 
     def merge_and_unload(self) -> nn.Module:
         """The plain base model with the active KronA adapter merged in (and its copies of
@@ -410,7 +424,7 @@ class KronModel(nn.Module):
     def _check_new_name(self, adapter_name):
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without '.'")
-        if hasattr(AdapterSite, adapter_name) or adapter_name in vars(AdapterSite("")):
+        if hasattr(AdapterSite(""), adapter_name):  # methods, attributes and buffers alike
             raise ValueError(f"adapter name {adapter_name!r} collides with an attribute of kronpeft's adapter "
                              f"sites; pick another name (e.g. {adapter_name + '_adapter'!r})")
         if adapter_name in self.configs:
@@ -683,10 +697,25 @@ def _check_untied(model: nn.Module, names: list[str], field: str):
                     f"Pick untied modules, or load the base model untied (e.g. tie_word_embeddings=False)")
 
 
-def _add_to_weight(module: nn.Module, delta: torch.Tensor):
-    """`W += delta` for `delta (out, in)`; GPT-2's `Conv1D` stores `W (in, out)`."""
+def _write_merged_weight(module: nn.Module, site):
+    """`W = W0 + Σ delta` over the adapters in `site.merged`, `W0` being the weight before the first merge.
+
+    `W0` is kept in `site.unmerged_weight` while anything is merged, and written back when nothing
+    is: adding and then subtracting a delta in bf16/fp16 would round twice and drift. The sum is
+    taken in fp32 (or wider) and rounded once. GPT-2's `Conv1D` stores `W (in, out)`, the delta is `(out, in)`.
+    """
     weight = module.weight
-    weight += (delta.T if isinstance(module, Conv1D) else delta).to(weight.dtype)
+    if site.unmerged_weight is None:
+        site.unmerged_weight = weight.detach().clone()
+    if not site.merged:
+        weight.copy_(site.unmerged_weight)
+        site.unmerged_weight = None
+        return
+    total = site.unmerged_weight.to(torch.promote_types(weight.dtype, torch.float32))
+    for name in sorted(site.merged):  # a fixed order: the same set of merged adapters gives the same bits
+        delta = site[name].delta_weight()
+        total = total + (delta.T if isinstance(module, Conv1D) else delta).to(total.dtype)
+    weight.copy_(total)
 
 
 def _describe(model: nn.Module) -> dict:
