@@ -1,10 +1,14 @@
 """Parameter counts against the papers' formulas, and every bad input against its documented error."""
+import hashlib
 import json
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers as T
-from conftest import make_model, model_inputs, outputs
+from conftest import make_model, model_inputs, outputs, randomize_adapters
 
 from kronpeft import AdaKronConfig, AdapterConfig, BottleneckConfig, KronABConfig, KronAConfig, KronModel, get_model
 
@@ -110,11 +114,17 @@ def test_unknown_architecture_asks_for_module_names():
 
     with pytest.raises(ValueError, match="no preset for model_type None.*ffn_modules"):
         get_model(Block(), KronABConfig())
-    model = get_model(Block(), KronABConfig(ffn_modules=["up", "down"], residual=True, residual_init=1.0))
-    x = torch.randn(3, 8)
-    with model.disable_adapter():
-        plain = model(x)
-    torch.testing.assert_close(model(x), plain + x)  # B = 0 at step 0: only the residual s_res * x acts
+    model = get_model(Block(), KronABConfig(ffn_modules=["up", "down"], scale=0.5, residual=True, residual_init=1.0))
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    up, down = model.base_model.up, model.base_model.down
+    ffn = F.linear(torch.relu(F.linear(x, up.weight, up.bias)), down.weight, down.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ffn + x)  # B = 0 at step 0: only the residual s_res * x acts
+        randomize_adapters(model)
+        adapter = down.kronpeft["default"]
+        term = 0.5 * x @ torch.kron(adapter.A, adapter.B).T
+        assert term.abs().max() > 0.1
+        torch.testing.assert_close(model(x), ffn + term + adapter.s_res * x)
     assert get_model(Block(), KronAConfig(target_modules=["up"])).trainable_parameters()[0] == 4 * 2 + 4 * 4  # A (4, 2), B (4, 4) for 8 -> 16
 
 
@@ -185,16 +195,31 @@ def test_corrupt_config_is_detected(saved):
         KronModel.from_pretrained(make_model("bert"), saved)
 
 
-def test_loading_never_unpickles(saved, monkeypatch):
-    import pickle
+class UnpickleTrap:
+    """Unpickling this object creates the file `path`: the trace of a loader that ran pickle."""
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("unpickling attempted")
+    def __init__(self, path):
+        self.path = Path(path)
 
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
-    KronModel.from_pretrained(make_model("bert"), saved)
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+@pytest.mark.parametrize("write", [torch.save, lambda obj, path: Path(path).write_bytes(pickle.dumps(obj))],
+                         ids=["torch.save", "pickle"])
+def test_loading_never_unpickles(saved, tmp_path, write):
+    marker = tmp_path / "unpickled"
+    weights = saved / "adapter_model.safetensors"
+    write({"bert.encoder.layer.0.attention.self.query.kronpeft.A": UnpickleTrap(marker)}, weights)
+    meta = json.loads((saved / "adapter_config.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()  # the checksum passes: the file is read
+    (saved / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="adapter_model.safetensors is corrupt"):
+        KronModel.from_pretrained(make_model("bert"), saved)
+    assert not marker.exists()
+    with open(weights, "rb") as f:  # the trap works: a loader that unpickles would have created the marker
+        torch.load(f, weights_only=False) if write is torch.save else pickle.load(f)
+    assert marker.exists()
 
 
 # -- atomic saves ---------------------------------------------------------------------------------------

@@ -78,24 +78,43 @@ class DtypeRecorder(TorchDispatchMode):
         return out
 
 
+def seeded_delta(out_features, in_features, dtype=None, seed=0):
+    """A `KronDelta` whose `A` and `B` are drawn from a seeded generator (B is no longer zero)."""
+    delta = KronDelta(out_features, in_features, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (delta.A, delta.B):
+            p.copy_(torch.randn(p.shape, generator=g))
+    return delta
+
+
+def seeded_randn(*shape, seed, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_stays_in_dtype_through_forward_and_backward(dtype):
-    delta = KronDelta(24, 30, dtype=dtype)
-    nn.init.normal_(delta.B)
-    x = torch.randn(3, 5, 30, dtype=dtype, requires_grad=True)
-    y = torch.randn(3, 5, 24, dtype=dtype)
+    delta = seeded_delta(24, 30, dtype)
+    x = seeded_randn(3, 5, 30, seed=1, dtype=dtype).requires_grad_(True)
+    y = seeded_randn(3, 5, 24, seed=2, dtype=dtype)
     recorder = DtypeRecorder()
     with recorder:
         out = delta(x, y)
         out.sum().backward()
     assert out.dtype == dtype and x.grad.dtype == dtype and delta.A.grad.dtype == dtype
     assert recorder.dtypes == {dtype}, f"the adapter computed in {recorder.dtypes}"
+    want = y.float() + x.detach().float() @ torch.kron(delta.A.float(), delta.B.float()).T  # fp32 reference
+    assert torch.linalg.norm(out.detach().float() - want) <= 2e-2 * torch.linalg.norm(want)
 
 
 def test_fp32_adapter_on_bf16_input_returns_bf16():
-    delta = KronDelta(24, 30)  # fp32 factors: the user asked for fp32 adapters
-    out = delta(torch.randn(4, 30, dtype=torch.bfloat16), torch.randn(4, 24, dtype=torch.bfloat16))
+    delta = seeded_delta(24, 30)  # fp32 factors: the user asked for fp32 adapters
+    x, y = seeded_randn(4, 30, seed=1, dtype=torch.bfloat16), seeded_randn(4, 24, seed=2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = delta(x, y)
+        want = y.float() + x.float() @ torch.kron(delta.A, delta.B).T
     assert out.dtype == torch.bfloat16
+    assert torch.linalg.norm(out.float() - want) <= 1e-2 * torch.linalg.norm(want)
 
 
 def test_dropout_zero_passes_the_input_itself(monkeypatch):
@@ -108,29 +127,17 @@ def test_dropout_zero_passes_the_input_itself(monkeypatch):
         return kron_linear(x, A, B)
 
     monkeypatch.setattr("kronpeft.layers.kron_linear", spy)
-    x = torch.randn(4, 30)
+    x = seeded_randn(4, 30, seed=0)
     delta(x, torch.zeros(4, 24))
     assert seen == [x.data_ptr()]
-
-
-@pytest.mark.parametrize("factors", FACTORS)
-def test_kron_linear_gradcheck_every_subset_of_inputs(factors):
-    (a1, a2), (b1, b2) = factors
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, a2 * b2, dtype=torch.float64, generator=g)
-    A = torch.randn(a1, a2, dtype=torch.float64, generator=g)
-    B = torch.randn(b1, b2, dtype=torch.float64, generator=g)
-    for mask in [(1, 1, 1), (0, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1)]:
-        inputs = [t.clone().requires_grad_(bool(m)) for t, m in zip((x, A, B), mask)]
-        assert torch.autograd.gradcheck(kron_linear, inputs)
 
 
 @pytest.mark.parametrize("factors", FACTORS)
 def test_autograd_keeps_only_x_a_b(factors):
     """No activation-sized intermediate is saved for backward (it is recomputed), like LoRA."""
     (a1, a2), (b1, b2) = factors
-    x = torch.randn(64, a2 * b2, requires_grad=True)
-    A, B = torch.randn(a1, a2, requires_grad=True), torch.randn(b1, b2, requires_grad=True)
+    x = seeded_randn(64, a2 * b2, seed=0).requires_grad_(True)
+    A, B = seeded_randn(a1, a2, seed=1).requires_grad_(True), seeded_randn(b1, b2, seed=2).requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = kron_linear(x, A, B)
