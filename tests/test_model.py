@@ -162,7 +162,8 @@ def written_ffn(arch, model):
         return block, block, lambda x: F.relu(x @ block.wi.weight.T) @ block.wo.weight.T
     if arch == "gpt2":  # Conv1D: y = x W + b with W (in, out); gelu_new is the tanh approximation
         mlp = model.transformer.h[0].mlp
-        return mlp, mlp, lambda x: F.gelu(x @ mlp.c_fc.weight + mlp.c_fc.bias, approximate="tanh") @ mlp.c_proj.weight + mlp.c_proj.bias
+        hidden = lambda x: F.gelu(x @ mlp.c_fc.weight + mlp.c_fc.bias, approximate="tanh")  # noqa: E731
+        return mlp, mlp, lambda x: hidden(x) @ mlp.c_proj.weight + mlp.c_proj.bias
     mlp = model.model.layers[0].mlp
     return mlp, mlp, lambda x: (F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
 
