@@ -152,12 +152,12 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
 
 
 def head_parameters(model: torch.nn.Module) -> int:
-    """Parameters of a `*ForSequenceClassification` model outside its backbone (the task head; adapters'
-    own copies of it are not counted)."""
+    """Parameters of a `*ForSequenceClassification` model outside its backbone: the task head, counted once
+    (neither kronpeft adapters' copies of it nor the frozen original peft keeps beside its trainable copy)."""
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     inside = {id(p) for p in backbone.parameters()} if isinstance(backbone, torch.nn.Module) else set()
     return sum(p.numel() for n, p in model.named_parameters()
-               if id(p) not in inside and SITE_ATTR not in n.split("."))
+               if id(p) not in inside and SITE_ATTR not in n.split(".") and "original_module" not in n.split("."))
 
 
 def refuse_pickles(folder: Path):
