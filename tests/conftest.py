@@ -119,3 +119,13 @@ def adapter_names(kron_model):
     copies = tuple(f"base_model.{site.owner_name}.kronpeft.{name}."
                    for _, site in sites(kron_model.base_model) for name in site.copies)
     return {n for n, _ in kron_model.named_parameters() if ".kronpeft." in n and not n.startswith(copies)}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (the box is shared: no oversubscription), restored afterwards;
+    use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

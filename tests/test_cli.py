@@ -23,13 +23,7 @@ from kronpeft import baselines, cli
 from kronpeft.data import get_task, limit, load_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The box is shared: one thread per test worker avoids oversubscription (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread, restored after
 
 
 SMALL = ["--max-train-samples", "16", "--max-eval-samples", "16", "--max-length", "32", "--max-steps", "2",

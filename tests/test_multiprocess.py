@@ -15,13 +15,7 @@ from kronpeft import cli
 pytestmark = [needs_glue, needs_minilm]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The box is shared: one thread per test worker avoids oversubscription (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread, restored after
 
 
 # same global batch (8) and seed; dropout off, since each process draws its own masks. A moderate lr:

@@ -183,12 +183,7 @@ class KronModel(nn.Module):
         model = self.base_model
         for owner, site in sites(model):
             detach(owner, site)
-        del self.base_model
-        self.configs.clear()
-        self.saved_modules.clear()
-        self.active_adapter = None
-        self._unloaded = True
-        return model
+        return self._retire()
 
     def delete_adapter(self, adapter_name: str):
         self._check_name(adapter_name)
@@ -271,12 +266,7 @@ class KronModel(nn.Module):
             if clone is not None:
                 parent, _, child = site.owner_name.rpartition(".")
                 setattr(model.get_submodule(parent), child, clone)
-        del self.base_model
-        self.configs.clear()
-        self.saved_modules.clear()
-        self.active_adapter = None
-        self._unloaded = True
-        return model
+        return self._retire()
 
     # -- parameters ---------------------------------------------------------------------------------
 
@@ -416,6 +406,16 @@ class KronModel(nn.Module):
         except BaseException:
             self.configs, self.saved_modules, self.active_adapter = configs, saved, active
             raise
+
+    def _retire(self) -> nn.Module:
+        """Hand back the base model and make this wrapper refuse further use."""
+        model = self.base_model
+        del self.base_model
+        self.configs.clear()
+        self.saved_modules.clear()
+        self.active_adapter = None
+        self._unloaded = True
+        return model
 
     def _check_usable(self):
         if self._unloaded:
