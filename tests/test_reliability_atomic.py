@@ -45,6 +45,17 @@ def crash_points(monkeypatch, write) -> int:
     return counter.calls
 
 
+def crashed_copy(tmp_path, monkeypatch, at: int, write):
+    """A fresh copy of `tmp_path/old` that `write(copy)` was cut off in at its `at`-th write step."""
+    target = tmp_path / f"crash{at}"
+    shutil.copytree(tmp_path / "old", target)
+    with monkeypatch.context() as m:
+        CrashAt(m, at)
+        with pytest.raises(Crash):
+            write(target)
+    return target
+
+
 def test_adapter_overwrite_survives_a_crash_at_every_step(tmp_path, monkeypatch):
     inputs = model_inputs(make_model("bert"))
     old = get_model(make_model("bert", seed=1), KronAConfig())
@@ -59,12 +70,7 @@ def test_adapter_overwrite_survives_a_crash_at_every_step(tmp_path, monkeypatch)
     assert steps >= 6
     seen = set()
     for at in range(1, steps + 1):
-        target = tmp_path / f"crash{at}"
-        shutil.copytree(tmp_path / "old", target)
-        with monkeypatch.context() as m:
-            CrashAt(m, at)
-            with pytest.raises(Crash):
-                new.save_pretrained(target)
+        target = crashed_copy(tmp_path, monkeypatch, at, new.save_pretrained)
         got = outputs(KronModel.from_pretrained(make_model("bert"), target), inputs)
         seen.add("old" if torch.equal(got, want_old) else "new" if torch.equal(got, want_new) else "neither")
         new.save_pretrained(target)  # the next save cleans up and works
@@ -121,12 +127,7 @@ def test_checkpoint_survives_a_crash_at_every_step(tmp_path, monkeypatch):
                2: {n: p.detach() for n, p in new[0].named_parameters() if p.requires_grad}}
     seen = set()
     for at in range(1, steps + 1):
-        target = tmp_path / f"crash{at}"
-        shutil.copytree(tmp_path / "old", target)
-        with monkeypatch.context() as m:
-            CrashAt(m, at)
-            with pytest.raises(Crash):
-                save_checkpoint(target, *new, {**base, "step": 2})
+        target = crashed_copy(tmp_path, monkeypatch, at, lambda d: save_checkpoint(d, *new, {**base, "step": 2}))
         step, params = fresh_load(target)
         assert all(torch.equal(params[n], trained[step][n]) for n in params)
         seen.add(step)
