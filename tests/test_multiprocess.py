@@ -1,13 +1,10 @@
 """`kronpeft train` under torchrun with 2 CPU processes (gloo) equals a 1-process run."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import GLUE_DIR as GLUE
-from conftest import needs_glue, needs_minilm
+from conftest import needs_glue, needs_minilm, run_two_processes
 from safetensors.torch import load_file
 
 from kronpeft import cli
@@ -27,11 +24,7 @@ ARGS = ["train", "--task", "rte", "--method", "krona", "--data-dir", str(GLUE), 
 
 
 def test_two_processes_equal_one(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "kronpeft", *ARGS, "--output-dir", str(tmp_path / "two")],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_processes(ARGS, tmp_path / "two")
     assert cli.main([*ARGS, "--output-dir", str(tmp_path / "one")]) == 0
 
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())

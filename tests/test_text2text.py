@@ -2,9 +2,6 @@
 and `kronpeft train/eval/merge/generate` end to end on a tiny Llama built from a config (with the
 all-MiniLM-L6-v2 WordPiece tokenizer, so no download is needed)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import torch.nn.functional as F
 import transformers as T
 from safetensors.torch import load_file
 
+from conftest import run_two_processes
 from kronpeft import cli
 from kronpeft.data import Example, get_task
 from kronpeft.text2text import (SEPARATOR, PromptedSet, is_causal_lm, label_words, parse_stsb, prompt_text,
@@ -178,11 +176,7 @@ def test_two_processes_equal_one_on_decoder(tiny_llama_dir, tmp_path):
     args = ["train", "--task", "sst2", "--method", "krona", "--model", str(tiny_llama_dir), "--data-dir", str(GLUE),
             "--max-train-samples", "16", "--max-eval-samples", "8", "--max-length", "48", "--max-steps", "2",
             "--batch-size", "8", "--no-dropout", "--no-eval-before", "--cpu", "--lr", "1e-3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "kronpeft", *args, "--output-dir", str(tmp_path / "two")],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_processes(args, tmp_path / "two")
     assert cli.main([*args, "--output-dir", str(tmp_path / "one")]) == 0
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
