@@ -308,13 +308,13 @@ def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> di
         os.close(claim)
         return "busy"
     try:
-        return _train(grid, run, out, cmd, threads, parallel, host)
+        return _train(grid, run, out, flags, cmd, threads, parallel, host)
     finally:
         os.close(claim)  # releases the lock
 
 
-def _train(grid: Grid, run: Run, out: Path, cmd: list[str], threads: int, parallel: int, host: dict) -> dict | None:
-    flags = {**run.flags(grid), "output_dir": str(out)}
+def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads: int, parallel: int,
+           host: dict) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
