@@ -194,8 +194,9 @@ def test_merge_refuses_unmergeable(tmp_path, capsys):
 
 @needs_glue
 @needs_minilm
-def test_resume_equals_uninterrupted(tmp_path, capsys):
-    steps = ["--max-steps", "4", "--eval-every", "2"]  # dropout stays on: its RNG is a function of the step
+@pytest.mark.parametrize("grouping", [[], ["--group-by-length"]], ids=["shuffled", "grouped"])
+def test_resume_equals_uninterrupted(tmp_path, capsys, grouping):
+    steps = ["--max-steps", "4", "--eval-every", "2", *grouping]  # dropout stays on: its RNG is f(step)
     assert train(tmp_path / "full", *steps) == 0
     assert train(tmp_path / "cut", *steps, "--stop-after", "3") == 0
     assert not (tmp_path / "cut" / "metrics.json").exists()

@@ -191,10 +191,13 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
     rows += [fake_row(grid, r, extra[(r.task, r.entry.name, r.seed)], train_seconds=30.0 if r.entry.name == "krona"
                       else 20.0, params=9984 if r.entry.name == "krona" else 73728)
              for r in todo if (r.task, r.entry.name, r.seed) in extra]
+    # a row recorded before a grid edit (its flags, so its key, differ): shown nowhere, counted
+    rows.append({**fake_row(grid, todo[0], 0.10), "seed": 1, "key": "recorded-with-epochs-3"})
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
     out = tmp_path / "docs" / "results.md"
     assert main(["report", str(grid.path), "--out", str(out)]) == 0
     page = out.read_text()
+    assert "(13 runs) alone; 1 row(s) recorded under earlier settings of this grid are not shown." in page
     assert "| krona | 9,984 | 0.998 | 85.0 ± 2.0 | 65.0 ± 1.0 | 75.0 |" in page
     assert "| lora-r8 | 73,728 | 7.373 | 85.0 ± 7.1 (2/3 seeds) | — | — |" in page
     assert "**0.003** (0.001: 80.0, 0.003: 85.0, 0.01: 82.0)" in page

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eval-before", action="store_true", help="skip the dev evaluation before training")
     g.add_argument("--no-dropout", action="store_true",
                    help="set every dropout probability of the model to 0 (makes N-process runs equal 1-process ones)")
+    g.add_argument("--group-by-length", action="store_true",
+                   help="batch training examples of similar length together (as transformers' group_by_length): "
+                        "less padding, faster epochs; the batch order stays a function of --seed")
 
     g = t.add_argument_group("method options")
     g.add_argument("--a-shape", type=_a_shape, default=None,

@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .study import Grid, best_lr, read_results
+from .study import Grid, best_lr, current_rows, read_results
 
 
 def cell_stats(scores: list[float]) -> tuple[float, float, int]:
@@ -178,12 +178,13 @@ def plot_times(ratios: dict, reference: str, path: Path):
 
 def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     """Write `out` (Markdown) and its plots in `out.parent / "img"`; returns `out`."""
-    rows = [r for r in read_results(grid.results) if r.get("grid") == grid.name]
+    rows, stale = current_rows(grid, read_results(grid.results))
     summary = summarise(grid, rows)
     img = out.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
     lines = [f"# {grid.title or 'Study ' + grid.name}", "",
-             f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(rows)} runs) alone.", ""]
+             f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(rows)} runs) alone"
+             + (f"; {stale} row(s) recorded under earlier settings of this grid are not shown." if stale else "."), ""]
     if not rows:
         lines.append("No runs recorded yet.")
     else:

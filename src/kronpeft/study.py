@@ -204,6 +204,16 @@ def append_row(path: Path, row: dict) -> bool:
         os.close(fd)
 
 
+def current_rows(grid: Grid, rows: list[dict]) -> tuple[list[dict], int]:
+    """The rows of `grid` recorded with its present settings, and how many of its rows were recorded
+    with earlier ones (a flag or method edited since: their key no longer matches)."""
+    entries = {e.name: e for e in grid.methods}
+    mine = [r for r in rows if r.get("grid") == grid.name]
+    fresh = [r for r in mine if r["name"] in entries
+             and Run(r["task"], entries[r["name"]], r["lr"], r["seed"], "").key(grid) == r["key"]]
+    return fresh, len(mine) - len(fresh)
+
+
 def best_lr(rows: list[dict]) -> float:
     """The learning rate whose sweep run scored highest (ties: the smaller rate)."""
     return max(rows, key=lambda r: (r["score"], -r["lr"]))["lr"]

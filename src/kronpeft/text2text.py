@@ -124,6 +124,10 @@ class PromptedSet:
     def __len__(self):
         return len(self.prompts)
 
+    @property
+    def lengths(self) -> list[int]:
+        return [len(p) + len(t) for p, t in zip(self.prompts, self.targets)]
+
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """Right-padded `input_ids (n, T)`, `attention_mask`, and `labels`: -100 except on the target."""
         seqs = [self.prompts[i] + self.targets[i] for i in indices]

@@ -44,6 +44,7 @@ STATE_FILE = "state.json"
 # checked by hash, so --data-dir may move).
 RESUME_MAY_CHANGE = ("eval_every", "save_every", "log_every", "eval_batch_size", "no_eval_before", "cpu",
                      "data_dir", "output_dir", "overwrite", "resume", "stop_after", "inject_nan_at")
+GROUP_BATCHES = 50  # --group-by-length sorts runs of this many batches (transformers' megabatch)
 RUN_FILES = ("metrics.json", "log.jsonl", "curves.png", CHECKPOINT, "adapter")
 
 
@@ -207,6 +208,10 @@ class Encoded:
     def __len__(self):
         return len(self.labels)
 
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.features["input_ids"]]
+
     def batch(self, indices) -> dict[str, torch.Tensor]:
         feats = [{k: v[i] for k, v in self.features.items()} for i in indices]
         out = dict(self.tokenizer.pad(feats, return_tensors="pt"))
@@ -225,14 +230,26 @@ def encode(tokenizer, spec, examples, max_length: int, text_to_text: bool):
         raise UsageError(str(err)) from None
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world: int) -> list[list[int]]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world: int,
+                  lengths: list[int] | None = None) -> list[list[int]]:
     """The global batches of one epoch: a (seed, epoch)-seeded shuffle cut into `batch_size` chunks.
-    A short last batch is kept when every process gets the same share of it, dropped otherwise."""
+    A short last batch is kept when every process gets the same share of it, dropped otherwise.
+
+    With `lengths` (tokens per example), batches are grouped by length as `transformers`'
+    `group_by_length` does: each run of GROUP_BATCHES batches of the shuffle is sorted by length
+    (longest first) before it is cut, and the batches are then shuffled, so that a batch pads to
+    about its own examples' length instead of the longest of a random draw."""
+    rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    rng.shuffle(order)
+    if lengths is not None:
+        group = batch_size * GROUP_BATCHES
+        order = [i for g in range(0, n, group) for i in sorted(order[g:g + group], key=lambda i: -lengths[i])]
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     if batches and len(batches[-1]) % world:
         batches.pop()
+    if lengths is not None:
+        rng.shuffle(batches)
     return batches
 
 
@@ -249,14 +266,17 @@ def predict(model, data, batch_size: int, device) -> np.ndarray:
         return data.predict(model, batch_size, device)
     was_training = model.training
     model.eval()
+    order = np.argsort([-n for n in data.lengths], kind="stable")  # batches of similar length pad little
     preds = []
     for start in range(0, len(data), batch_size):
-        batch = data.batch(range(start, min(start + batch_size, len(data))))
+        batch = data.batch(order[start:start + batch_size])
         batch.pop("labels")
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
         preds.append(logits[:, 0] if data.regression else logits.argmax(-1))
     model.train(was_training)
-    return torch.cat(preds).cpu().numpy()
+    out = np.empty(len(data), dtype=np.float32 if data.regression else np.int64)
+    out[order] = torch.cat(preds).cpu().numpy()
+    return out
 
 
 def split_suffix(task_spec, split: str) -> str:
@@ -484,6 +504,7 @@ def run(args) -> dict | None:
     train_set = encode(tokenizer, spec, train_examples, args.max_length, text_to_text)
     eval_sets = {s: encode(tokenizer, spec, ex, args.max_length, text_to_text) for s, ex in eval_examples.items()}
 
+    lengths = train_set.lengths if args.group_by_length else None
     steps_per_epoch = len(epoch_batches(len(train_set), args.batch_size, args.seed, 0, world))
     if steps_per_epoch == 0:
         raise UsageError(f"{len(train_set)} training examples make no batch of {args.batch_size}; "
@@ -568,7 +589,7 @@ def run(args) -> dict | None:
     losses = []
     while step < total_steps:
         epoch = step // steps_per_epoch
-        batches = epoch_batches(len(train_set), args.batch_size, args.seed, epoch, world)
+        batches = epoch_batches(len(train_set), args.batch_size, args.seed, epoch, world, lengths)
         for batch_indices in batches[step - epoch * steps_per_epoch:]:
             torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # dropout masks: f(seed, step, rank)
             batch = {k: v.to(device) for k, v in train_set.batch(shard(batch_indices, rank, world)).items()}
