@@ -108,3 +108,14 @@ def test_cli_convert_both_ways(tmp_path, base_folder, capsys):
     assert len(err) == 1 and err[0].startswith("kronpeft: error: ") and "kronpeft adapter already" in err[0]
     assert main(["convert", "--to", "peft", str(tmp_path / "kron"), str(tmp_path / "peft")]) == 2  # exists
     assert "exists" in capsys.readouterr().err
+
+
+def test_gpt2_conv1d_adapter_is_refused_before_writing(tmp_path):
+    """PEFT's LoKr refuses GPT-2's Conv1D (TypeError at load), so to_peft says so and writes nothing."""
+    model = get_model(make_model("gpt2"), KronAConfig())
+    model.save_pretrained(tmp_path / "kron")
+    with pytest.raises(ValueError, match=r"Conv1D layers \(transformer\.h\.0\.attn\.c_attn.*no PEFT equivalent"):
+        to_peft(tmp_path / "kron", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    with pytest.raises(TypeError, match="Conv1D"):  # what PEFT itself does with LoKr on GPT-2's Conv1D
+        peft.get_peft_model(make_model("gpt2"), peft.LoKrConfig(target_modules=["c_attn"], r=8))

@@ -38,6 +38,12 @@ def to_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike):
     if config.get("method") != "krona":
         raise ValueError(f"{adapter_dir} holds a {config.get('method')!r} adapter; only KronA has a PEFT equivalent "
                          f"(LoKr), KronA^B, AdaKron and the bottleneck adapter have none")
+    conv1d = meta.get("conv1d_modules") or []
+    if conv1d:
+        raise ValueError(f"{adapter_dir} adapts GPT-2-style Conv1D layers ({', '.join(conv1d[:3])}"
+                         f"{', ...' if len(conv1d) > 3 else ''}); PEFT's LoKr adapts only nn.Linear and Conv "
+                         f"layers, so this adapter has no PEFT equivalent: use it with kronpeft, or `kronpeft merge` it "
+                         f"into the model")
     factors = _kron_factors(state, "A", "B")
     decompose_factor = _decompose_factor(factors, factorization, config.get("a_shape"))
     r = 1 << max(max(B.shape) for _, B in factors.values()).bit_length()  # a power of 2: alpha / r == scale exactly

@@ -315,10 +315,16 @@ class KronModel(nn.Module):
                 "adapter": self.configs[name].to_dict(),
                 "modules_to_save": self.saved_modules[name],
                 "base_model": _describe(self.base_model),
+                "conv1d_modules": self._conv1d_modules(name),
             }
             alone = adapter_name is not None or name == "default"
             directory = Path(save_directory) if alone else Path(save_directory) / name
             write_adapter(directory, meta, self.adapter_state_dict(name))
+
+    def _conv1d_modules(self, adapter_name: str) -> list[str]:
+        """Adapted layers that are GPT-2 `Conv1D`s (weight `(in, out)`), which PEFT's LoKr cannot adapt."""
+        return sorted(name for name, m in self.base_model.named_modules()
+                      if isinstance(m, Conv1D) and adapter_name in getattr(m, SITE_ATTR, {}))
 
     def push_to_hub(self, repo_id: str, selected_adapters: list[str] | None = None, private: bool | None = None,
                     token: str | None = None, revision: str | None = None,
