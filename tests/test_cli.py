@@ -222,6 +222,15 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     code = train(tmp_path / "r", "--max-steps", "4", "--eval-every", "2", "--resume", "--seed", "1")
     assert_usage_error(capsys, code, "--seed", "--resume")
     assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["step"] == 2
+    # a checkpoint from a kronpeft without --group-by-length: resuming with the flag on is refused, off is fine
+    state_path = tmp_path / "r" / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["args"]["group_by_length"]
+    state_path.write_text(json.dumps(state))
+    capsys.readouterr()
+    code = train(tmp_path / "r", "--max-steps", "4", "--eval-every", "2", "--resume", "--group-by-length")
+    assert "started without --group-by-length" in assert_usage_error(capsys, code, "--resume")
+    assert train(tmp_path / "r", "--max-steps", "4", "--eval-every", "2", "--resume") == 0
 
 
 # -- the command line ----------------------------------------------------------------------------------

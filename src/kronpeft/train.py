@@ -407,15 +407,17 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> bool:
 
 
 def check_resume_args(out: Path, saved: dict, args) -> None:
-    """Refuse a resume whose flags differ from the run's, except the RESUME_MAY_CHANGE ones."""
+    """Refuse a resume whose flags differ from the run's, except the RESUME_MAY_CHANGE ones. A flag the
+    run's kronpeft did not have yet must be off (None/False): the run was trained without it."""
     now = json.loads(json.dumps(vars(args), default=str))
-    changed = [k for k in saved if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE
+               and (saved[k] != now[k] if k in saved else now[k] not in (None, False))]
     if changed:
         k = changed[0]
+        was = f"with --{k.replace('_', '-')} {saved[k]!r}" if k in saved else f"without --{k.replace('_', '-')}"
         may = ", ".join("--" + f.replace("_", "-") for f in RESUME_MAY_CHANGE[:6])
-        raise UsageError(f"--resume: {out} was started with --{k.replace('_', '-')} {saved[k]!r}, not {now[k]!r}; "
-                         f"only {may} may change on resume: resume with the run's settings or start over with "
-                         f"--overwrite")
+        raise UsageError(f"--resume: {out} was started {was}, not {now[k]!r}; only {may} may change on resume: "
+                         f"resume with the run's settings or start over with --overwrite")
 
 
 def data_digest(examples) -> str:
