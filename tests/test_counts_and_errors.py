@@ -54,6 +54,29 @@ def test_sequence_classifier_head_is_trained_and_saved_by_default():
     assert "base_model.classifier.weight" not in trainable
 
 
+def t5_classifier():
+    return T.T5ForSequenceClassification(T.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16,
+                                                    vocab_size=100, num_labels=2))
+
+
+@pytest.mark.parametrize("make", [t5_classifier, lambda: make_model("distilbert"), lambda: make_model("bert")],
+                         ids=["t5", "distilbert", "bert"])
+@pytest.mark.parametrize("method", ["lora", "lokr"])
+def test_peft_baselines_train_the_same_head_as_kronpeft(make, method):
+    """PEFT's SEQ_CLS default trains the modules whose names end in `classifier`/`score`: T5's
+    `classification_head` would stay random and frozen without modules_to_save."""
+    from kronpeft import baselines
+
+    def head_trained(model):
+        return sorted({n.split("base_model.model.")[-1].split(".modules_to_save")[0].split(".kronpeft")[0]
+                       .removeprefix("base_model.").split(".")[0]
+                       for n, p in model.named_parameters() if p.requires_grad and not any(
+                           k in n for k in ("lora_", "lokr_", ".A", ".B"))})
+
+    ours = head_trained(baselines.build("krona", make()))
+    assert ours and ours == head_trained(baselines.build(method, make()))
+
+
 # -- configs --------------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from .config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
 from .injection import find_places
 from .kron import kron_shapes
-from .model import KronModel, get_model
+from .model import KronModel, classifier_head, get_model
 
 OURS = ("krona", "kronab", "kronab-res", "adakron", "bottleneck")
 PEFT_METHODS = ("lora", "lokr")
@@ -85,9 +85,10 @@ def _build_peft(method: str, model: nn.Module, *, a_shape, r, targets, task_type
     except ValueError as err:
         raise MethodError(f"cannot build {method}: {err}") from None
     target_modules = list(shapes)
+    head = classifier_head(model) or None  # peft's SEQ_CLS default trains only `classifier`/`score`
     if method == "lora":
         config = peft.LoraConfig(task_type=task_type, r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                 target_modules=target_modules)
+                                 target_modules=target_modules, modules_to_save=head)
         return peft.get_peft_model(model, config)
     # LoKr with KronA's factor shapes. peft factors each dimension with `factorization(dim, f)`;
     # `decompose_factor = a1` gives (a1, dim/a1) when a1 divides dim, and `-1` the balanced split,
@@ -99,7 +100,8 @@ def _build_peft(method: str, model: nn.Module, *, a_shape, r, targets, task_type
     rank = max(max(b1, b2) for _, (b1, b2) in shapes.values())  # >= max/2: peft keeps w2 full
     config = peft.LoKrConfig(task_type=task_type, r=rank, alpha=rank, decompose_both=False,
                              decompose_factor=a1 if a_shape is not None else -1,
-                             target_modules=target_modules, rank_dropout=0.0, module_dropout=0.0)
+                             target_modules=target_modules, rank_dropout=0.0, module_dropout=0.0,
+                             modules_to_save=head)
     wrapped = peft.get_peft_model(model, config)
     for name, module in wrapped.named_modules():
         if hasattr(module, "lokr_w1") and "default" in module.lokr_w1:

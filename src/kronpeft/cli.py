@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW weight decay (matrices only), in [0, 1]")
     g.add_argument("--warmup-ratio", type=_number(float, 0, 1), default=0.06,
                    help="linear warm-up over this fraction of the steps, in [0, 1]")
+    g.add_argument("--warmup-steps", type=_number(int, 0, 2**31 - 1), default=None,
+                   help="linear warm-up over this many steps (replaces --warmup-ratio)")
     g.add_argument("--max-grad-norm", type=_positive(float), default=1.0, help="gradient clipping norm (> 0)")
     g.add_argument("--max-length", type=_positive(int), default=128,
                    help="tokens per example (truncated); at most the model's position limit")

@@ -648,13 +648,19 @@ def _unchanged_on_failure(model: nn.Module):
         raise
 
 
+def classifier_head(model: nn.Module) -> list[str]:
+    """Top-level modules of a sequence classifier beside its backbone (`classifier`, T5's
+    `classification_head`, DistilBERT's `pre_classifier`); [] for any other model."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return []
+    backbone = getattr(model, "base_model_prefix", None)
+    return [n for n, m in model.named_children() if n != backbone and any(True for _ in m.parameters())]
+
+
 def _resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     """Full module names for `modules_to_save`; None means the head of a sequence classifier."""
     if names is None:
-        if not type(model).__name__.endswith("ForSequenceClassification"):
-            return []
-        backbone = getattr(model, "base_model_prefix", None)
-        return [n for n, m in model.named_children() if n != backbone and any(True for _ in m.parameters())]
+        return classifier_head(model)
     modules = [n for n in base_modules(model) if n]
     resolved = []
     for wanted in names:

@@ -41,6 +41,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 # -- the grid -------------------------------------------------------------------------------------------
 
+RUN_FLAGS = {"model", "task", "method", "lr", "seed", "output_dir"}  # set by the grid per run, never in [task.*]
+
 
 @dataclass(frozen=True)
 class MethodEntry:
@@ -63,6 +65,7 @@ class Grid:
     tasks: tuple[str, ...]
     train: dict
     methods: list[MethodEntry]
+    task_train: dict = field(default_factory=dict)  # {task: flags that task overrides}, from [task.<name>]
     extend_edges: bool = True
     runs_dir: Path = Path("runs/study")
     notes: Path | None = None  # hand-written Markdown the report inserts (diagnosis, discussion)
@@ -105,10 +108,19 @@ def load_grid(path: str | os.PathLike) -> Grid:
     names = [m.name for m in methods]
     if len(set(names)) != len(names) or not names:
         raise UsageError(f"{where}: [[method]] names must be unique and at least one, got {names}")
+    task_train = raw.get("task", {})
+    for task, table in task_train.items():
+        if task not in tasks or not isinstance(table, dict):
+            raise UsageError(f"{where}: [task.{task}] must be a table for one of [study] tasks {list(tasks)}")
+        fixed = sorted(set(table) & RUN_FLAGS)
+        if fixed:
+            raise UsageError(f"{where}: [task.{task}] sets {fixed}, which the grid itself sets per run; "
+                             f"set only training flags there (epochs, batch_size, max_length, ...)")
     results = Path(study.get("results", "results.jsonl"))
     return Grid(path=path, name=study["name"], model=study.get("model", "all-MiniLM-L6-v2"),
                 results=results if results.is_absolute() else path.parent / results, seeds=seeds,
                 sweep_seed=sweep_seed, tasks=tasks, train=dict(raw.get("train", {})), methods=methods,
+                task_train={t: dict(v) for t, v in task_train.items()},
                 extend_edges=bool(study.get("extend_edges", True)),
                 runs_dir=Path(study.get("runs_dir", f"runs/study/{study['name']}")),
                 notes=path.parent / study["notes"] if "notes" in study else None, title=study.get("title"))
@@ -127,7 +139,8 @@ class Run:
 
     def flags(self, grid: Grid) -> dict:
         """Every `kronpeft train` flag of this run (the grid's shared ones, the method's, the run's)."""
-        return {**grid.train, "model": grid.model, **self.entry.args, "task": self.task,
+        return {**grid.train, **grid.task_train.get(self.task, {}), "model": grid.model, **self.entry.args,
+                "task": self.task,
                 "method": self.entry.method, "lr": self.lr, "seed": self.seed}
 
     def key(self, grid: Grid) -> str:
@@ -369,7 +382,9 @@ def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict]) -> tuple[flo
 
     Steps per run: a recorded run of the same task and schedule, else the task's training-set size.
     Cost per step: the median of recorded runs of the same task and method, else of the task, else of
-    any task scaled by the tasks' mean characters per example. `rows` may come from any grid."""
+    any task scaled by the tasks' mean characters per example. `rows` may come from any grid; only
+    those of the grid's model are used."""
+    rows = [r for r in rows if r.get("flags", {}).get("model") == grid.model]
     data_dir = grid.train.get("data_dir") or os.environ.get("GLUE_DIR")
     sizes = {}
 

@@ -519,7 +519,8 @@ def run(args) -> dict | None:
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total_steps), total_steps)
     model = model.to(device)
 
     state = {"step": 0, "evals": [], "best": None, "train_seconds": 0.0, "args": vars(args), "data_sha256": digests}
