@@ -326,3 +326,16 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not (out / "metrics.json").exists()
+
+
+@needs_glue
+@needs_minilm
+def test_warmup_steps_sets_the_schedule(tmp_path):
+    def lrs(name, *flags):
+        assert train(tmp_path / name, "--max-steps", "4", "--no-eval-before", *flags) == 0
+        return [r["lr"] for r in map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines())
+                if r["type"] == "train"]
+
+    steps = lrs("steps", "--warmup-steps", "2", "--lr", "1e-3")
+    assert steps == lrs("ratio", "--warmup-ratio", "0.5", "--lr", "1e-3")  # int(0.5 * 4) = 2 warm-up steps
+    assert steps == pytest.approx([5e-4, 1e-3, 5e-4, 0.0])  # linear up over 2 steps, then down to 0 at step 4

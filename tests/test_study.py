@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from kronpeft import report, study
-from kronpeft.cli import main
+from kronpeft.cli import build_parser, main
 
 GRID = """
 [study]
@@ -240,3 +241,41 @@ def test_bad_grid_files_are_one_line_errors(tmp_path, capsys):
     assert "method 'lora-r8': lrs must be positive" in capsys.readouterr().err
     assert main(["study", str(tmp_path / "missing.toml")]) == 2
     assert "not found" in capsys.readouterr().err
+    for table, words in [("[task.sst2]\nepochs = 3\n", "[task.sst2] must be a table for one of"),
+                         ("[task.rte]\nlr = 0.1\n", "[task.rte] sets ['lr']")]:
+        path.write_text(GRID + table)
+        assert main(["study", str(path), "--dry-run"]) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_task_tables_override_flags_of_their_task_only(grid, tmp_path):
+    path = tmp_path / "tasks.toml"
+    path.write_text(GRID + "\n[task.rte]\nepochs = 20\nmax_length = 256\n")
+    with_table = study.load_grid(path)
+    runs = {r.label(): r for r in study.plan(grid, [])[0]}
+    runs_t = {r.label(): r for r in study.plan(with_table, [])[0]}
+    assert runs.keys() == runs_t.keys()
+    for label, run in runs.items():
+        flags, flags_t = run.flags(grid), runs_t[label].flags(with_table)
+        if run.task == "rte":
+            assert flags_t == {**flags, "epochs": 20, "max_length": 256}
+            assert run.key(grid) != runs_t[label].key(with_table)  # a new setting is a new run
+        else:
+            assert flags_t == flags and run.key(grid) == runs_t[label].key(with_table)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "benchmarks" / "study").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_checked_in_grids_load_and_plan(path, monkeypatch, capsys):
+    """Every grid in the repository parses, names real tasks and methods, and dry-runs."""
+    from kronpeft import baselines
+    from kronpeft.data import TASKS
+
+    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
+    grid = study.load_grid(path)
+    assert set(grid.tasks) <= set(TASKS) and {e.method for e in grid.methods} <= set(baselines.METHODS)
+    parser = build_parser()
+    for run in study.plan(grid, [])[0]:  # every run's flags are real `kronpeft train` flags with valid values
+        args = parser.parse_args(["train", *study.argv(run.flags(grid))])
+        assert (args.task, args.method, args.lr, args.seed) == (run.task, run.entry.method, run.lr, run.seed)
+    assert main(["study", str(path), "--dry-run"]) == 0
