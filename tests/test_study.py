@@ -279,3 +279,27 @@ def test_checked_in_grids_load_and_plan(path, monkeypatch, capsys):
         args = parser.parse_args(["train", *study.argv(run.flags(grid))])
         assert (args.task, args.method, args.lr, args.seed) == (run.task, run.entry.method, run.lr, run.seed)
     assert main(["study", str(path), "--dry-run"]) == 0
+
+
+def test_claims_get_a_verdict_only_with_every_seed(tmp_path):
+    path = tmp_path / "claims.toml"
+    path.write_text(GRID + '\n[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r8"\n')
+    grid = study.load_grid(path)
+    rows = []
+    scores = {("krona", 0.001): 0.80, ("krona", 0.003): 0.85, ("krona", 0.01): 0.82,
+              ("lora-r8", 0.001): 0.70, ("lora-r8", 0.003): 0.75}
+    rows += [fake_row(grid, r, scores[(r.entry.name, r.lr)]) for r in study.plan(grid, [])[0] if r.task == "mrpc"]
+    seeds = {("krona", 1): 0.83, ("krona", 2): 0.87, ("lora-r8", 1): 0.74, ("lora-r8", 2): 0.76}
+    later = [r for r in study.plan(grid, rows)[0] if r.task == "mrpc" and r.stage == "seed"]
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows + [fake_row(grid, later[0], 0.83)]))
+    out = tmp_path / "results.md"
+    report.render(grid, out)
+    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +" in out.read_text()
+    assert "waiting (2/3 and 1/3 seeds)" in out.read_text()
+    rows += [fake_row(grid, r, seeds[(r.entry.name, r.seed)]) for r in later]
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report.render(grid, out)
+    # 85.0 ± 2.0 vs 75.0 ± 1.0 over 3 seeds: difference 10.0, SE sqrt(2.0²/3 + 1.0²/3) = 1.29
+    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +10.0 | 2.6 | 0.0048 | holds |" in out.read_text()
+    assert report.claim_verdict([0.80, 0.82, 0.81], [0.81, 0.80, 0.83], 3)[3] == "within noise"
+    assert report.claim_verdict([0.70, 0.71, 0.69], [0.80, 0.81, 0.79], 3)[3] == "reversed"

@@ -6,11 +6,14 @@ with the seed count when it is short of the grid's. Trainable counts exclude the
 """
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .study import Grid, best_lr, current_rows, read_results
+from scipy.stats import ttest_ind
+
+from .study import Grid, argv, best_lr, current_rows, read_results
 
 
 def cell_stats(scores: list[float]) -> tuple[float, float, int]:
@@ -79,6 +82,31 @@ def table(grid: Grid, summary: dict) -> list[str]:
         n = adapter_params(any_row)
         lines.append(f"| {entry.name} | {n:,} | {100 * n / model_params(any_row):.3f} | " + " | ".join(cells)
                      + f" | {avg} |")
+    return lines
+
+
+def claim_verdict(better: list[float], worse: list[float], wanted: int) -> tuple[float, float, float | None, str]:
+    """(mean difference, its standard error, Welch's two-sided p or None, verdict) of two cells' seed
+    scores. The verdict waits for `wanted` seeds in both; then "holds" / "reversed" when the difference
+    exceeds two standard errors either way, "within noise" otherwise."""
+    (mb, sb, nb), (mw, sw, nw) = cell_stats(better), cell_stats(worse)
+    diff, se = mb - mw, math.sqrt(sb ** 2 / nb + sw ** 2 / nw)
+    p = float(ttest_ind(better, worse, equal_var=False).pvalue) if min(nb, nw) > 1 and se > 0 else None
+    if min(nb, nw) < wanted:
+        return diff, se, p, f"waiting ({nb}/{wanted} and {nw}/{wanted} seeds)"
+    return diff, se, p, "holds" if diff > 2 * se else "reversed" if diff < -2 * se else "within noise"
+
+
+def claims_table(grid: Grid, summary: dict) -> list[str]:
+    lines = ["| claim | task | better − worse (×100) | 2 SE | Welch p | verdict |", "|---|---|---:|---:|---:|---|"]
+    for claim in grid.claims:
+        for task in grid.tasks:
+            b, w = summary.get((task, claim.better)), summary.get((task, claim.worse))
+            if b is None or w is None:
+                continue
+            diff, se, p, verdict = claim_verdict(b["scores"], w["scores"], len(grid.seeds))
+            lines.append(f"| {claim.text} (`{claim.better}` vs `{claim.worse}`) | {task} | {100 * diff:+.1f} | "
+                         f"{200 * se:.1f} | {'—' if p is None else f'{p:.2g}'} | {verdict} |")
     return lines
 
 
@@ -198,6 +226,11 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         plot1 = img / f"{grid.name}-score-vs-params.png"
         plot_score_vs_params(grid, summary, plot1)
         lines += ["", f"![score vs trainable parameters]({plot1.relative_to(out.parent)})", "",
+                  *(["## The papers' claims", "", "Each claim per task: the difference of the two cells' means, "
+                     "two standard errors of that difference (from the seeds' sample std), Welch's t-test, and a "
+                     "verdict once both cells have every seed: *holds* or *reversed* beyond two standard "
+                     "errors, *within noise* otherwise. Three seeds resolve only large differences.", "",
+                     *claims_table(grid, summary), ""] if grid.claims else []),
                   "## Learning rates", "", "The winner in bold; each sweep value with its seed-"
                   f"{grid.sweep_seed} dev score:", ""]
         lines += lr_table(grid, summary)
@@ -226,7 +259,7 @@ def setup(grid: Grid, rows: list[dict]) -> list[str]:
     def values(key):
         return sorted({str(r.get(key)) for r in rows})
 
-    shared = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in grid.train.items())
+    shared = " ".join(argv(grid.train))
     return [f"- Command: `kronpeft study {grid.path} --parallel P --threads T`, then `kronpeft report {grid.path}`; "
             f"each run is `kronpeft train --model {grid.model} {shared} --task T --method M --lr LR --seed S` "
             "(its exact command is in its row).",

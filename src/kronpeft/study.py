@@ -54,6 +54,14 @@ class MethodEntry:
     args: dict = field(default_factory=dict, hash=False, compare=False)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A paper's claim the report checks: method `better` scores above method `worse` on each task."""
+    text: str
+    better: str
+    worse: str
+
+
 @dataclass
 class Grid:
     path: Path
@@ -70,6 +78,7 @@ class Grid:
     runs_dir: Path = Path("runs/study")
     notes: Path | None = None  # hand-written Markdown the report inserts (diagnosis, discussion)
     title: str | None = None
+    claims: list[Claim] = field(default_factory=list)
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
@@ -116,6 +125,12 @@ def load_grid(path: str | os.PathLike) -> Grid:
         if fixed:
             raise UsageError(f"{where}: [task.{task}] sets {fixed}, which the grid itself sets per run; "
                              f"set only training flags there (epochs, batch_size, max_length, ...)")
+    claims = []
+    for i, c in enumerate(raw.get("claim", [])):
+        if not {"text", "better", "worse"} <= set(c) or not {c["better"], c["worse"]} <= set(names):
+            raise UsageError(f"{where}: [[claim]] #{i + 1} needs text, better and worse, the last two among the "
+                             f"method names {names}")
+        claims.append(Claim(c["text"], c["better"], c["worse"]))
     results = Path(study.get("results", "results.jsonl"))
     return Grid(path=path, name=study["name"], model=study.get("model", "all-MiniLM-L6-v2"),
                 results=results if results.is_absolute() else path.parent / results, seeds=seeds,
@@ -123,7 +138,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 task_train={t: dict(v) for t, v in task_train.items()},
                 extend_edges=bool(study.get("extend_edges", True)),
                 runs_dir=Path(study.get("runs_dir", f"runs/study/{study['name']}")),
-                notes=path.parent / study["notes"] if "notes" in study else None, title=study.get("title"))
+                notes=path.parent / study["notes"] if "notes" in study else None, title=study.get("title"),
+                claims=claims)
 
 
 # -- runs -----------------------------------------------------------------------------------------------
