@@ -154,10 +154,9 @@ class Run:
     stage: str  # "sweep" or "seed"
 
     def flags(self, grid: Grid) -> dict:
-        """Every `kronpeft train` flag of this run (the grid's shared ones, the method's, the run's)."""
+        """Every `kronpeft train` flag of this run (the grid's shared ones, its task's, the method's, the run's)."""
         return {**grid.train, **grid.task_train.get(self.task, {}), "model": grid.model, **self.entry.args,
-                "task": self.task,
-                "method": self.entry.method, "lr": self.lr, "seed": self.seed}
+                "task": self.task, "method": self.entry.method, "lr": self.lr, "seed": self.seed}
 
     def key(self, grid: Grid) -> str:
         """Identity of a run: a digest of its flags (so a grid edit that changes a run re-runs it)."""
