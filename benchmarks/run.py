@@ -23,6 +23,7 @@ import mixed_precision  # noqa: E402
 import model_level  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PARTS = ["layers", "models", "generation", "mixed"]
 MB = 2**20
 
 
@@ -32,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--only", choices=["layers", "models", "mixed"], help="run one part only")
+    parser.add_argument("--only", nargs="+", choices=PARTS, help="run these parts only (default: all)")
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(model_level.MODELS),
                         help="model-level cases (default: all; quick: minilm and llama_d2048)")
     parser.add_argument("--out", default="benchmarks/results")
@@ -104,6 +105,17 @@ def inference_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def generation_table(result: dict) -> str:
+    t, rate = result["seconds"], result["tokens_per_s"]
+    lines = [f"**{result['model']}** greedy generation ({result['weights']} weights, {result['layers']} layers; batch 1, "
+             f"{result['prompt_tokens']}-token prompt + {result['new_tokens']} new tokens, KV cache; merged KronA "
+             f"generates the unmerged one's tokens: {'yes' if result['merged_same_tokens_as_unmerged'] else 'NO'})", "",
+             "| model | seconds | tokens/s | tokens/s / base |", "|---|---|---|---|"]
+    for name, seconds in t.items():
+        lines.append(f"| {name} | {seconds:.2f} | {rate[name]:.1f} | {_ratio(rate[name], rate['base'])} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -113,14 +125,15 @@ def main(argv=None):
     results = {"command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
                "machine": machine(device), "dtype": args.dtype, "quick": args.quick, "layers": [], "models": []}
     sections = []
-    if args.only in (None, "layers"):
+    parts = args.only or PARTS
+    if "layers" in parts:
         for (out_features, in_features), tokens in layer_level.cases(args.quick):
             reps = layer_level.reps_for(out_features, in_features, tokens, args.quick)
             row = layer_level.run_case(out_features, in_features, tokens, reps, dtype, device)
             results["layers"].append(row)
             print(layer_table([row]).splitlines()[-1], flush=True)
         sections.append("### Layer level: frozen nn.Linear + adapter, forward + backward\n\n" + layer_table(results["layers"]))
-    if args.only in (None, "models"):
+    if "models" in parts:
         names = args.models or (["minilm", "llama_d2048"] if args.quick else list(model_level.MODELS))
         for name in names:
             reps = 3 if args.quick else 5
@@ -130,7 +143,11 @@ def main(argv=None):
         sections.append("### Model level: one training step (forward, backward, AdamW)\n\n"
                         + "\n\n".join(model_table(r) for r in results["models"]))
         sections.append("### Inference\n\n" + "\n\n".join(inference_table(r) for r in results["models"]))
-    if args.only in (None, "mixed"):
+    if "generation" in parts:
+        results["generation"] = model_level.run_generation(args.quick, 3 if args.quick else 5, device)
+        print(generation_table(results["generation"]), flush=True)
+        sections.append("### Generation: merged KronA against the base model\n\n" + generation_table(results["generation"]))
+    if "mixed" in parts:
         results["mixed_precision"] = mixed_precision.run(args.quick, 3 if args.quick else 5, device)
         print(mixed_precision.table(results["mixed_precision"]), flush=True)
         sections.append("### Mixed precision: fp32 and bf16 autocast\n\n" + mixed_precision.table(results["mixed_precision"]))
