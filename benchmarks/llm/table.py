@@ -1,0 +1,62 @@
+"""The SmolLM2 tables of docs/llm.md, from the rows `kronpeft study benchmarks/llm/*.toml` recorded.
+
+    python benchmarks/llm/table.py [benchmarks/llm/results.jsonl]
+
+One Markdown table per task: dev accuracy before and after training, trainable parameters, learning
+rate, training seconds, the step-0 and last logged training loss, and the machine each run used. The
+base model's accuracy ("before") is evaluated once per task (by the krona run); a run that skipped that
+evaluation shows it in parentheses, which is exact for every method whose step 0 is the identity.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TASKS = {"sst2": "SST-2", "bbc-news": "BBC News"}
+
+
+def first_losses(row: dict) -> tuple[float | None, float | None]:
+    """(first, last) logged training loss of a run, from its log.jsonl (None when the run folder is gone)."""
+    log = Path(row["flags"]["output_dir"]) / "log.jsonl"
+    if not log.is_file():
+        return None, None
+    losses = [r["loss"] for r in map(json.loads, log.read_text().splitlines()) if r.get("type") == "train"]
+    return (losses[0], losses[-1]) if losses else (None, None)
+
+
+def task_table(rows: list[dict]) -> list[str]:
+    base = next((r["before_training"]["accuracy"] for r in rows if r.get("before_training")
+                 and r["name"] == "krona"), None)
+    lines = ["| method | grid | lr | trainable params | dev acc. before | dev acc. after | train s | "
+             "loss step 1 → last | load avg |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        before = r.get("before_training")
+        before = f"{before['accuracy']:.3f}" if before else (f"({base:.3f})" if base is not None else "-")
+        first, last = first_losses(r)
+        loss = f"{first:.2f} → {last:.2f}" if first is not None else "-"
+        lines.append(f"| {r['name']} | {r['grid']} | {r['lr']:g} | {r['trainable_params']:,} | {before} "
+                     f"| {r['final']['accuracy']:.3f} | {r['train_seconds']:.0f} | {loss} "
+                     f"| {r['load_average'][0]:.1f} |")
+    return lines
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    path = Path(argv[0]) if argv else HERE / "results.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for task, title in TASKS.items():
+        mine = [r for r in rows if r["task"] == task]
+        if not mine:
+            continue
+        flags = mine[0]["flags"]
+        out += [f"**{title}** ({flags['max_train_samples']} training examples, 1 epoch of batch "
+                f"{flags['batch_size']}, max length {flags['max_length']}, {flags['max_eval_samples']} dev "
+                f"examples; seed {mine[0]['seed']}; {mine[0]['cpu']}, 1 thread)", "", *task_table(mine), ""]
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
