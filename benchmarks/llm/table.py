@@ -3,7 +3,9 @@
     python benchmarks/llm/table.py [benchmarks/llm/results.jsonl]
 
 One Markdown table per task: dev accuracy before and after training, trainable parameters, learning
-rate, training seconds, the step-0 and last logged training loss, and the machine each run used. The
+rate, training seconds (the optimizer steps alone) and the run's wall seconds (model load and dev
+evaluations included), peak memory, the first and last logged training loss (each the mean over
+`--log-every` steps), and the 1-minute load average when the run ended. The
 base model's accuracy ("before") is evaluated once per task (by the krona run); a run that skipped that
 evaluation shows it in parentheses, which is exact for every method whose step 0 is the identity.
 """
@@ -29,15 +31,16 @@ def first_losses(row: dict) -> tuple[float | None, float | None]:
 def task_table(rows: list[dict]) -> list[str]:
     base = next((r["before_training"]["accuracy"] for r in rows if r.get("before_training")
                  and r["name"] == "krona"), None)
-    lines = ["| method | grid | lr | trainable params | dev acc. before | dev acc. after | train s | "
-             "loss step 1 → last | load avg |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | grid | lr | trainable params | dev acc. before | dev acc. after | train s | wall s "
+             "| peak MB | first → last logged loss | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         before = r.get("before_training")
         before = f"{before['accuracy']:.3f}" if before else (f"({base:.3f})" if base is not None else "-")
         first, last = first_losses(r)
         loss = f"{first:.2f} → {last:.2f}" if first is not None else "-"
         lines.append(f"| {r['name']} | {r['grid']} | {r['lr']:g} | {r['trainable_params']:,} | {before} "
-                     f"| {r['final']['accuracy']:.3f} | {r['train_seconds']:.0f} | {loss} "
+                     f"| {r['final']['accuracy']:.3f} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} "
+                     f"| {r['peak_memory_mb']:,.0f} | {loss} "
                      f"| {r['load_average'][0]:.1f} |")
     return lines
 
