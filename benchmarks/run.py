@@ -36,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--only", nargs="+", choices=PARTS, help="run these parts only (default: all)")
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(model_level.MODELS),
                         help="model-level cases (default: all; quick: minilm and llama_d2048)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions of the model-level and generation parts (default: 5; quick: 3)")
     parser.add_argument("--out", default="benchmarks/results")
     return parser.parse_args(argv)
 
@@ -126,17 +128,17 @@ def main(argv=None):
                "machine": machine(device), "dtype": args.dtype, "quick": args.quick, "layers": [], "models": []}
     sections = []
     parts = args.only or PARTS
+    reps = args.reps or (3 if args.quick else 5)
     if "layers" in parts:
         for (out_features, in_features), tokens in layer_level.cases(args.quick):
-            reps = layer_level.reps_for(out_features, in_features, tokens, args.quick)
-            row = layer_level.run_case(out_features, in_features, tokens, reps, dtype, device)
+            layer_reps = layer_level.reps_for(out_features, in_features, tokens, args.quick)
+            row = layer_level.run_case(out_features, in_features, tokens, layer_reps, dtype, device)
             results["layers"].append(row)
             print(layer_table([row]).splitlines()[-1], flush=True)
         sections.append("### Layer level: frozen nn.Linear + adapter, forward + backward\n\n" + layer_table(results["layers"]))
     if "models" in parts:
         names = args.models or (["minilm", "llama_d2048"] if args.quick else list(model_level.MODELS))
         for name in names:
-            reps = 3 if args.quick else 5
             result = model_level.run_model(model_level.MODELS[name], args.quick, reps, dtype, device)
             results["models"].append(result)
             print(model_table(result), "\n", inference_table(result), sep="\n", flush=True)
@@ -144,7 +146,7 @@ def main(argv=None):
                         + "\n\n".join(model_table(r) for r in results["models"]))
         sections.append("### Inference\n\n" + "\n\n".join(inference_table(r) for r in results["models"]))
     if "generation" in parts:
-        results["generation"] = model_level.run_generation(args.quick, 3 if args.quick else 5, device)
+        results["generation"] = model_level.run_generation(args.quick, reps, device)
         print(generation_table(results["generation"]), flush=True)
         sections.append("### Generation: merged KronA against the base model\n\n" + generation_table(results["generation"]))
     if "mixed" in parts:
