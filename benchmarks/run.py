@@ -87,7 +87,8 @@ def layer_table(rows: list[dict]) -> str:
 def model_table(result: dict) -> str:
     t, peak = result["step_s"], result["peak_bytes"]
     head = "| method | step ms | / base | / LoRA r=8 | / LoKr | peak MB | peak / LoRA r=8 | trainable params |"
-    lines = [f"**{result['model']}** — {result['note']} ({result['tokens']} tokens per step)", "", head,
+    lines = [f"**{result['model']}** — {result['note']} ({result['tokens']} tokens per step; weights: "
+             f"{result['weights']})", "", head,
              "|---|---|---|---|---|---|---|---|"]
     for method in t:
         lines.append(
