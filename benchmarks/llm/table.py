@@ -4,10 +4,11 @@
 
 One Markdown table per task: dev accuracy before and after training, trainable parameters, learning
 rate, training seconds (the optimizer steps alone) and the run's wall seconds (model load and dev
-evaluations included), peak memory, the first and last logged training loss (each the mean over
-`--log-every` steps), and the 1-minute load average when the run ended. The
-base model's accuracy ("before") is evaluated once per task (by the krona run); a run that skipped that
-evaluation shows it in parentheses, which is exact for every method whose step 0 is the identity.
+evaluations included), the process's peak resident memory (evaluation included), the first and last
+logged training loss (each the mean over `--log-every` steps), and the 1-minute load average when the
+run ended. The base model's accuracy ("before") is evaluated once per task (by the krona run) and once
+per method whose step 0 is not the identity (AdaKron's paper init); a run that skipped that evaluation
+shows the measured one in parentheses (see `before_accuracy`).
 """
 from __future__ import annotations
 
@@ -28,14 +29,26 @@ def first_losses(row: dict) -> tuple[float | None, float | None]:
     return (losses[0], losses[-1]) if losses else (None, None)
 
 
+def before_accuracy(row: dict, rows: list[dict]) -> str:
+    """A run's dev accuracy before training: its own, else (in parentheses) that of a run of the same
+    method that measured it (the same init), else the base model's (the krona run's)."""
+    if row.get("before_training"):
+        return f"{row['before_training']['accuracy']:.3f}"
+    for name in (row["name"], "krona"):
+        measured = [r for r in rows if r["name"] == name and r.get("before_training")]
+        if measured:
+            return f"({measured[0]['before_training']['accuracy']:.3f})"
+    return "-"
+
+
 def task_table(rows: list[dict]) -> list[str]:
-    base = next((r["before_training"]["accuracy"] for r in rows if r.get("before_training")
-                 and r["name"] == "krona"), None)
+    """Rows grouped by method (in order of first appearance), each group in recorded order."""
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    rows = sorted(rows, key=lambda r: names.index(r["name"]))
     lines = ["| method | grid | lr | trainable params | dev acc. before | dev acc. after | train s | wall s "
-             "| peak MB | first → last logged loss | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MB | first → last logged loss | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        before = r.get("before_training")
-        before = f"{before['accuracy']:.3f}" if before else (f"({base:.3f})" if base is not None else "-")
+        before = before_accuracy(r, rows)
         first, last = first_losses(r)
         loss = f"{first:.2f} → {last:.2f}" if first is not None else "-"
         lines.append(f"| {r['name']} | {r['grid']} | {r['lr']:g} | {r['trainable_params']:,} | {before} "
