@@ -264,7 +264,7 @@ def test_task_tables_override_flags_of_their_task_only(grid, tmp_path):
             assert flags_t == flags and run.key(grid) == runs_t[label].key(with_table)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "benchmarks" / "study").glob("*.toml")),
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "benchmarks").glob("*/*.toml")),
                          ids=lambda p: p.name)
 def test_checked_in_grids_load_and_plan(path, monkeypatch, capsys):
     """Every grid in the repository parses, names real tasks and methods, and dry-runs."""
