@@ -295,7 +295,8 @@ def test_claims_get_a_verdict_only_with_every_seed(tmp_path):
     out = tmp_path / "results.md"
     report.render(grid, out)
     assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +" in out.read_text()
-    assert "waiting (2/3 and 1/3 seeds)" in out.read_text()
+    assert "| mrpc | +9.0 | — | — | waiting (2/3 and 1/3 seeds) |" in out.read_text()  # one seed: no spread yet
+    assert "| lora-r8 | 1,000 | 0.100 | 75.0 (1/3 seeds) |" in out.read_text()
     rows += [fake_row(grid, r, seeds[(r.entry.name, r.seed)]) for r in later]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report.render(grid, out)

@@ -56,7 +56,7 @@ def summarise(grid: Grid, rows: list[dict]) -> dict:
 
 def _fmt_cell(stats, wanted: int) -> str:
     mean, std, n = stats
-    text = f"{100 * mean:.1f} ± {100 * std:.1f}"
+    text = f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"  # one seed: no spread
     return text + (f" ({n}/{wanted} seeds)" if n < wanted else "")
 
 
@@ -106,7 +106,8 @@ def claims_table(grid: Grid, summary: dict) -> list[str]:
                 continue
             diff, se, p, verdict = claim_verdict(b["scores"], w["scores"], len(grid.seeds))
             lines.append(f"| {claim.text} (`{claim.better}` vs `{claim.worse}`) | {task} | {100 * diff:+.1f} | "
-                         f"{200 * se:.1f} | {'—' if p is None else f'{p:.2g}'} | {verdict} |")
+                         f"{f'{200 * se:.1f}' if min(len(b['scores']), len(w['scores'])) > 1 else '—'} | "
+                         f"{'—' if p is None else f'{p:.2g}'} | {verdict} |")
     return lines
 
 
