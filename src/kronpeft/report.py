@@ -150,6 +150,7 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
             for xi, yi, name in zip(x, y, names):
                 ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
+        ax.margins(x=0.2)  # room for the point labels at either end
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.set_title(f"{task} ({summary[next(k for k in summary if k[0] == task)]['rows'][0]['main_metric']})")
