@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -232,6 +234,22 @@ def test_estimate_scales_a_known_rate_to_other_tasks_by_size(grid, monkeypatch):
     seconds, unknown = study.estimate_seconds(grid, rte, [row])
     # rte: 5 epochs x 1600 / 32 = 250 steps at 3 x 400/200 = 6 s per step, for each of the 3 sweep runs
     assert unknown == 0 and seconds == pytest.approx(3 * 250 * 6.0)
+
+
+def test_estimate_uses_measured_cpu_seconds_over_wall_time(grid, monkeypatch):
+    """A run that shared the CPU took longer in wall time than in CPU time: the CPU time is the rate."""
+    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
+    todo, _ = study.plan(grid, [])
+    row = {**fake_row(grid, todo[0], 0.8, train_seconds=595.0), "cpu_seconds": 150.0}  # 600 s wall, 150 s CPU
+    seconds, _ = study.estimate_seconds(grid, [todo[1]], [row])
+    assert seconds == pytest.approx(150.0)  # 1.5 CPU-s per step x 100 steps, not 6 x 100
+
+
+def test_run_child_reports_exit_code_and_cpu_seconds(tmp_path):
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nraise SystemExit(3)"
+    with open(tmp_path / "log", "w") as log:
+        code, cpu = study.run_child([sys.executable, "-c", busy], dict(os.environ), log)
+    assert code == 3 and 0.3 <= cpu < 5.0
 
 
 def test_bad_grid_files_are_one_line_errors(tmp_path, capsys):

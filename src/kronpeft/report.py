@@ -13,7 +13,7 @@ from pathlib import Path
 
 from scipy.stats import ttest_ind
 
-from .study import Grid, argv, best_lr, current_rows, read_results
+from .study import Grid, argv, best_lr, cpu_seconds, current_rows, read_results
 
 
 def cell_stats(scores: list[float]) -> tuple[float, float, int]:
@@ -271,4 +271,6 @@ def setup(grid: Grid, rows: list[dict]) -> list[str]:
             f"- Versions: torch {', '.join(values('torch'))}; transformers {', '.join(values('transformers'))}; "
             f"peft {', '.join(values('peft'))}; accelerate {', '.join(values('accelerate'))}; "
             f"kronpeft commits {', '.join(values('commit'))}.",
-            f"- CPU-hours recorded: {sum(r['wall_seconds'] * r.get('threads', 1) for r in rows) / 3600:.1f}."]
+            f"- CPU-hours recorded: {sum(cpu_seconds(r) for r in rows) / 3600:.1f} (CPU time where the row measured "
+            "it, else wall time x threads, which counts time the run waited for a shared CPU; a run resumed "
+            "after an interruption counts its last part only)."]

@@ -351,16 +351,35 @@ def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> di
         os.close(claim)  # releases the lock
 
 
+def run_child(argv: list[str], env: dict, log) -> tuple[int, float]:
+    """Run `argv` to its end, output to `log`: (exit code, CPU seconds it used, user + system). CPU time,
+    unlike wall time, does not grow when other work shares the machine."""
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # interrupted: take the child down too, as subprocess.run does
+        proc.kill()
+        proc.wait()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def cpu_seconds(row: dict) -> float:
+    """A run's CPU seconds: measured (rows since `cpu_seconds` was recorded), else wall seconds x threads."""
+    return row.get("cpu_seconds") or row["wall_seconds"] * row.get("threads", 1)
+
+
 def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads: int, parallel: int,
            host: dict) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
     with open(out / "study.log", "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "kronpeft", *cmd], env=env, stdout=log, stderr=log)
+        code, cpu = run_child([sys.executable, "-m", "kronpeft", *cmd], env, log)
     wall = time.time() - started
-    if proc.returncode != 0 or not (out / "metrics.json").is_file():
-        _warn(f"{run.label()} failed (exit {proc.returncode}); see {out / 'study.log'}")
+    if code != 0 or not (out / "metrics.json").is_file():
+        _warn(f"{run.label()} failed (exit {code}); see {out / 'study.log'}")
         return None
     m = json.loads((out / "metrics.json").read_text())
     main = m["main_metric"]
@@ -373,6 +392,7 @@ def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads
         "trainable_params": m["trainable_params"], "head_params": m.get("head_params"),
         "total_params": m["total_params"], "train_seconds": m["train_seconds"],
         "peak_memory_mb": m["peak_memory_mb"], "steps": m["steps"], "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
         "threads": threads, "parallel": parallel, "load_average": [round(v, 2) for v in os.getloadavg()],
         "flags": flags,
         "command": "kronpeft " + shlex.join(cmd[:-1]), "commit": _git_commit(),
@@ -409,7 +429,7 @@ def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict]) -> tuple[flo
         return sizes[task]
 
     def per_step(select):
-        costs = [r["wall_seconds"] * r.get("threads", 1) / max(r["steps"], 1) for r in rows if select(r)]
+        costs = [cpu_seconds(r) / max(r["steps"], 1) for r in rows if select(r)]
         return statistics.median(costs) if costs else None
 
     total, unknown = 0.0, 0
