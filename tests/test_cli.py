@@ -200,10 +200,15 @@ def test_resume_equals_uninterrupted(tmp_path, capsys, grouping):
     assert train(tmp_path / "full", *steps) == 0
     assert train(tmp_path / "cut", *steps, "--stop-after", "3") == 0
     assert not (tmp_path / "cut" / "metrics.json").exists()
-    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 3
+    state_path = tmp_path / "cut" / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["step"] == 3 and state["cpu_seconds"] > 0
+    state["cpu_seconds"] = 1e6  # the interrupted part's CPU time is carried into the finished run's count
+    state_path.write_text(json.dumps(state))
     assert train(tmp_path / "cut", *steps, "--resume") == 0
     a = json.loads((tmp_path / "full" / "metrics.json").read_text())
     b = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert 0 < a["cpu_seconds"] < 1e6 < b["cpu_seconds"]
     assert a["final"] == b["final"] and a["best"] == b["best"] and a["steps"] == b["steps"] == 4
     wa = load_file(tmp_path / "full" / "checkpoint" / "trainable.safetensors")
     wb = load_file(tmp_path / "cut" / "checkpoint" / "trainable.safetensors")
@@ -212,6 +217,27 @@ def test_resume_equals_uninterrupted(tmp_path, capsys, grouping):
     log_b = [json.loads(l) for l in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert [(r["type"], r["step"]) for r in log_a] == [(r["type"], r["step"]) for r in log_b]
     assert [r.get("loss") for r in log_a] == [r.get("loss") for r in log_b]
+
+
+@needs_glue
+@needs_minilm
+def test_group_by_length_flag_reaches_the_batches(tmp_path, monkeypatch):
+    from kronpeft import train as train_module
+
+    seen = []
+
+    def recording(n, batch_size, seed, epoch, world=1, lengths=None):
+        seen.append(lengths)
+        return real(n, batch_size, seed, epoch, world, lengths)
+
+    real = train_module.epoch_batches
+    monkeypatch.setattr(train_module, "epoch_batches", recording)
+    assert train(tmp_path / "a", "--max-steps", "1", "--no-eval-before", "--max-length", "128") == 0
+    shuffled, seen[:] = list(seen), []
+    assert train(tmp_path / "b", "--max-steps", "1", "--no-eval-before", "--max-length", "128", "--group-by-length") == 0
+    assert shuffled and all(lengths is None for lengths in shuffled)
+    grouped = [lengths for lengths in seen if lengths is not None]  # the epoch's batches, not the step count
+    assert grouped and all(len(lengths) == 16 and len(set(lengths)) > 1 for lengths in grouped)
 
 
 @needs_glue

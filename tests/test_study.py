@@ -252,6 +252,28 @@ def test_run_child_reports_exit_code_and_cpu_seconds(tmp_path):
     assert code == 3 and 0.3 <= cpu < 5.0
 
 
+def test_a_resumed_run_counts_the_cpu_seconds_of_its_earlier_parts(grid, tmp_path, monkeypatch):
+    grid.runs_dir = tmp_path / "runs"
+    run = study.plan(grid, [])[0][0]
+    out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.json").write_text(json.dumps({"step": 3, "cpu_seconds": 100.0}))
+    metrics = {"main_metric": "f1", "best": {"f1": 0.8}, "final": {"f1": 0.8}, "best_step": 3,
+               "trainable_params": 10, "total_params": 100, "train_seconds": 9.0, "peak_memory_mb": 1.0, "steps": 6}
+    commands = []
+
+    def fake_child(argv, env, log):
+        commands.append(argv)
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return 0, 5.0
+
+    monkeypatch.setattr(study, "run_child", fake_child)
+    row = study.run_one(grid, run, 1, 1, {})
+    assert "--resume" in commands[0] and row["cpu_seconds"] == 105.0
+    (out / "checkpoint" / "state.json").write_text("{not json")  # unreadable: only the last part is counted
+    assert study.run_one(grid, run, 1, 1, {})["cpu_seconds"] == 5.0
+
+
 def test_bad_grid_files_are_one_line_errors(tmp_path, capsys):
     path = tmp_path / "g.toml"
     path.write_text(textwrap.dedent(GRID).replace('lrs = [1e-3, 3e-3]', 'lrs = [-1]'))

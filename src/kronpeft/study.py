@@ -370,10 +370,21 @@ def cpu_seconds(row: dict) -> float:
     return row.get("cpu_seconds") or row["wall_seconds"] * row.get("threads", 1)
 
 
+def _checkpoint_cpu_seconds(out: Path) -> float:
+    """CPU seconds the interrupted parts of a run used up to its checkpoint (0 when unknown): a resumed
+    run's row counts every part, not only the last."""
+    try:
+        cpu = json.loads((out / "checkpoint" / "state.json").read_text()).get("cpu_seconds")
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    return float(cpu) if isinstance(cpu, (int, float)) else 0.0
+
+
 def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads: int, parallel: int,
            host: dict) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
+    earlier_cpu = _checkpoint_cpu_seconds(out) if "--resume" in cmd else 0.0
     started = time.time()
     with open(out / "study.log", "a") as log:
         code, cpu = run_child([sys.executable, "-m", "kronpeft", *cmd], env, log)
@@ -392,7 +403,7 @@ def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads
         "trainable_params": m["trainable_params"], "head_params": m.get("head_params"),
         "total_params": m["total_params"], "train_seconds": m["train_seconds"],
         "peak_memory_mb": m["peak_memory_mb"], "steps": m["steps"], "wall_seconds": round(wall, 1),
-        "cpu_seconds": round(cpu, 1),
+        "cpu_seconds": round(earlier_cpu + cpu, 1),
         "threads": threads, "parallel": parallel, "load_average": [round(v, 2) for v in os.getloadavg()],
         "flags": flags,
         "command": "kronpeft " + shlex.join(cmd[:-1]), "commit": _git_commit(),

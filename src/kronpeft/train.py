@@ -523,10 +523,13 @@ def run(args) -> dict | None:
     scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total_steps), total_steps)
     model = model.to(device)
 
-    state = {"step": 0, "evals": [], "best": None, "train_seconds": 0.0, "args": vars(args), "data_sha256": digests}
+    state = {"step": 0, "evals": [], "best": None, "train_seconds": 0.0, "cpu_seconds": 0.0, "args": vars(args),
+             "data_sha256": digests}
     if resuming:
         loaded = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler)
         state.update({k: loaded[k] for k in ("step", "evals", "best", "train_seconds")})
+        cpu = loaded.get("cpu_seconds")
+        state["cpu_seconds"] = float(cpu) if isinstance(cpu, (int, float)) else 0.0  # older checkpoints lack it
         state["args"] = vars(args)
     model, optimizer = accelerator.prepare(model, optimizer)  # DDP on several processes; device placement
     raw = accelerator.unwrap_model(model)
@@ -588,7 +591,7 @@ def run(args) -> dict | None:
     bar = tqdm(total=total_steps, initial=step, desc=f"{args.method}/{spec.name}", disable=not main,
                dynamic_ncols=True, unit="step")
     started, eval_seconds[0] = time.perf_counter(), 0.0
-    seconds_before = state["train_seconds"]
+    seconds_before, cpu_before = state["train_seconds"], state["cpu_seconds"]
     losses = []
     while step < total_steps:
         epoch = step // steps_per_epoch
@@ -630,6 +633,7 @@ def run(args) -> dict | None:
                 do_eval(step, step / steps_per_epoch)
             if at_eval or (args.save_every and step % args.save_every == 0) or step == args.stop_after:
                 state["train_seconds"] = seconds_before + time.perf_counter() - started - eval_seconds[0]
+                state["cpu_seconds"] = cpu_before + time.process_time()  # this process's CPU, all parts summed
                 checkpoint()
             if args.stop_after and step == args.stop_after and step < total_steps:
                 bar.close()
@@ -655,7 +659,8 @@ def run(args) -> dict | None:
         "majority_baseline": {f"{k}{split_suffix(spec, split)}": v for split, data in eval_sets.items()
                               for k, v in constant_baseline(spec.name, data.labels).items()},
         "trainable_params": trainable, "head_params": head, "total_params": total,
-        "train_seconds": round(state["train_seconds"], 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "train_seconds": round(state["train_seconds"], 2),
+        "cpu_seconds": round(cpu_before + time.process_time(), 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
         "steps": step, "num_processes": world, "num_train_examples": len(train_set), "text_to_text": text_to_text,
         "args": vars(args),
     }
