@@ -269,7 +269,7 @@ def test_a_resumed_run_counts_the_cpu_seconds_of_its_earlier_parts(grid, tmp_pat
 
     monkeypatch.setattr(study, "run_child", fake_child)
     row = study.run_one(grid, run, 1, 1, {})
-    assert "--resume" in commands[0] and row["cpu_seconds"] == 105.0
+    assert "--resume" in commands[0] and row["resumed"] and row["cpu_seconds"] == 105.0
     (out / "checkpoint" / "state.json").write_text("{not json")  # unreadable: only the last part is counted
     assert study.run_one(grid, run, 1, 1, {})["cpu_seconds"] == 5.0
 

@@ -273,4 +273,5 @@ def setup(grid: Grid, rows: list[dict]) -> list[str]:
             f"kronpeft commits {', '.join(values('commit'))}.",
             f"- CPU-hours recorded: {sum(cpu_seconds(r) for r in rows) / 3600:.1f} (CPU time where the row measured "
             "it, else wall time x threads, which counts time the run waited for a shared CPU; a run resumed "
-            "after an interruption counts its last part only)."]
+            "after an interruption counts its earlier parts up to their last checkpoint, or, in rows recorded "
+            "before kronpeft aa6c85d, its last part only)."]
