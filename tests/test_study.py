@@ -252,6 +252,75 @@ def test_run_child_reports_exit_code_and_cpu_seconds(tmp_path):
     assert code == 3 and 0.3 <= cpu < 5.0
 
 
+RUNNER = """
+import os, sys
+from kronpeft import study
+from kronpeft.cli import main
+
+real = study.run_child
+sleep = "import os, time; open('pids', 'a').write(f'{os.getpid()} '); time.sleep(120)"
+study.run_child = lambda argv, env, log, keep_fds=(): real([sys.executable, "-c", sleep], env, log, keep_fds)
+sys.exit(main(["study", "grid.toml", "--parallel", "2"]))
+"""
+
+
+def start_runner_with_two_runs(tmp_path):
+    """A real `kronpeft study` process whose two runs are sleepers; (runner, the runs' pids)."""
+    import subprocess
+    import time
+
+    (tmp_path / "runner.py").write_text(RUNNER)
+    runner = subprocess.Popen([sys.executable, "runner.py"], cwd=tmp_path, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pids = (tmp_path / "pids").read_text().split() if (tmp_path / "pids").exists() else []
+        if len(pids) == 2:
+            return runner, [int(p) for p in pids]
+        time.sleep(0.1)
+    runner.kill()
+    pytest.fail("the runner did not start its two runs")
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # reparented and not yet reaped: a zombie is not alive
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigterm_to_the_runner_ends_its_runs(grid, tmp_path):
+    import signal
+    import time
+
+    runner, pids = start_runner_with_two_runs(tmp_path)
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_run_outliving_a_killed_runner_keeps_its_claim(grid, tmp_path):
+    import signal
+
+    runner, pids = start_runner_with_two_runs(tmp_path)
+    try:
+        runner.kill()  # SIGKILL: no handler runs, the two runs go on as orphans
+        runner.wait(timeout=30)
+        assert all(alive(p) for p in pids)
+        grid.runs_dir = tmp_path / grid.runs_dir
+        for run in study.plan(grid, [])[0][:2]:  # a second runner must not train them beside the orphans
+            assert study.run_one(grid, run, 1, 1, {}) == "busy"
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_resumed_run_counts_the_cpu_seconds_of_its_earlier_parts(grid, tmp_path, monkeypatch):
     grid.runs_dir = tmp_path / "runs"
     run = study.plan(grid, [])[0][0]

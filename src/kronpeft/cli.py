@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -223,15 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_study(args) -> int:
-    from .study import dry_run, load_grid, run_grid
+    from .study import dry_run, load_grid, run_grid, stop_on_sigterm
 
     grid = load_grid(args.grid)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     if args.dry_run:
         dry_run(grid, threads, args.parallel)
         return 0
-    done = run_grid(grid, threads=threads, parallel=args.parallel, max_runs=args.max_runs, only_tasks=args.tasks,
-                    only_methods=args.methods)
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        done = run_grid(grid, threads=threads, parallel=args.parallel, max_runs=args.max_runs,
+                        only_tasks=args.tasks, only_methods=args.methods)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"kronpeft study: {done} run(s) recorded in {grid.results}")
     return 0
 

@@ -346,23 +346,37 @@ def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> di
         os.close(claim)
         return "busy"
     try:
-        return _train(grid, run, out, flags, cmd, threads, parallel, host)
+        return _train(grid, run, out, flags, cmd, threads, parallel, host, claim)
     finally:
-        os.close(claim)  # releases the lock
+        os.close(claim)  # the lock is released once the child has ended too
 
 
-def run_child(argv: list[str], env: dict, log) -> tuple[int, float]:
+_children: set[subprocess.Popen] = set()  # the runs this runner is training now
+
+
+def run_child(argv: list[str], env: dict, log, keep_fds: tuple[int, ...] = ()) -> tuple[int, float]:
     """Run `argv` to its end, output to `log`: (exit code, CPU seconds it used, user + system). CPU time,
-    unlike wall time, does not grow when other work shares the machine."""
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+    unlike wall time, does not grow when other work shares the machine. The child inherits `keep_fds`
+    (the run's claim lock: a child that outlives a killed runner still holds its run)."""
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, pass_fds=keep_fds)
+    _children.add(proc)
     try:
         _, status, usage = os.wait4(proc.pid, 0)
     except BaseException:  # interrupted: take the child down too, as subprocess.run does
         proc.kill()
         proc.wait()
         raise
+    finally:
+        _children.discard(proc)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def stop_on_sigterm(signum, frame):
+    """SIGTERM to the runner (`kill`, a job scheduler) ends its runs too; they resume from their checkpoints."""
+    for proc in list(_children):
+        proc.kill()
+    raise SystemExit(128 + signum)
 
 
 def cpu_seconds(row: dict) -> float:
@@ -381,13 +395,13 @@ def _checkpoint_cpu_seconds(out: Path) -> float:
 
 
 def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads: int, parallel: int,
-           host: dict) -> dict | None:
+           host: dict, claim: int) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     earlier_cpu = _checkpoint_cpu_seconds(out) if "--resume" in cmd else 0.0
     started = time.time()
     with open(out / "study.log", "a") as log:
-        code, cpu = run_child([sys.executable, "-m", "kronpeft", *cmd], env, log)
+        code, cpu = run_child([sys.executable, "-m", "kronpeft", *cmd], env, log, keep_fds=(claim,))
     wall = time.time() - started
     if code != 0 or not (out / "metrics.json").is_file():
         _warn(f"{run.label()} failed (exit {code}); see {out / 'study.log'}")
