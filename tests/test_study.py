@@ -331,7 +331,7 @@ def test_a_resumed_run_counts_the_cpu_seconds_of_its_earlier_parts(grid, tmp_pat
                "trainable_params": 10, "total_params": 100, "train_seconds": 9.0, "peak_memory_mb": 1.0, "steps": 6}
     commands = []
 
-    def fake_child(argv, env, log):
+    def fake_child(argv, env, log, keep_fds=()):
         commands.append(argv)
         (out / "metrics.json").write_text(json.dumps(metrics))
         return 0, 5.0
