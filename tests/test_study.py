@@ -211,6 +211,24 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_score_plot_gives_a_family_one_colour_in_every_panel(grid, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    todo, _ = study.plan(grid, [])
+    rows = [fake_row(grid, run, 0.7) for run in todo]
+    rows = [r for r in rows if (r["task"], r["name"]) != ("mrpc", "krona")]  # mrpc: lora only; rte: krona only
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    report.plot_score_vs_params(grid, report.summarise(grid, rows), tmp_path / "p.png")
+    colours = {}
+    for ax in figures[0].axes:
+        for container in ax.containers:
+            colours.setdefault(container.get_label(), set()).add(container.lines[0].get_color())
+    assert set(colours) == {"krona", "lora"} and all(len(c) == 1 for c in colours.values())
+    assert colours["krona"] != colours["lora"]
+    assert report._compact(110_784) == "110.784k" and report._compact(22_000_000) == "22M"
+
+
 def test_dry_run_lists_runs_left_with_an_estimate(grid, capsys, monkeypatch):
     monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)  # no GLUE data at hand
     todo, _ = study.plan(grid, [])

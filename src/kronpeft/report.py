@@ -127,6 +127,14 @@ def lr_table(grid: Grid, summary: dict) -> list[str]:
     return lines
 
 
+def _compact(value: float, _=None) -> str:
+    """An axis tick as 1k, 10k, 1M, ...: long digit strings run into each other on a log axis."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:g}{suffix}"
+    return f"{value:g}"
+
+
 def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
     import matplotlib
 
@@ -135,8 +143,14 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
     import matplotlib.ticker
 
     tasks = [t for t in grid.tasks if any((t, e.name) in summary for e in grid.methods)]
-    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(4.2 * max(len(tasks), 1), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    cols = min(max(len(tasks), 1), 2)
+    rows = math.ceil(max(len(tasks), 1) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[len(tasks):]:
+        ax.set_visible(False)
+    colors = {f: f"C{i % 10}" for i, f in enumerate(sorted({e.family for e in grid.methods}))}  # same in every panel
+    for ax, task in zip(axes, tasks):
         families = defaultdict(list)
         for entry in grid.methods:
             s = summary.get((task, entry.name))
@@ -146,25 +160,29 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
         for family, points in sorted(families.items()):
             points.sort()
             x, y, e, names = zip(*points)
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=family)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=family, color=colors[family])
             for xi, yi, name in zip(x, y, names):
                 ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
         ax.margins(x=0.2)  # room for the point labels at either end
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_compact))
         ax.set_title(f"{task} ({summary[next(k for k in summary if k[0] == task)]['rows'][0]['main_metric']})")
         ax.set_xlabel("trainable parameters (no head)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("dev score ×100 (mean ± std over seeds)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
+    for ax in axes[::cols]:
+        ax.set_ylabel("dev score ×100 (mean ± std)")
+    handles, labels = [], []
+    for ax in axes:
         for h, l in zip(*ax.get_legend_handles_labels()):
             if l not in labels:
                 handles.append(h)
                 labels.append(l)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    per_row = 3 * cols  # legend entries that fit the figure's width
+    legend_rows = math.ceil(max(len(labels), 1) / per_row)
+    legend_height = 0.3 * legend_rows + 0.15  # inches
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), frameon=False)
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -199,7 +217,7 @@ def plot_times(ratios: dict, reference: str, path: Path):
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right")
     ax.set_ylabel(f"train time / {reference}'s")
-    ax.legend(frameon=False, ncol=len(tasks))
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
