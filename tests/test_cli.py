@@ -209,6 +209,7 @@ def test_resume_equals_uninterrupted(tmp_path, capsys, grouping):
     a = json.loads((tmp_path / "full" / "metrics.json").read_text())
     b = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert 0 < a["cpu_seconds"] < 1e6 < b["cpu_seconds"]
+    assert a["evals"] == b["evals"] and [e["step"] for e in a["evals"]] == [0, 2, 4]
     assert a["final"] == b["final"] and a["best"] == b["best"] and a["steps"] == b["steps"] == 4
     wa = load_file(tmp_path / "full" / "checkpoint" / "trainable.safetensors")
     wb = load_file(tmp_path / "cut" / "checkpoint" / "trainable.safetensors")

@@ -194,6 +194,9 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
     rows += [fake_row(grid, r, extra[(r.task, r.entry.name, r.seed)], train_seconds=30.0 if r.entry.name == "krona"
                       else 20.0, params=9984 if r.entry.name == "krona" else 73728)
              for r in todo if (r.task, r.entry.name, r.seed) in extra]
+    for r in rows:  # the dev score after each epoch: mrpc/krona's chosen cell ends at its best score
+        if (r["task"], r["name"], r["lr"]) == ("mrpc", "krona", 0.003):
+            r["curve"] = [[0.0, 0.3], [1.0, 0.80], [2.0, r["score"]]]
     # a row recorded before a grid edit (its flags, so its key, differ): shown nowhere, counted
     rows.append({**fake_row(grid, todo[0], 0.10), "seed": 1, "key": "recorded-with-epochs-3"})
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
@@ -206,6 +209,8 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
     assert "**0.003** (0.001: 80.0, 0.003: 85.0, 0.01: 82.0)" in page
     assert "| krona | 1.50 | — |" in page  # 30 s vs lora-r8's 20 s on mrpc
     assert "test cpu" in page
+    assert "| task | method | 1 | 2 | last gain | seeds |" in page
+    assert "| mrpc | krona | 80.0 | 85.0 | +5.0 | 3 |" in page and "| mrpc | lora-r8 |" not in page  # no curves
     for name in ("t-score-vs-params.png", "t-train-time.png"):
         png = out.parent / "img" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -346,7 +351,8 @@ def test_a_resumed_run_counts_the_cpu_seconds_of_its_earlier_parts(grid, tmp_pat
     (out / "checkpoint").mkdir(parents=True)
     (out / "checkpoint" / "state.json").write_text(json.dumps({"step": 3, "cpu_seconds": 100.0}))
     metrics = {"main_metric": "f1", "best": {"f1": 0.8}, "final": {"f1": 0.8}, "best_step": 3,
-               "trainable_params": 10, "total_params": 100, "train_seconds": 9.0, "peak_memory_mb": 1.0, "steps": 6}
+               "trainable_params": 10, "total_params": 100, "train_seconds": 9.0, "peak_memory_mb": 1.0, "steps": 6,
+               "evals": [{"step": 0, "epoch": 0.0, "f1": 0.3}, {"step": 3, "epoch": 0.5, "f1": 0.8}]}
     commands = []
 
     def fake_child(argv, env, log, keep_fds=()):
@@ -357,6 +363,7 @@ def test_a_resumed_run_counts_the_cpu_seconds_of_its_earlier_parts(grid, tmp_pat
     monkeypatch.setattr(study, "run_child", fake_child)
     row = study.run_one(grid, run, 1, 1, {})
     assert "--resume" in commands[0] and row["resumed"] and row["cpu_seconds"] == 105.0
+    assert row["curve"] == [[0.0, 0.3], [0.5, 0.8]]  # the main metric at every evaluation
     (out / "checkpoint" / "state.json").write_text("{not json")  # unreadable: only the last part is counted
     assert study.run_one(grid, run, 1, 1, {})["cpu_seconds"] == 5.0
 

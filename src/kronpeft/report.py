@@ -127,6 +127,29 @@ def lr_table(grid: Grid, summary: dict) -> list[str]:
     return lines
 
 
+def epochs_table(grid: Grid, summary: dict) -> list[str]:
+    """Dev score after each epoch at each cell's chosen rate, mean over the seeds whose rows carry a curve;
+    [] when no row does. Shows whether the epochs were enough: the last column is the last epoch's gain."""
+    cells = [(task, e.name, [r["curve"] for r in summary[(task, e.name)]["rows"] if r.get("curve")])
+             for task in grid.tasks for e in grid.methods if (task, e.name) in summary]
+    cells = [c for c in cells if c[2]]
+    if not cells:
+        return []
+    epochs = sorted({ep for _, _, curves in cells for curve in curves for ep, _ in curve if ep > 0})
+    lines = ["| task | method | " + " | ".join(f"{ep:g}" for ep in epochs) + " | last gain | seeds |",
+             "|---|---|" + "---:|" * (len(epochs) + 2)]
+    for task, name, curves in cells:
+        means = []
+        for ep in epochs:
+            at = [score for curve in curves for e, score in curve if e == ep]
+            means.append(100 * statistics.fmean(at) if len(at) == len(curves) else None)
+        done = [m for m in means if m is not None]
+        gain = f"{done[-1] - done[-2]:+.1f}" if len(done) > 1 else "—"
+        lines.append(f"| {task} | {name} | " + " | ".join("—" if m is None else f"{m:.1f}" for m in means)
+                     + f" | {gain} | {len(curves)} |")
+    return lines
+
+
 def _compact(value: float, _=None) -> str:
     """An axis tick as 1k, 10k, 1M, ...: long digit strings run into each other on a log axis."""
     for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -254,6 +277,11 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
                   "## Learning rates", "", "The winner in bold; each sweep value with its seed-"
                   f"{grid.sweep_seed} dev score:", ""]
         lines += lr_table(grid, summary)
+        curves = epochs_table(grid, summary)
+        if curves:
+            lines += ["", "## Dev score after each epoch", "", "At each cell's chosen rate, mean over the seeds "
+                      "recorded with their curves (×100; rows recorded before rows carried a `curve` are left out). "
+                      "*last gain*: the last epoch's change, the check that the epochs were enough.", "", *curves]
         reference = reference or next((e.name for e in grid.methods if e.family == "lora"), grid.methods[0].name)
         ratios = time_ratios(grid, summary, reference)
         if ratios:

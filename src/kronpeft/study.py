@@ -414,6 +414,7 @@ def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads
         "stage": run.stage, "grid_seeds": len(grid.seeds),
         "score": m["best"][main], "main_metric": main, "best": m["best"], "final": m["final"],
         "best_step": m["best_step"], "before_training": m.get("before_training"),
+        "curve": [[e["epoch"], e[main]] for e in m.get("evals", []) if main in e],
         "trainable_params": m["trainable_params"], "head_params": m.get("head_params"),
         "total_params": m["total_params"], "train_seconds": m["train_seconds"],
         "peak_memory_mb": m["peak_memory_mb"], "steps": m["steps"], "wall_seconds": round(wall, 1),

@@ -655,6 +655,7 @@ def run(args) -> dict | None:
         "task": spec.name, "method": args.method, "model": args.model, "seed": args.seed,
         "main_metric": spec.main_metric,
         "final": strip(final), "best": strip(best), "best_step": best["step"],
+        "evals": [{k: v for k, v in r.items() if k != "type"} for r in state["evals"]],
         "before_training": strip(before) if before else None,
         "majority_baseline": {f"{k}{split_suffix(spec, split)}": v for split, data in eval_sets.items()
                               for k, v in constant_baseline(spec.name, data.labels).items()},
