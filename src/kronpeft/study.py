@@ -374,6 +374,7 @@ def run_child(argv: list[str], env: dict, log, keep_fds: tuple[int, ...] = ()) -
 
 def stop_on_sigterm(signum, frame):
     """SIGTERM to the runner (`kill`, a job scheduler) ends its runs too; they resume from their checkpoints."""
+    print("kronpeft study: stopping (SIGTERM); the runs resume from their checkpoints", file=sys.stderr, flush=True)
     for proc in list(_children):
         proc.kill()
     raise SystemExit(128 + signum)
