@@ -75,6 +75,14 @@ def test_plan_sweeps_first_then_seeds_at_the_best_rate(grid):
     assert [(r.task, r.entry.name, r.lr, r.seed) for r in seeds] == [("mrpc", "krona", 0.003, 1), ("mrpc", "krona", 0.003, 2)]
 
 
+def test_runs_left_counts_sweeps_and_the_seeds_waiting_for_them(grid):
+    assert study.runs_left(grid) == 8 + 3 * 2  # 8 sweep runs; 2 more seeds for each of 3 (task, method) cells
+    todo, _ = study.plan(grid, [])
+    rows = [fake_row(grid, r, score) for r, score in zip(todo[:3], (0.80, 0.85, 0.82))]
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.runs_left(grid) == 14 - 3
+
+
 def test_a_winner_at_the_edge_extends_the_sweep_by_one_value(grid):
     grid.extend_edges = True
     todo, _ = study.plan(grid, [])

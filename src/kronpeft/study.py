@@ -257,6 +257,13 @@ def _next_lr(lrs: tuple[float, ...], winner: float) -> float | None:
     return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
 
 
+def runs_left(grid: Grid) -> int:
+    """Runs of the grid not recorded yet: those that can start, and the seeds waiting for their sweep."""
+    todo, waiting = plan(grid, [r for r in read_results(grid.results, warn=lambda _: None)
+                                if r.get("grid") == grid.name])
+    return len(todo) + len(waiting) * (len(grid.seeds) - 1)
+
+
 def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[str]]:
     """The runs left that can start now (task by task: the sweeps, then the seeds; methods in grid order)
     and the decisions still pending."""
@@ -531,4 +538,5 @@ def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | No
                 elif append_row(grid.results, row):
                     recorded += 1
                     print(f"kronpeft study: done {run.label()}: {row['main_metric']} {row['score']:.4f} "
-                          f"({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
+                          f"({row['wall_seconds']:.0f} s); {runs_left(grid)} runs of the grid left",
+                          file=sys.stderr, flush=True)
