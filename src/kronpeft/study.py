@@ -407,6 +407,7 @@ def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     earlier_cpu = _checkpoint_cpu_seconds(out) if "--resume" in cmd else 0.0
+    commit = _git_commit()  # the code the child is about to load
     started = time.time()
     with open(out / "study.log", "a") as log:
         code, cpu = run_child([sys.executable, "-m", "kronpeft", *cmd], env, log, keep_fds=(claim,))
@@ -429,7 +430,7 @@ def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads
         "cpu_seconds": round(earlier_cpu + cpu, 1), "resumed": "--resume" in cmd,
         "threads": threads, "parallel": parallel, "load_average": [round(v, 2) for v in os.getloadavg()],
         "flags": flags,
-        "command": "kronpeft " + shlex.join(cmd[:-1]), "commit": _git_commit(),
+        "command": "kronpeft " + shlex.join(cmd[:-1]), "commit": commit,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **host,
     }
 
