@@ -242,6 +242,42 @@ def test_score_plot_gives_a_family_one_colour_in_every_panel(grid, tmp_path, mon
     assert report._compact(110_784) == "110.784k" and report._compact(22_000_000) == "22M"
 
 
+def test_add_curves_backfills_only_rows_whose_log_agrees(grid, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "add_curves", Path(__file__).parents[1] / "benchmarks" / "study" / "add_curves.py")
+    add_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(add_curves)
+    todo, _ = study.plan(grid, [])
+    rows = [{**fake_row(grid, run, 0.8), "final": {"f1": 0.75}} for run in todo[:3]]
+    grid.runs_dir = tmp_path / "runs"
+    logs = {0: [(0, 0.0, 0.3), (5, 1.0, 0.8), (10, 2.0, 0.7), (10, 2.0, 0.75)],  # step 10 logged twice
+            1: [(0, 0.0, 0.3), (5, 1.0, 0.6), (10, 2.0, 0.75)]}  # best 0.75, not the row's 0.8: not its run
+    for i, records in logs.items():
+        run = todo[i]
+        out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
+        out.mkdir(parents=True)
+        (out / "log.jsonl").write_text("".join(json.dumps({"type": "eval", "step": s, "epoch": e, "f1": v}) + "\n"
+                                               for s, e, v in records))
+    grid.results.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    monkeypatch.setattr(sys, "argv", ["add_curves.py", str(grid.path), "--runs-dir", str(grid.runs_dir)])
+    add_curves.main()
+    after = study.read_results(grid.results)
+    assert after[0]["curve"] == [[0.0, 0.3], [1.0, 0.8], [2.0, 0.75]]
+    assert "curve" not in after[1] and "curve" not in after[2]  # disagreeing log; no log
+    assert [{k: v for k, v in r.items() if k != "curve"} for r in after] == rows
+    assert "added 1 curve(s)" in capsys.readouterr().out
+    held = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)  # a runner at work: refused
+    import fcntl
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(SystemExit, match="stop it first"):
+            add_curves.main()
+    finally:
+        os.close(held)
+
+
 def test_dry_run_lists_runs_left_with_an_estimate(grid, capsys, monkeypatch):
     monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)  # no GLUE data at hand
     todo, _ = study.plan(grid, [])
