@@ -144,7 +144,7 @@ def epochs_table(grid: Grid, summary: dict) -> list[str]:
             at = [score for curve in curves for e, score in curve if e == ep]
             means.append(100 * statistics.fmean(at) if len(at) == len(curves) else None)
         done = [m for m in means if m is not None]
-        gain = f"{done[-1] - done[-2]:+.1f}" if len(done) > 1 else "—"
+        gain = f"{round(done[-1] - done[-2], 1) + 0.0:+.1f}" if len(done) > 1 else "—"  # no "-0.0"
         lines.append(f"| {task} | {name} | " + " | ".join("—" if m is None else f"{m:.1f}" for m in means)
                      + f" | {gain} | {len(curves)} |")
     return lines
@@ -280,7 +280,7 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         curves = epochs_table(grid, summary)
         if curves:
             lines += ["", "## Dev score after each epoch", "", "At each cell's chosen rate, mean over the seeds "
-                      "recorded with their curves (×100; rows recorded before rows carried a `curve` are left out). "
+                      "whose rows carry their curve (×100). "
                       "*last gain*: the last epoch's change, the check that the epochs were enough.", "", *curves]
         reference = reference or next((e.name for e in grid.methods if e.family == "lora"), grid.methods[0].name)
         ratios = time_ratios(grid, summary, reference)

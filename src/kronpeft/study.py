@@ -359,6 +359,7 @@ def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> di
 
 
 _children: set[subprocess.Popen] = set()  # the runs this runner is training now
+_stopping = False  # set by SIGTERM: the runs it ends are not failures
 
 
 def run_child(argv: list[str], env: dict, log, keep_fds: tuple[int, ...] = ()) -> tuple[int, float]:
@@ -381,6 +382,8 @@ def run_child(argv: list[str], env: dict, log, keep_fds: tuple[int, ...] = ()) -
 
 def stop_on_sigterm(signum, frame):
     """SIGTERM to the runner (`kill`, a job scheduler) ends its runs too; they resume from their checkpoints."""
+    global _stopping
+    _stopping = True
     print("kronpeft study: stopping (SIGTERM); the runs resume from their checkpoints", file=sys.stderr, flush=True)
     for proc in list(_children):
         proc.kill()
@@ -413,7 +416,8 @@ def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads
         code, cpu = run_child([sys.executable, "-m", "kronpeft", *cmd], env, log, keep_fds=(claim,))
     wall = time.time() - started
     if code != 0 or not (out / "metrics.json").is_file():
-        _warn(f"{run.label()} failed (exit {code}); see {out / 'study.log'}")
+        if not _stopping:
+            _warn(f"{run.label()} failed (exit {code}); see {out / 'study.log'}")
         return None
     m = json.loads((out / "metrics.json").read_text())
     main = m["main_metric"]
