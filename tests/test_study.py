@@ -337,7 +337,8 @@ def start_runner_with_two_runs(tmp_path):
     import time
 
     (tmp_path / "runner.py").write_text(RUNNER)
-    runner = subprocess.Popen([sys.executable, "runner.py"], cwd=tmp_path, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "runner.err", "w") as err:
+        runner = subprocess.Popen([sys.executable, "runner.py"], cwd=tmp_path, stderr=err)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         pids = (tmp_path / "pids").read_text().split() if (tmp_path / "pids").exists() else []
@@ -369,6 +370,8 @@ def test_sigterm_to_the_runner_ends_its_runs(grid, tmp_path):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
+    err = (tmp_path / "runner.err").read_text()
+    assert "stopping (SIGTERM)" in err and "failed" not in err  # a stop, not two failed runs
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
