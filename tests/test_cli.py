@@ -203,12 +203,14 @@ def test_resume_equals_uninterrupted(tmp_path, capsys, grouping):
     state_path = tmp_path / "cut" / "checkpoint" / "state.json"
     state = json.loads(state_path.read_text())
     assert state["step"] == 3 and state["cpu_seconds"] > 0
-    state["cpu_seconds"] = 1e6  # the interrupted part's CPU time is carried into the finished run's count
+    state["cpu_seconds"] = 1e6  # the interrupted part's CPU times are carried into the finished run's counts
+    state["train_cpu_seconds"] = 5e5
     state_path.write_text(json.dumps(state))
     assert train(tmp_path / "cut", *steps, "--resume") == 0
     a = json.loads((tmp_path / "full" / "metrics.json").read_text())
     b = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert 0 < a["cpu_seconds"] < 1e6 < b["cpu_seconds"]
+    assert 0 < a["train_cpu_seconds"] < a["cpu_seconds"] and 5e5 < b["train_cpu_seconds"] < 1e6
     assert a["evals"] == b["evals"] and [e["step"] for e in a["evals"]] == [0, 2, 4]
     assert a["final"] == b["final"] and a["best"] == b["best"] and a["steps"] == b["steps"] == 4
     wa = load_file(tmp_path / "full" / "checkpoint" / "trainable.safetensors")
@@ -253,11 +255,13 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     state_path = tmp_path / "r" / "checkpoint" / "state.json"
     state = json.loads(state_path.read_text())
     del state["args"]["group_by_length"]
+    del state["train_cpu_seconds"]  # nor did it time training in CPU seconds: the finished run says unknown
     state_path.write_text(json.dumps(state))
     capsys.readouterr()
     code = train(tmp_path / "r", "--max-steps", "4", "--eval-every", "2", "--resume", "--group-by-length")
     assert "started without --group-by-length" in assert_usage_error(capsys, code, "--resume")
     assert train(tmp_path / "r", "--max-steps", "4", "--eval-every", "2", "--resume") == 0
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["train_cpu_seconds"] is None
 
 
 # -- the command line ----------------------------------------------------------------------------------

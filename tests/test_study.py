@@ -215,10 +215,15 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
     assert "| krona | 9,984 | 0.998 | 85.0 ± 2.0 | 65.0 ± 1.0 | 75.0 |" in page
     assert "| lora-r8 | 73,728 | 7.373 | 85.0 ± 7.1 (2/3 seeds) | — | — |" in page
     assert "**0.003** (0.001: 80.0, 0.003: 85.0, 0.01: 82.0)" in page
-    assert "| krona | 1.50 | — |" in page  # 30 s vs lora-r8's 20 s on mrpc
+    assert "| krona | 1.50* | — |" in page  # 30 s vs lora-r8's 20 s of wall time on mrpc (no CPU times recorded)
     assert "test cpu" in page
     assert "| task | method | 1 | 2 | last gain | seeds |" in page
     assert "| mrpc | krona | 80.0 | 85.0 | +5.0 | 3 |" in page and "| mrpc | lora-r8 |" not in page  # no curves
+    for r in rows:  # training CPU seconds, recorded by both cells: preferred to wall time
+        r["train_cpu_seconds"] = {"krona": 24.0, "lora-r8": 12.0}[r["name"]]
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(grid.path), "--out", str(out)]) == 0
+    assert "| krona | 2.00 | — |" in out.read_text()
     for name in ("t-score-vs-params.png", "t-train-time.png"):
         png = out.parent / "img" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -210,18 +210,30 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
     plt.close(fig)
 
 
-def time_ratios(grid: Grid, summary: dict, reference: str) -> dict[str, dict[str, float]]:
-    """{method: {task: median train seconds / the reference method's on the same task}}."""
+def _median_of(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return statistics.median(values) if values else None
+
+
+def time_ratios(grid: Grid, summary: dict, reference: str) -> dict[str, dict[str, tuple[float, bool]]]:
+    """{method: {task: (ratio, from CPU time)}}: the cell's median training CPU seconds over the reference
+    method's on the same task when both cells recorded them (CPU time does not grow while other work holds
+    the CPU), else the same ratio of train (wall) seconds."""
     out = defaultdict(dict)
     for task in grid.tasks:
         ref = summary.get((task, reference))
         if ref is None:
             continue
-        ref_s = statistics.median(r["train_seconds"] for r in ref["rows"])
         for entry in grid.methods:
             s = summary.get((task, entry.name))
-            if s is not None:
-                out[entry.name][task] = statistics.median(r["train_seconds"] for r in s["rows"]) / ref_s
+            if s is None:
+                continue
+            cpu, ref_cpu = _median_of(s["rows"], "train_cpu_seconds"), _median_of(ref["rows"], "train_cpu_seconds")
+            if cpu is not None and ref_cpu is not None:
+                out[entry.name][task] = (cpu / ref_cpu, True)
+            else:
+                wall = _median_of(s["rows"], "train_seconds") / _median_of(ref["rows"], "train_seconds")
+                out[entry.name][task] = (wall, False)
     return out
 
 
@@ -236,7 +248,8 @@ def plot_times(ratios: dict, reference: str, path: Path):
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 3.6))
     width = 0.8 / max(len(tasks), 1)
     for i, task in enumerate(tasks):
-        ax.bar([j + i * width for j in range(len(names))], [ratios[n].get(task, 0) for n in names], width, label=task)
+        ax.bar([j + i * width for j in range(len(names))], [ratios[n].get(task, (0,))[0] for n in names], width,
+               label=task)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right")
     ax.set_ylabel(f"train time / {reference}'s")
@@ -287,14 +300,16 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         if ratios:
             plot2 = img / f"{grid.name}-train-time.png"
             plot_times(ratios, reference, plot2)
-            lines += ["", "## Training time", "", f"Median train seconds per cell relative to `{reference}` on the "
-                      "same task (evaluation excluded). Runs shared the machine with other work: see the load "
-                      "averages in the results file; ratios are indicative.", "",
+            lines += ["", "## Training time", "", f"Median training time per cell relative to `{reference}` on the "
+                      "same task (evaluation excluded): training CPU seconds where both cells recorded them, "
+                      "else wall seconds (marked *), which grow when other work shares the machine (see the load "
+                      "averages in the results file).", "",
                       f"![train time relative to {reference}]({plot2.relative_to(out.parent)})", "",
                       "| method | " + " | ".join(grid.tasks) + " |", "|---|" + "---:|" * len(grid.tasks)]
             for name, by_task in ratios.items():
-                lines.append(f"| {name} | " + " | ".join(f"{by_task[t]:.2f}" if t in by_task else "—"
-                                                         for t in grid.tasks) + " |")
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{by_task[t][0]:.2f}{'' if by_task[t][1] else '*'}" if t in by_task else "—"
+                    for t in grid.tasks) + " |")
     if grid.notes is not None and grid.notes.is_file():
         lines += ["", grid.notes.read_text().rstrip()]
     if rows:

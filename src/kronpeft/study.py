@@ -430,6 +430,7 @@ def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads
         "curve": [[e["epoch"], e[main]] for e in m.get("evals", []) if main in e],
         "trainable_params": m["trainable_params"], "head_params": m.get("head_params"),
         "total_params": m["total_params"], "train_seconds": m["train_seconds"],
+        "train_cpu_seconds": m.get("train_cpu_seconds"),
         "peak_memory_mb": m["peak_memory_mb"], "steps": m["steps"], "wall_seconds": round(wall, 1),
         "cpu_seconds": round(earlier_cpu + cpu, 1), "resumed": "--resume" in cmd,
         "threads": threads, "parallel": parallel, "load_average": [round(v, 2) for v in os.getloadavg()],

@@ -523,13 +523,15 @@ def run(args) -> dict | None:
     scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total_steps), total_steps)
     model = model.to(device)
 
-    state = {"step": 0, "evals": [], "best": None, "train_seconds": 0.0, "cpu_seconds": 0.0, "args": vars(args),
-             "data_sha256": digests}
+    state = {"step": 0, "evals": [], "best": None, "train_seconds": 0.0, "train_cpu_seconds": 0.0, "cpu_seconds": 0.0,
+             "args": vars(args), "data_sha256": digests}
     if resuming:
         loaded = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler)
         state.update({k: loaded[k] for k in ("step", "evals", "best", "train_seconds")})
-        cpu = loaded.get("cpu_seconds")
-        state["cpu_seconds"] = float(cpu) if isinstance(cpu, (int, float)) else 0.0  # older checkpoints lack it
+        for key in ("train_cpu_seconds", "cpu_seconds"):  # older checkpoints lack them: unknown, or 0
+            value = loaded.get(key)
+            known = isinstance(value, (int, float))
+            state[key] = float(value) if known else None if key == "train_cpu_seconds" else 0.0
         state["args"] = vars(args)
     model, optimizer = accelerator.prepare(model, optimizer)  # DDP on several processes; device placement
     raw = accelerator.unwrap_model(model)
@@ -554,10 +556,10 @@ def run(args) -> dict | None:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    eval_seconds = [0.0]  # evaluation inside the loop does not count as training time
+    eval_time = [0.0, 0.0]  # wall and CPU seconds of evaluation inside the loop: not training time
 
     def do_eval(step: int, epoch: float):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         accelerator.wait_for_everyone()
         metrics = None
         if main:
@@ -570,7 +572,8 @@ def run(args) -> dict | None:
                 state["best"] = record
                 baselines.save_trained(raw, args.method, out / "adapter", run_info, tokenizer)
         accelerator.wait_for_everyone()
-        eval_seconds[0] += time.perf_counter() - t0
+        eval_time[0] += time.perf_counter() - t0
+        eval_time[1] += time.process_time() - c0
         return metrics
 
     def checkpoint():
@@ -590,8 +593,18 @@ def run(args) -> dict | None:
     step = state["step"]
     bar = tqdm(total=total_steps, initial=step, desc=f"{args.method}/{spec.name}", disable=not main,
                dynamic_ncols=True, unit="step")
-    started, eval_seconds[0] = time.perf_counter(), 0.0
-    seconds_before, cpu_before = state["train_seconds"], state["cpu_seconds"]
+    started, cpu_started, eval_time[:] = time.perf_counter(), time.process_time(), [0.0, 0.0]
+    times_before = {k: state[k] for k in ("train_seconds", "train_cpu_seconds", "cpu_seconds")}
+
+    def clock():
+        """Times so far, every part of a resumed run summed: training wall and CPU seconds (evaluation
+        excluded; CPU time does not grow while other work holds the CPU) and the process's CPU seconds."""
+        state["train_seconds"] = times_before["train_seconds"] + time.perf_counter() - started - eval_time[0]
+        if times_before["train_cpu_seconds"] is not None:
+            state["train_cpu_seconds"] = (times_before["train_cpu_seconds"] + time.process_time() - cpu_started
+                                          - eval_time[1])
+        state["cpu_seconds"] = times_before["cpu_seconds"] + time.process_time()
+
     losses = []
     while step < total_steps:
         epoch = step // steps_per_epoch
@@ -629,11 +642,9 @@ def run(args) -> dict | None:
             at_eval = step % eval_every == 0 or step == total_steps
             state["step"] = step
             if at_eval:
-                state["train_seconds"] = seconds_before + time.perf_counter() - started - eval_seconds[0]
                 do_eval(step, step / steps_per_epoch)
             if at_eval or (args.save_every and step % args.save_every == 0) or step == args.stop_after:
-                state["train_seconds"] = seconds_before + time.perf_counter() - started - eval_seconds[0]
-                state["cpu_seconds"] = cpu_before + time.process_time()  # this process's CPU, all parts summed
+                clock()
                 checkpoint()
             if args.stop_after and step == args.stop_after and step < total_steps:
                 bar.close()
@@ -661,7 +672,8 @@ def run(args) -> dict | None:
                               for k, v in constant_baseline(spec.name, data.labels).items()},
         "trainable_params": trainable, "head_params": head, "total_params": total,
         "train_seconds": round(state["train_seconds"], 2),
-        "cpu_seconds": round(cpu_before + time.process_time(), 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "train_cpu_seconds": None if state["train_cpu_seconds"] is None else round(state["train_cpu_seconds"], 2),
+        "cpu_seconds": round(state["cpu_seconds"], 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
         "steps": step, "num_processes": world, "num_train_examples": len(train_set), "text_to_text": text_to_text,
         "args": vars(args),
     }
