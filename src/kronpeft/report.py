@@ -241,19 +241,28 @@ def plot_times(ratios: dict, reference: str, path: Path):
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
 
     names = list(ratios)
     tasks = sorted({t for v in ratios.values() for t in v})
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 3.6))
     width = 0.8 / max(len(tasks), 1)
+    handles = []
     for i, task in enumerate(tasks):
-        ax.bar([j + i * width for j in range(len(names))], [ratios[n].get(task, (0,))[0] for n in names], width,
-               label=task)
+        bars = ax.bar([j + i * width for j in range(len(names))], [ratios[n].get(task, (0,))[0] for n in names],
+                      width, color=f"C{i % 10}")
+        handles.append(matplotlib.patches.Patch(color=f"C{i % 10}", label=task))
+        for bar, name in zip(bars, names):
+            if task in ratios[name] and not ratios[name][task][1]:
+                bar.set_hatch("//")  # from wall time, not CPU time
+    if any(not cpu for v in ratios.values() for _, cpu in v.values()):
+        handles.append(matplotlib.patches.Patch(facecolor="white", edgecolor="black", hatch="//",
+                                                label="wall time (load varied)"))
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right")
     ax.set_ylabel(f"train time / {reference}'s")
-    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
+    ax.legend(handles=handles, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # never over the bars
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
