@@ -420,7 +420,8 @@ def test_a_resumed_run_counts_the_cpu_seconds_of_its_earlier_parts(grid, tmp_pat
     assert study.run_one(grid, run, 1, 1, {})["cpu_seconds"] == 5.0
 
 
-def test_bad_grid_files_are_one_line_errors(tmp_path, capsys):
+def test_bad_grid_files_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a runner would make its run folders
     path = tmp_path / "g.toml"
     path.write_text(textwrap.dedent(GRID).replace('lrs = [1e-3, 3e-3]', 'lrs = [-1]'))
     assert main(["study", str(path), "--dry-run"]) == 2
@@ -432,6 +433,17 @@ def test_bad_grid_files_are_one_line_errors(tmp_path, capsys):
         path.write_text(GRID + table)
         assert main(["study", str(path), "--dry-run"]) == 2
         assert words in capsys.readouterr().err
+    # runs that could not start are refused before anything runs, naming the grid's field
+    for old, new, words in [('tasks = ["mrpc", "rte"]', 'tasks = ["mrpc", "nope"]', "tasks ['nope'] are not tasks"),
+                            ('method = "krona"', 'method = "kronaa"', "method = 'kronaa' is not one of"),
+                            ("epochs = 5", "epochz = 5", "unrecognized arguments: --epochz 5"),
+                            ("epochs = 5", 'epochs = "x"', "argument --epochs: expected a finite number"),
+                            ("args = { r = 8 }", 'args = { r = 0 }', "method 'lora-r8' on mrpc")]:
+        path.write_text(GRID.replace(old, new))
+        assert main(["study", str(path)]) == 2  # not only --dry-run
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("kronpeft: error: grid ") and words in err[0], err
+    assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "runs").exists()
 
 
 def test_task_tables_override_flags_of_their_task_only(grid, tmp_path):

@@ -224,9 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_study(args) -> int:
-    from .study import dry_run, load_grid, run_grid, stop_on_sigterm
+    from .study import check_runs, dry_run, load_grid, run_grid, stop_on_sigterm
 
     grid = load_grid(args.grid)
+    check_runs(grid, build_parser().parse_args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     if args.dry_run:
         dry_run(grid, threads, args.parallel)

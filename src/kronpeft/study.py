@@ -31,6 +31,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .train import UsageError
 
@@ -165,6 +166,28 @@ class Run:
 
     def label(self) -> str:
         return f"{self.task}/{self.entry.name}/lr{self.lr:g}/seed{self.seed}"
+
+
+def check_runs(grid: Grid, parse: Callable[[list[str]], object]):
+    """Refuse a grid whose runs could not start: an unknown task or method, or flags that do not make a
+    valid `kronpeft train` command (`parse`: the CLI's parser). Checked before anything runs."""
+    from .baselines import METHODS
+    from .data import TASKS
+
+    where = f"grid {grid.path}"
+    unknown = [t for t in grid.tasks if t not in TASKS]
+    if unknown:
+        raise UsageError(f"{where}: [study] tasks {unknown} are not tasks kronpeft knows; choose from {sorted(TASKS)}")
+    for entry in grid.methods:
+        if entry.method not in METHODS:
+            raise UsageError(f"{where}: method {entry.name!r}: method = {entry.method!r} is not one of {list(METHODS)}")
+        for task in entry.tasks:
+            flags = Run(task, entry, entry.lrs[0], grid.sweep_seed, "sweep").flags(grid)
+            try:
+                parse(["train", *argv(flags)])
+            except UsageError as err:
+                raise UsageError(f"{where}: method {entry.name!r} on {task}: its flags ([train], [task.{task}], "
+                                 f"args) make no valid `kronpeft train` command: {err}") from None
 
 
 def argv(flags: dict) -> list[str]:
