@@ -131,9 +131,24 @@ def test_task_and_method_filters(grid, monkeypatch):
     ran = []
     monkeypatch.setattr(study, "run_one", lambda g, run, *a: (ran.append(run.label()), fake_row(g, run, 0.5))[1])
     monkeypatch.setattr(study, "machine", lambda: {})
-    study.run_grid(grid, only_tasks=["mrpc"], only_methods=["lora-r8"])
+    study.run_grid(study.select(grid, ["mrpc"], ["lora-r8"]))
     assert ran == ["mrpc/lora-r8/lr0.001/seed0", "mrpc/lora-r8/lr0.003/seed0",
                    "mrpc/lora-r8/lr0.001/seed1", "mrpc/lora-r8/lr0.001/seed2"]
+    keys = {r.label(): r.key(grid) for r in study.plan(grid, [])[0]}  # a run's identity ignores the selection
+    assert all(keys[r.label()] == r.key(grid) for r in study.plan(study.select(grid, ["rte"]), [])[0])
+
+
+def test_task_and_method_filters_in_the_cli(grid, capsys, monkeypatch):
+    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
+    assert main(["study", str(grid.path), "--dry-run", "--tasks", "rte"]) == 0
+    listed = [l.split()[1] for l in capsys.readouterr().out.splitlines() if l.startswith("sweep")]
+    assert listed == ["rte/krona/lr0.001/seed0", "rte/krona/lr0.003/seed0", "rte/krona/lr0.01/seed0"]
+    for flag, value, words in [("--tasks", "sst2", "--tasks sst2: not in grid"),
+                               ("--methods", "lora-r8,zz", "--methods zz: not in grid")]:
+        assert main(["study", str(grid.path), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "its " + flag[2:] in err
+    assert not grid.results.exists()
 
 
 def test_concurrent_appends_never_corrupt_or_duplicate(tmp_path):
@@ -227,6 +242,31 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
     for name in ("t-score-vs-params.png", "t-train-time.png"):
         png = out.parent / "img" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_report_page_is_replaced_atomically_and_bad_out_is_refused(grid, tmp_path, monkeypatch, capsys):
+    from kronpeft.atomic import TMP_MARK
+
+    todo, _ = study.plan(grid, [])
+    grid.results.write_text("".join(json.dumps(fake_row(grid, r, 0.7)) + "\n" for r in todo))
+    out = tmp_path / "docs" / "results.md"
+    assert main(["report", str(grid.path), "--out", str(out)]) == 0
+    before = out.read_text()
+    grid.results.write_text("".join(json.dumps(fake_row(grid, r, 0.6)) + "\n" for r in todo))
+
+    def crash(self, text, *args, **kwargs):  # the disk fills halfway through the page
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", crash)
+    assert main(["report", str(grid.path), "--out", str(out)]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("kronpeft: error: --out ") and "No space left on device" in err[-1]
+    assert out.read_text() == before and not [p for p in out.parent.rglob("*") if TMP_MARK in p.name]
+    assert main(["report", str(grid.path), "--out", str(out.parent)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_score_plot_gives_a_family_one_colour_in_every_panel(grid, tmp_path, monkeypatch):

@@ -224,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_study(args) -> int:
-    from .study import check_runs, dry_run, load_grid, run_grid, stop_on_sigterm
+    from .study import check_runs, dry_run, load_grid, run_grid, select, stop_on_sigterm
 
-    grid = load_grid(args.grid)
+    grid = select(load_grid(args.grid), args.tasks, args.methods)
     check_runs(grid, build_parser().parse_args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     if args.dry_run:
@@ -234,8 +234,7 @@ def _cmd_study(args) -> int:
         return 0
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        done = run_grid(grid, threads=threads, parallel=args.parallel, max_runs=args.max_runs,
-                        only_tasks=args.tasks, only_methods=args.methods)
+        done = run_grid(grid, threads=threads, parallel=args.parallel, max_runs=args.max_runs)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"kronpeft study: {done} run(s) recorded in {grid.results}")
@@ -246,7 +245,15 @@ def _cmd_report(args) -> int:
     from .report import render
     from .study import load_grid
 
-    page = render(load_grid(args.grid), Path(args.out))
+    grid, out = load_grid(args.grid), Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; pass the Markdown page to write, e.g. {out / 'results.md'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        page = render(grid, out)
+    except OSError as err:
+        raise UsageError(f"--out {out}: could not write the page or its plots in {out.parent / 'img'} "
+                         f"({err.strerror or err}); pass another --out") from None
     print(f"wrote {page}")
     return 0
 

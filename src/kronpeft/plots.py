@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .atomic import write_atomic
+
 MARKERS_UP_TO = 50  # loss curves with at most this many logged points get a marker per point
 
 
@@ -25,8 +27,8 @@ def plot_curves(records: list[dict], path: str | Path, main_metric: str) -> Path
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return path

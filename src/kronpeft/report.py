@@ -13,6 +13,7 @@ from pathlib import Path
 
 from scipy.stats import ttest_ind
 
+from .atomic import write_atomic
 from .study import Grid, argv, best_lr, cpu_seconds, current_rows, read_results
 
 
@@ -206,8 +207,10 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
     legend_height = 0.3 * legend_rows + 0.15  # inches
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), frameon=False)
     fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _median_of(rows: list[dict], key: str) -> float | None:
@@ -265,8 +268,10 @@ def plot_times(ratios: dict, reference: str, path: Path):
     ax.legend(handles=handles, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # never over the bars
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
@@ -323,7 +328,7 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         lines += ["", grid.notes.read_text().rstrip()]
     if rows:
         lines += ["", "## Setup", ""] + setup(grid, rows)
-    out.write_text("\n".join(lines) + "\n")
+    write_atomic(out, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return out
 
 

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -166,6 +167,17 @@ class Run:
 
     def label(self) -> str:
         return f"{self.task}/{self.entry.name}/lr{self.lr:g}/seed{self.seed}"
+
+
+def select(grid: Grid, tasks: list[str] | None = None, methods: list[str] | None = None) -> Grid:
+    """The grid narrowed to some of its tasks and methods (`--tasks`, `--methods`); a name the grid does not
+    have is a UsageError. A run's identity does not depend on the selection."""
+    for flag, asked, known in (("--tasks", tasks, list(grid.tasks)), ("--methods", methods, [e.name for e in grid.methods])):
+        unknown = [v for v in asked or [] if v not in known]
+        if unknown:
+            raise UsageError(f"{flag} {','.join(unknown)}: not in grid {grid.path} (its {flag[2:]}: {', '.join(known)})")
+    return dataclasses.replace(grid, tasks=tuple(t for t in grid.tasks if not tasks or t in tasks),
+                               methods=[e for e in grid.methods if not methods or e.name in methods])
 
 
 def check_runs(grid: Grid, parse: Callable[[list[str]], object]):
@@ -536,8 +548,7 @@ def dry_run(grid: Grid, threads: int, parallel: int):
              if unknown else ""))
 
 
-def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | None = None,
-             only_tasks: list[str] | None = None, only_methods: list[str] | None = None) -> int:
+def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | None = None) -> int:
     """Run what is left of the grid, `parallel` runs at a time; returns how many runs were recorded."""
     host = machine()
     in_flight: dict = {}
@@ -549,8 +560,7 @@ def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | No
             rows = [r for r in read_results(grid.results) if r.get("grid") == grid.name]
             todo, _ = plan(grid, rows)
             busy = {run.key(grid) for run in in_flight.values()}
-            todo = [r for r in todo if r.key(grid) not in busy | failed and (not only_tasks or r.task in only_tasks)
-                    and (not only_methods or r.entry.name in only_methods)]
+            todo = [r for r in todo if r.key(grid) not in busy | failed]
             while todo and len(in_flight) < parallel and (max_runs is None or launched < max_runs):
                 run = todo.pop(0)
                 print(f"kronpeft study: start {run.label()} ({run.stage})", file=sys.stderr, flush=True)
