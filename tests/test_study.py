@@ -468,6 +468,11 @@ def test_bad_grid_files_are_one_line_errors(tmp_path, capsys, monkeypatch):
     assert "method 'lora-r8': lrs must be positive" in capsys.readouterr().err
     assert main(["study", str(tmp_path / "missing.toml")]) == 2
     assert "not found" in capsys.readouterr().err
+    for old, new, words in [("[train]\n", "[train]\nseed = 3\n", "[train] sets ['seed']"),
+                            ("args = { r = 8 }", 'args = { r = 8, lr = 0.1 }', "method 'lora-r8': args sets ['lr']")]:
+        path.write_text(GRID.replace(old, new))
+        assert main(["study", str(path), "--dry-run"]) == 2
+        assert words in capsys.readouterr().err
     for table, words in [("[task.sst2]\nepochs = 3\n", "[task.sst2] must be a table for one of"),
                          ("[task.rte]\nlr = 0.1\n", "[task.rte] sets ['lr']")]:
         path.write_text(GRID + table)

@@ -114,11 +114,19 @@ def load_grid(path: str | os.PathLike) -> Grid:
         unknown = [t for t in m_tasks if t not in tasks]
         if unknown:
             raise UsageError(f"{where}: method {m['name']!r}: tasks {unknown} are not in [study] tasks {list(tasks)}")
+        fixed = sorted(set(m.get("args", {})) & RUN_FLAGS)
+        if fixed:
+            raise UsageError(f"{where}: method {m['name']!r}: args sets {fixed}, which the grid sets per run "
+                             f"(model in [study], lr in lrs, seed in seeds); remove them from args")
         methods.append(MethodEntry(m["name"], m["method"], m.get("family", m["method"]), lrs, m_tasks,
                                    dict(m.get("args", {}))))
     names = [m.name for m in methods]
     if len(set(names)) != len(names) or not names:
         raise UsageError(f"{where}: [[method]] names must be unique and at least one, got {names}")
+    fixed = sorted(set(raw.get("train", {})) & RUN_FLAGS)
+    if fixed:
+        raise UsageError(f"{where}: [train] sets {fixed}, which the grid sets per run (model in [study], tasks, "
+                         f"methods, lrs, seeds); remove them from [train]")
     task_train = raw.get("task", {})
     for task, table in task_train.items():
         if task not in tasks or not isinstance(table, dict):
