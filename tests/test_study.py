@@ -468,7 +468,12 @@ def test_bad_grid_files_are_one_line_errors(tmp_path, capsys, monkeypatch):
     assert "method 'lora-r8': lrs must be positive" in capsys.readouterr().err
     assert main(["study", str(tmp_path / "missing.toml")]) == 2
     assert "not found" in capsys.readouterr().err
-    for old, new, words in [("[train]\n", "[train]\nseed = 3\n", "[train] sets ['seed']"),
+    for old, new, words in [("seeds = [0, 1, 2]", "seeds = []", "[study] seeds must be a non-empty list"),
+                            ("seeds = [0, 1, 2]", "seeds = [0, 0]", "without repeats, got [0, 0]"),
+                            ('tasks = ["mrpc", "rte"]', 'tasks = "mrpc"', "[study] tasks must be a non-empty list"),
+                            ("lrs = [1e-3, 3e-3]", "lrs = 1e-3", "method 'lora-r8': lrs must be a non-empty list"),
+                            ("lrs = [1e-3, 3e-3]", 'lrs = ["x"]', "method 'lora-r8': lrs must be"),
+                            ("[train]\n", "[train]\nseed = 3\n", "[train] sets ['seed']"),
                             ("args = { r = 8 }", 'args = { r = 8, lr = 0.1 }', "method 'lora-r8': args sets ['lr']")]:
         path.write_text(GRID.replace(old, new))
         assert main(["study", str(path), "--dry-run"]) == 2

@@ -83,6 +83,15 @@ class Grid:
     claims: list[Claim] = field(default_factory=list)
 
 
+def _list(value, kinds: tuple[type, ...], what: str, field: str) -> tuple:
+    """`value` as a tuple when it is a non-empty list of `kinds` without repeats, else a UsageError on `field`."""
+    ok = (isinstance(value, list) and value and len(set(value)) == len(value)
+          and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value))
+    if not ok:
+        raise UsageError(f"{field} must be a non-empty list of {what} without repeats, got {value!r}")
+    return tuple(value)
+
+
 def load_grid(path: str | os.PathLike) -> Grid:
     """Parse and check a grid file; every problem is a UsageError naming the file and the field."""
     path = Path(path)
@@ -97,20 +106,22 @@ def load_grid(path: str | os.PathLike) -> Grid:
     for key in ("name", "tasks", "seeds"):
         if key not in study:
             raise UsageError(f"{where}: [study] needs {key!r}")
-    seeds = tuple(study["seeds"])
+    if not isinstance(study["name"], str) or not study["name"]:
+        raise UsageError(f"{where}: [study] name must be a non-empty string, got {study['name']!r}")
+    seeds = _list(study["seeds"], (int,), "whole numbers", f"{where}: [study] seeds")
     sweep_seed = study.get("sweep_seed", seeds[0])
     if sweep_seed not in seeds:
         raise UsageError(f"{where}: sweep_seed {sweep_seed} is not one of seeds {list(seeds)}")
-    tasks = tuple(study["tasks"])
+    tasks = _list(study["tasks"], (str,), "task names", f"{where}: [study] tasks")
     methods = []
     for i, m in enumerate(raw.get("method", [])):
         for key in ("name", "method", "lrs"):
             if key not in m:
                 raise UsageError(f"{where}: [[method]] #{i + 1} needs {key!r}")
-        lrs = tuple(float(v) for v in m["lrs"])
-        if not lrs or any(not math.isfinite(v) or v <= 0 for v in lrs):
+        lrs = tuple(float(v) for v in _list(m["lrs"], (int, float), "numbers", f"{where}: method {m['name']!r}: lrs"))
+        if any(not math.isfinite(v) or v <= 0 for v in lrs):
             raise UsageError(f"{where}: method {m['name']!r}: lrs must be positive numbers, got {m['lrs']!r}")
-        m_tasks = tuple(m.get("tasks", tasks))
+        m_tasks = _list(m.get("tasks", list(tasks)), (str,), "task names", f"{where}: method {m['name']!r}: tasks")
         unknown = [t for t in m_tasks if t not in tasks]
         if unknown:
             raise UsageError(f"{where}: method {m['name']!r}: tasks {unknown} are not in [study] tasks {list(tasks)}")
