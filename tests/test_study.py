@@ -138,6 +138,16 @@ def test_task_and_method_filters(grid, monkeypatch):
     assert all(keys[r.label()] == r.key(grid) for r in study.plan(study.select(grid, ["rte"]), [])[0])
 
 
+def test_an_unwritable_results_file_is_refused_before_any_run(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "g.toml"
+    path.write_text(GRID.replace('results = "results.jsonl"', 'results = "a-file/results.jsonl"'))
+    monkeypatch.setattr(study, "run_one", lambda *a: pytest.fail("started a run whose row could not be recorded"))
+    assert main(["study", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write its results file" in err[0] and "[study] results" in err[0]
+
+
 def test_task_and_method_filters_in_the_cli(grid, capsys, monkeypatch):
     monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
     assert main(["study", str(grid.path), "--dry-run", "--tasks", "rte"]) == 0

@@ -569,6 +569,17 @@ def dry_run(grid: Grid, threads: int, parallel: int):
 
 def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | None = None) -> int:
     """Run what is left of the grid, `parallel` runs at a time; returns how many runs were recorded."""
+    try:  # before any run: a finished run must never fail to be recorded
+        grid.results.parent.mkdir(parents=True, exist_ok=True)
+        with open(grid.results, "a"):
+            pass
+        grid.runs_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(grid.runs_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        raise UsageError(f"grid {grid.path}: cannot write its results file {grid.results} or run folders in "
+                         f"{grid.runs_dir} ({err.strerror or err}); fix [study] results / runs_dir or the "
+                         f"folders' permissions") from None
     host = machine()
     in_flight: dict = {}
     failed: set[str] = set()  # not retried by this invocation (a rerun of the command tries again)
