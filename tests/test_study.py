@@ -42,7 +42,8 @@ args = { r = 8 }
 
 
 @pytest.fixture
-def grid(tmp_path):
+def grid(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the grid's run folders (runs/study/t) land here, not in the repository
     path = tmp_path / "grid.toml"
     path.write_text(GRID)
     return study.load_grid(path)
