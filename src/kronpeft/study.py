@@ -43,7 +43,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 # -- the grid -------------------------------------------------------------------------------------------
 
-RUN_FLAGS = {"model", "task", "method", "lr", "seed", "output_dir"}  # set by the grid per run, never in [task.*]
+RUN_FLAGS = {"model", "task", "method", "lr", "seed", "output_dir"}  # set by the grid per run, never in a table
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,14 @@ def _list(value, kinds: tuple[type, ...], what: str, field: str) -> tuple:
     return tuple(value)
 
 
+def _no_run_flags(table: dict, field: str):
+    """Refuse flags the grid sets per run in a table of shared flags (`[train]`, `[task.X]`, a method's args)."""
+    fixed = sorted(set(table) & RUN_FLAGS)
+    if fixed:
+        raise UsageError(f"{field} sets {fixed}, which the grid sets per run (model in [study], tasks, methods, lrs, "
+                         f"seeds); set only training flags there (epochs, batch_size, max_length, ...)")
+
+
 def load_grid(path: str | os.PathLike) -> Grid:
     """Parse and check a grid file; every problem is a UsageError naming the file and the field."""
     path = Path(path)
@@ -125,27 +133,18 @@ def load_grid(path: str | os.PathLike) -> Grid:
         unknown = [t for t in m_tasks if t not in tasks]
         if unknown:
             raise UsageError(f"{where}: method {m['name']!r}: tasks {unknown} are not in [study] tasks {list(tasks)}")
-        fixed = sorted(set(m.get("args", {})) & RUN_FLAGS)
-        if fixed:
-            raise UsageError(f"{where}: method {m['name']!r}: args sets {fixed}, which the grid sets per run "
-                             f"(model in [study], lr in lrs, seed in seeds); remove them from args")
+        _no_run_flags(m.get("args", {}), f"{where}: method {m['name']!r}: args")
         methods.append(MethodEntry(m["name"], m["method"], m.get("family", m["method"]), lrs, m_tasks,
                                    dict(m.get("args", {}))))
     names = [m.name for m in methods]
     if len(set(names)) != len(names) or not names:
         raise UsageError(f"{where}: [[method]] names must be unique and at least one, got {names}")
-    fixed = sorted(set(raw.get("train", {})) & RUN_FLAGS)
-    if fixed:
-        raise UsageError(f"{where}: [train] sets {fixed}, which the grid sets per run (model in [study], tasks, "
-                         f"methods, lrs, seeds); remove them from [train]")
+    _no_run_flags(raw.get("train", {}), f"{where}: [train]")
     task_train = raw.get("task", {})
     for task, table in task_train.items():
         if task not in tasks or not isinstance(table, dict):
             raise UsageError(f"{where}: [task.{task}] must be a table for one of [study] tasks {list(tasks)}")
-        fixed = sorted(set(table) & RUN_FLAGS)
-        if fixed:
-            raise UsageError(f"{where}: [task.{task}] sets {fixed}, which the grid itself sets per run; "
-                             f"set only training flags there (epochs, batch_size, max_length, ...)")
+        _no_run_flags(table, f"{where}: [task.{task}]")
     claims = []
     for i, c in enumerate(raw.get("claim", [])):
         if not {"text", "better", "worse"} <= set(c) or not {c["better"], c["worse"]} <= set(names):
