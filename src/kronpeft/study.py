@@ -29,12 +29,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .train import UsageError
+from .train import CHECKPOINT, STATE_FILE, UsageError
 
 try:
     import tomllib
@@ -194,7 +193,7 @@ def select(grid: Grid, tasks: list[str] | None = None, methods: list[str] | None
         unknown = [v for v in asked or [] if v not in known]
         if unknown:
             raise UsageError(f"{flag} {','.join(unknown)}: not in grid {grid.path} (its {flag[2:]}: {', '.join(known)})")
-    return dataclasses.replace(grid, tasks=tuple(t for t in grid.tasks if not tasks or t in tasks),
+    return replace(grid, tasks=tuple(t for t in grid.tasks if not tasks or t in tasks),
                                methods=[e for e in grid.methods if not methods or e.name in methods])
 
 
@@ -394,7 +393,7 @@ def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> di
     out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
     flags = {**run.flags(grid), "output_dir": str(out)}
     cmd = ["train", *argv(flags)]
-    if (out / "checkpoint" / "state.json").is_file() or (out / "metrics.json").is_file():
+    if (out / CHECKPOINT / STATE_FILE).is_file() or (out / "metrics.json").is_file():
         cmd.append("--resume")
     else:
         cmd.append("--overwrite")
@@ -452,7 +451,7 @@ def _checkpoint_cpu_seconds(out: Path) -> float:
     """CPU seconds the interrupted parts of a run used up to its checkpoint (0 when unknown): a resumed
     run's row counts every part, not only the last."""
     try:
-        cpu = json.loads((out / "checkpoint" / "state.json").read_text()).get("cpu_seconds")
+        cpu = json.loads((out / CHECKPOINT / STATE_FILE).read_text()).get("cpu_seconds")
     except (OSError, ValueError, AttributeError):
         return 0.0
     return float(cpu) if isinstance(cpu, (int, float)) else 0.0

@@ -528,10 +528,9 @@ def run(args) -> dict | None:
     if resuming:
         loaded = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler)
         state.update({k: loaded[k] for k in ("step", "evals", "best", "train_seconds")})
-        for key in ("train_cpu_seconds", "cpu_seconds"):  # older checkpoints lack them: unknown, or 0
-            value = loaded.get(key)
-            known = isinstance(value, (int, float))
-            state[key] = float(value) if known else None if key == "train_cpu_seconds" else 0.0
+        train_cpu, cpu = loaded.get("train_cpu_seconds"), loaded.get("cpu_seconds")  # older checkpoints lack them
+        state["train_cpu_seconds"] = float(train_cpu) if isinstance(train_cpu, (int, float)) else None  # unknown
+        state["cpu_seconds"] = float(cpu) if isinstance(cpu, (int, float)) else 0.0
         state["args"] = vars(args)
     model, optimizer = accelerator.prepare(model, optimizer)  # DDP on several processes; device placement
     raw = accelerator.unwrap_model(model)
