@@ -249,8 +249,7 @@ def _cmd_report(args) -> int:
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; pass the Markdown page to write, e.g. {out / 'results.md'}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        page = render(grid, out)
+        page = render(grid, out)  # makes out's folder and its img/
     except OSError as err:
         raise UsageError(f"--out {out}: could not write the page or its plots in {out.parent / 'img'} "
                          f"({err.strerror or err}); pass another --out") from None

@@ -26,9 +26,16 @@ def plot_curves(records: list[dict], path: str | Path, main_metric: str) -> Path
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return save_png(fig, path, dpi=100)
+
+
+def save_png(fig, path: str | Path, dpi: int) -> Path:
+    """Write a matplotlib figure as PNG atomically (a crash leaves the old file whole) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:
         plt.close(fig)
     return path

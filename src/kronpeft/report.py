@@ -14,6 +14,7 @@ from pathlib import Path
 from scipy.stats import ttest_ind
 
 from .atomic import write_atomic
+from .plots import save_png
 from .study import Grid, argv, best_lr, cpu_seconds, current_rows, read_results
 
 
@@ -207,10 +208,7 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
     legend_height = 0.3 * legend_rows + 0.15  # inches
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), frameon=False)
     fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def _median_of(rows: list[dict], key: str) -> float | None:
@@ -268,10 +266,7 @@ def plot_times(ratios: dict, reference: str, path: Path):
     ax.legend(handles=handles, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # never over the bars
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
