@@ -2,11 +2,16 @@
 malformed rows, and the rendered table and plots from a hand-written results file."""
 from __future__ import annotations
 
+import fcntl
+import importlib.util
 import json
 import multiprocessing
 import os
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -176,9 +181,6 @@ def test_concurrent_appends_never_corrupt_or_duplicate(tmp_path):
 
 
 def test_a_second_runner_leaves_a_claimed_run_alone(grid, tmp_path, monkeypatch):
-    import fcntl
-    import os
-
     grid.runs_dir = tmp_path / "runs"
     run = study.plan(grid, [])[0][0]
     out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
@@ -299,8 +301,6 @@ def test_score_plot_gives_a_family_one_colour_in_every_panel(grid, tmp_path, mon
 
 
 def test_add_curves_backfills_only_rows_whose_log_agrees(grid, tmp_path, monkeypatch, capsys):
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(
         "add_curves", Path(__file__).parents[1] / "benchmarks" / "study" / "add_curves.py")
     add_curves = importlib.util.module_from_spec(spec)
@@ -325,7 +325,6 @@ def test_add_curves_backfills_only_rows_whose_log_agrees(grid, tmp_path, monkeyp
     assert [{k: v for k, v in r.items() if k != "curve"} for r in after] == rows
     assert "added 1 curve(s)" in capsys.readouterr().out
     held = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)  # a runner at work: refused
-    import fcntl
     fcntl.flock(held, fcntl.LOCK_EX)
     try:
         with pytest.raises(SystemExit, match="stop it first"):
@@ -389,8 +388,6 @@ sys.exit(main(["study", "grid.toml", "--parallel", "2"]))
 
 def start_runner_with_two_runs(tmp_path):
     """A real `kronpeft study` process whose two runs are sleepers; (runner, the runs' pids)."""
-    import subprocess
-    import time
 
     (tmp_path / "runner.py").write_text(RUNNER)
     with open(tmp_path / "runner.err", "w") as err:
@@ -416,9 +413,6 @@ def alive(pid):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_sigterm_to_the_runner_ends_its_runs(grid, tmp_path):
-    import signal
-    import time
-
     runner, pids = start_runner_with_two_runs(tmp_path)
     runner.send_signal(signal.SIGTERM)
     assert runner.wait(timeout=30) == 128 + signal.SIGTERM
@@ -432,8 +426,6 @@ def test_sigterm_to_the_runner_ends_its_runs(grid, tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_a_run_outliving_a_killed_runner_keeps_its_claim(grid, tmp_path):
-    import signal
-
     runner, pids = start_runner_with_two_runs(tmp_path)
     try:
         runner.kill()  # SIGKILL: no handler runs, the two runs go on as orphans
