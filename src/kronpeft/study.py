@@ -168,7 +168,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
 class Run:
     task: str
     entry: MethodEntry
-    lr: float
+    lr: float | None  # None: a seed run waiting for its sweep's best rate
     seed: int
     stage: str  # "sweep" or "seed"
 
@@ -183,7 +183,7 @@ class Run:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def label(self) -> str:
-        return f"{self.task}/{self.entry.name}/lr{self.lr:g}/seed{self.seed}"
+        return f"{self.task}/{self.entry.name}/lr{'?' if self.lr is None else f'{self.lr:g}'}/seed{self.seed}"
 
 
 def select(grid: Grid, tasks: list[str] | None = None, methods: list[str] | None = None) -> Grid:
@@ -313,12 +313,12 @@ def runs_left(grid: Grid) -> int:
     """Runs of the grid not recorded yet: those that can start, and the seeds waiting for their sweep."""
     todo, waiting = plan(grid, [r for r in read_results(grid.results, warn=lambda _: None)
                                 if r.get("grid") == grid.name])
-    return len(todo) + len(waiting) * (len(grid.seeds) - 1)
+    return len(todo) + len(waiting)
 
 
-def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[str]]:
+def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[Run]]:
     """The runs left that can start now (task by task: the sweeps, then the seeds; methods in grid order)
-    and the decisions still pending."""
+    and the seed runs waiting for their sweep to choose the rate (`lr` None)."""
     done = {r["key"] for r in rows}
     todo, waiting = [], []
     for task in grid.tasks:
@@ -336,9 +336,7 @@ def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[str]]:
             left = [run for run in sweep if run.key(grid) not in done]
             if left:
                 todo += left
-                others = [s for s in grid.seeds if s != grid.sweep_seed]
-                if others:
-                    waiting.append(f"{task}/{entry.name}: seeds {others} wait for the sweep's best lr")
+                waiting += [Run(task, entry, None, s, "seed") for s in grid.seeds if s != grid.sweep_seed]
                 continue
             lr = best_lr([r for r in recorded if r["lr"] in {run.lr for run in sweep}])
             todo += [run for s in grid.seeds if s != grid.sweep_seed
@@ -550,15 +548,10 @@ def dry_run(grid: Grid, threads: int, parallel: int):
     todo, waiting = plan(grid, rows)
     for run in todo:
         print(f"{run.stage:5}  {run.label()}")
-    for note in waiting:
-        print(f"later  {note}")
-    later = []  # the seed runs still waiting, at the first lr of each sweep (for the estimate only)
-    for task in grid.tasks:
-        for entry in grid.methods:
-            if task in entry.tasks and any(r.task == task and r.entry == entry and r.stage == "sweep" for r in todo):
-                later += [Run(task, entry, entry.lrs[0], s, "seed") for s in grid.seeds if s != grid.sweep_seed]
-    seconds, unknown = estimate_seconds(grid, todo + later, read_results(grid.results, warn=lambda _: None))
-    print(f"{len(rows)} runs recorded in {grid.results}; {len(todo)} can start now, {len(later)} more wait for "
+    for run in waiting:
+        print(f"later  {run.label()} (waits for the sweep's best lr)")
+    seconds, unknown = estimate_seconds(grid, todo + waiting, read_results(grid.results, warn=lambda _: None))
+    print(f"{len(rows)} runs recorded in {grid.results}; {len(todo)} can start now, {len(waiting)} more wait for "
           f"their sweep; estimate {seconds / 3600:.1f} CPU-hours, {seconds / 3600 / max(parallel * threads, 1):.1f} "
           f"h wall with {parallel} x {threads} thread(s)"
           + (f" ({unknown} runs with no recorded row or data to go by: guessed at 3 s x 500 steps)"
