@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from kronpeft.atomic import write_atomic
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import layer_level  # noqa: E402
@@ -161,8 +163,8 @@ def main(argv=None):
     report = "\n\n".join([header, *sections]) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(report)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_atomic(out / "results.md", lambda tmp: tmp.write_text(report))
+    write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1) + "\n"))
     print("\n" + report)
 
 

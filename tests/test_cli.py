@@ -168,6 +168,33 @@ def test_merge_then_eval(krona_run, tmp_path, capsys):
 
 @needs_glue
 @needs_minilm
+def test_eval_output_and_merge_overwrite_survive_a_crash(krona_run, tmp_path, monkeypatch, capsys):
+    """A kill in the middle of writing `eval --output` or a `merge --overwrite` leaves the old file or
+    folder whole: both are written beside their target and swapped in."""
+    import kronpeft.atomic as atomic
+    from test_reliability_atomic import Crash, CrashAt
+
+    report = tmp_path / "eval.json"
+    report.write_text("old report")
+    args = ["eval", "--adapter", str(krona_run / "adapter"), "--data-dir", str(GLUE), "--max-eval-samples", "15",
+            "--output", str(report)]
+    with monkeypatch.context() as m:
+        CrashAt(m, 1)  # the first write step: half a file, then the kill
+        with pytest.raises(Crash, match="_write_text"):
+            cli.main(args)
+    assert report.read_text() == "old report"
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--adapter", str(krona_run / "adapter"), "--out", str(merged)]) == 0
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+    with monkeypatch.context() as m:
+        m.setattr(atomic, "_exchange", lambda a, b: (_ for _ in ()).throw(Crash("swap")))  # killed at the swap
+        with pytest.raises(Crash):
+            cli.main(["merge", "--adapter", str(krona_run / "adapter"), "--out", str(merged), "--overwrite"])
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
+
+
+@needs_glue
+@needs_minilm
 def test_merge_lora_then_eval(tmp_path):
     assert train(tmp_path / "lora", "--no-eval-before", method="lora") == 0
     merged = tmp_path / "merged"

@@ -2,7 +2,6 @@
 import re
 from pathlib import Path
 
-import pytest
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ecosystem.md"
 HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"

@@ -1,5 +1,6 @@
-"""§2 never lose an adapter or a run: a crash injected at every write step of `save_pretrained` and of
-the checkpoint writer, each followed by a successful load (the old or the new version)."""
+"""§2 never lose an adapter or a run: a crash injected at every write step of `save_pretrained`, of the
+checkpoint writer and of the folder swap (merged models, PEFT exports), each followed by a successful
+load (the old or the new version)."""
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +25,7 @@ class CrashAt:
         self.calls, self.at = 0, at
         for owner, name in [(os, "replace"), (os, "rename"), (os, "link"), (os, "fsync"), (Path, "unlink"),
                             (shutil, "rmtree"),
-                            (atomic, "save_file"), (atomic, "_write_text")]:
+                            (atomic, "save_file"), (atomic, "_write_text"), (atomic, "_exchange")]:
             monkeypatch.setattr(owner, name, self.wrap(getattr(owner, name), name))
 
     def wrap(self, real, name):
@@ -135,3 +136,70 @@ def test_checkpoint_survives_a_crash_at_every_step(tmp_path, monkeypatch):
         assert sorted(p.name for p in target.iterdir()) == ["optimizer.safetensors", "state.json",
                                                             "trainable.safetensors"]
     assert seen == {1, 2}
+
+
+def folder(path: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in path.iterdir()}
+
+
+def write_new_folder(target, keep_others=False):
+    with atomic.replacing_dir(target, keep_others=keep_others) as tmp:
+        atomic._write_text(tmp / "a.txt", "new a")
+        atomic._write_text(tmp / "b.txt", "new b")
+
+
+@pytest.mark.parametrize("swap", ["exchange", "rename aside"])
+@pytest.mark.parametrize("keep_others", [False, True])
+def test_folder_swap_survives_a_crash_at_every_step(tmp_path, monkeypatch, keep_others, swap):
+    if swap == "rename aside":  # systems without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "a.txt").write_text("old a")
+    (tmp_path / "old" / "c.txt").write_text("old c")  # not written by the new version
+    old = folder(tmp_path / "old")
+    new = {"a.txt": "new a", "b.txt": "new b", **({"c.txt": "old c"} if keep_others else {})}
+    shutil.copytree(tmp_path / "old", tmp_path / "scratch")
+    steps = crash_points(monkeypatch, lambda: write_new_folder(tmp_path / "scratch", keep_others))
+    assert folder(tmp_path / "scratch") == new
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the old folder is gone
+    seen = set()
+    for at in range(1, steps + 1):
+        target = crashed_copy(tmp_path, monkeypatch, at, lambda d: write_new_folder(d, keep_others))
+        if target.exists():
+            state = "old" if folder(target) == old else "new" if folder(target) == new else "neither"
+        else:  # only without the swap: between the two renames, the old folder waits under a hidden name
+            aside = [p for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.tmp-old-")]
+            assert swap == "rename aside" and len(aside) == 1 and folder(aside[0]) == old
+            state = "aside"
+        seen.add(state)
+        write_new_folder(target, keep_others)  # the next write works (nothing to carry over once aside)
+        assert folder(target) == (new if state != "aside" else {"a.txt": "new a", "b.txt": "new b"})
+    assert {"old", "new"} <= seen and "neither" not in seen
+    assert ("aside" in seen) == (swap == "rename aside")
+
+
+def test_folder_swap_error_leaves_the_old_folder_and_new_folders_get_the_usual_permissions(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    write_new_folder(target)
+    (tmp_path / "plain").mkdir()
+    assert target.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777  # not mkdtemp's 0700
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic.replacing_dir(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("disk full")
+    assert folder(target) == {"a.txt": "new a", "b.txt": "new b"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain"]  # the partial folder is removed
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real_rename, failed = os.rename, []
+
+    def rename_new_in_fails(a, b):  # the new folder cannot be renamed in; the old one can be renamed back
+        if Path(a).name.startswith(".out.tmp-") and Path(b) == target and not failed:
+            failed.append(a)
+            raise OSError(28, "No space left on device")
+        real_rename(a, b)
+    monkeypatch.setattr(os, "rename", rename_new_in_fails)
+    with pytest.raises(OSError, match="No space"):
+        with atomic.replacing_dir(target) as tmp:
+            (tmp / "a.txt").write_text("newer a")
+    assert failed and folder(target) == {"a.txt": "new a", "b.txt": "new b"}  # renamed back from aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain"]

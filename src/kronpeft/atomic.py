@@ -6,15 +6,23 @@ each written to a temporary file, fsynced and renamed; then the manifest is repl
 (`<stem>.safetensors`) and the manifest replaced again to name those; only then are files no manifest
 names deleted. A crash at any point therefore leaves either the old manifest with its intact files or
 the new one with its own, and a finished write always has the plain layout.
+
+A folder with no manifest (a merged model, a PEFT adapter) is written whole beside its target and swapped
+in by `replacing_dir`. Single files (metrics, reports, plots) go through `write_atomic`.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import secrets
+import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -40,6 +48,69 @@ def write_atomic(path: Path, write: Callable[[Path], None]):
     except Exception:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def replacing_dir(target: str | os.PathLike, keep_others: bool = False) -> Iterator[Path]:
+    """Yield a new hidden folder beside `target` to write into; when the block succeeds, the folder takes
+    `target`'s place in one step (Linux `renameat2(RENAME_EXCHANGE)`) and the old one is deleted.
+    `keep_others`: the old folder's entries the block did not write are carried over (hard links or copies).
+    A crash or error at any point leaves `target` as it was or wholly new, at worst with a hidden
+    `.<name>.tmp-*` folder beside it. Where the swap is not available (not Linux, or a file system without
+    it) the old folder is renamed aside first: a crash between the two renames leaves it under that name."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}{TMP_MARK}{secrets.token_hex(4)}")
+    tmp.mkdir()  # not mkdtemp: the folder gets the usual permissions, not 0700
+    try:
+        yield tmp
+        if keep_others and target.is_dir():
+            for entry in target.iterdir():
+                if not (tmp / entry.name).exists():
+                    _carry_over(entry, tmp / entry.name)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        if not target.exists():
+            os.rename(tmp, target)
+        elif not _exchange(tmp, target):
+            aside = target.with_name(f".{target.name}{TMP_MARK}old-{secrets.token_hex(4)}")
+            os.rename(target, aside)
+            try:
+                os.rename(tmp, target)
+            except Exception:
+                os.rename(aside, target)
+                raise
+            tmp = aside
+        _fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after the swap: the old folder
+
+
+def _carry_over(entry: Path, dest: Path):
+    if entry.is_dir():
+        shutil.copytree(entry, dest)
+        return
+    try:
+        os.link(entry, dest)
+    except OSError:
+        shutil.copy2(entry, dest)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step; False where the system or file system cannot."""
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # glibc < 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def write_json_atomic(path: Path, data: dict):

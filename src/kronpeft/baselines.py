@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import write_json_atomic
 from .config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
 from .injection import find_places
 from .kron import kron_shapes
@@ -148,7 +149,7 @@ def save_trained(model: nn.Module, method: str, directory: str | os.PathLike, ru
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         kind = "model"
-    _write_json(directory / RUN_FILE, {**run, "method": method, "kind": kind})
+    write_json_atomic(directory / RUN_FILE, {**run, "method": method, "kind": kind})
 
 
 def read_run(directory: str | os.PathLike) -> dict:
@@ -204,8 +205,3 @@ def load_trained(directory: str | os.PathLike, base: nn.Module | None, run: dict
                              f"load it into the base model it was trained on") from None
     raise ValueError(f"{directory}: unknown saved kind {kind!r}")
 
-
-def _write_json(path: Path, data: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

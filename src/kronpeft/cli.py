@@ -7,7 +7,6 @@ another base model, an output folder holding a run, a NaN loss) ends with one li
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -296,11 +295,11 @@ def _load_for_eval(adapter: str, model_name: str | None, task_spec_num_labels: i
 def _cmd_eval(args) -> int:
     import torch
 
+    from . import baselines
+    from .atomic import write_json_atomic
     from .data import get_task, limit, load_split
     from .text2text import is_causal_lm
     from .train import encode, evaluate
-
-    from . import baselines
 
     info = baselines.read_run(args.adapter)
     task = args.task or info.get("task")
@@ -326,7 +325,7 @@ def _cmd_eval(args) -> int:
     for k, v in metrics.items():  # printed first: a failed write must not lose them
         print(f"{spec.name} dev {k}: {v:.4f}")
     try:
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(out, result)
     except OSError as err:
         raise UsageError(f"could not write {out} ({err.strerror or err}); the metrics are printed above; "
                          f"pass --output a writable file path") from None
@@ -335,9 +334,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    import shutil
-
     from . import baselines
+    from .atomic import replacing_dir, write_json_atomic
     from .train import check_writable_dir
 
     out, adapter = Path(args.out).resolve(), Path(args.adapter).resolve()
@@ -352,16 +350,12 @@ def _cmd_merge(args) -> int:
         raise UsageError(f"{args.adapter} is already a plain model (method {info.get('method')}); nothing to merge")
     merged = model.merge_and_unload()  # KronModel (KronA only; others raise) or peft (LoRA, LoKr)
     _name_labels(merged.config, info.get("task"))
-    tmp = out.with_name(f".{out.name}.tmp-merge")  # written whole, then swapped in
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     run = {k: v for k, v in info.items() if k not in ("kind", "method", "model_path")}
-    baselines._write_json(tmp / baselines.RUN_FILE, {**run, "method": info.get("method"), "kind": "model",
-                                                      "merged_from": str(args.adapter)})
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    with replacing_dir(out) as tmp:  # written whole, then swapped in
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / baselines.RUN_FILE, {**run, "method": info.get("method"), "kind": "model",
+                                                     "merged_from": str(args.adapter)})
     print(f"wrote merged {info.get('method')} model to {out}")
     return 0
 

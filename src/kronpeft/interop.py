@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import replacing_dir
 from .config import KronAConfig
 from .injection import SITE_ATTR
 from .kron import kron_shapes
@@ -57,7 +56,7 @@ def to_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike):
         target_modules=sorted(factors), r=r, alpha=config.get("scale", 1.0) * r, decompose_both=False,
         decompose_factor=decompose_factor, modules_to_save=list(meta.get("modules_to_save") or []) or None,
         base_model_name_or_path=meta.get("base_model", {}).get("name_or_path"))
-    with _atomic_dir(out_dir) as tmp:
+    with replacing_dir(out_dir, keep_others=True) as tmp:  # PEFT writes into a folder: others stay
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         peft_config.save_pretrained(str(tmp))
 
@@ -68,8 +67,6 @@ def from_peft(peft_dir: str | os.PathLike, out_dir: str | os.PathLike, base_mode
     `base_model`: the base model's folder or Hub id, whose `config.json` names the architecture (default:
     the adapter's `base_model_name_or_path`); kronpeft records it to refuse loading into another model.
     """
-    from peft.tuners.lokr.layer import factorization
-
     peft_dir = Path(peft_dir)
     peft_config = _read_peft_config(peft_dir)
     try:
@@ -169,26 +166,3 @@ def _base_model_description(peft_dir: Path, peft_config: dict, base_model: str |
                          f"pass the base model's folder or Hub id (--model / base_model=)")
     mapping = peft_config.get("auto_mapping") or {}
     return {"model_type": model_type, "name_or_path": str(name), "class": mapping.get("base_model_class")}
-
-
-class _atomic_dir:
-    """A temporary folder beside `target`, renamed to `target` when the block succeeds."""
-
-    def __init__(self, target):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                if self.target.exists():
-                    for path in self.tmp.iterdir():
-                        os.replace(path, self.target / path.name)
-                else:
-                    os.rename(self.tmp, self.target)
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import baselines
-from .atomic import commit, sha256, write_atomic, write_tensors
+from .atomic import commit, sha256, write_atomic, write_json_atomic, write_tensors
 from .data import get_task, limit, load_split
 from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics, constant_baseline
@@ -676,7 +676,7 @@ def run(args) -> dict | None:
         "steps": step, "num_processes": world, "num_train_examples": len(train_set), "text_to_text": text_to_text,
         "args": vars(args),
     }
-    baselines._write_json(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
     try:
         plot_curves([json.loads(l) for l in log_path.read_text().splitlines()], out / "curves.png", spec.main_metric)
     except Exception as err:  # a plot must never lose a finished run
