@@ -203,3 +203,42 @@ def test_folder_swap_error_leaves_the_old_folder_and_new_folders_get_the_usual_p
             (tmp / "a.txt").write_text("newer a")
     assert failed and folder(target) == {"a.txt": "new a", "b.txt": "new b"}  # renamed back from aside
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain"]
+
+
+def trained(method, seed):
+    from kronpeft import baselines
+
+    model = baselines.build(method, make_model("bert"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "krona"])
+def test_best_adapter_of_a_run_survives_a_crash_at_every_step(tmp_path, monkeypatch, method):
+    """`train` re-saves `adapter/` at every better eval: a kill mid-save leaves the previous best loadable,
+    for PEFT adapters and whole models as for kronpeft's own."""
+    from transformers import AutoModelForSequenceClassification
+
+    from kronpeft import baselines
+
+    def load(folder):
+        if method == "full":
+            return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        return baselines.load_trained(folder, make_model("bert"), baselines.read_run(folder)).eval()
+
+    inputs = model_inputs(make_model("bert"))
+    old, new = trained(method, 1), trained(method, 2)
+    baselines.save_trained(old, method, tmp_path / "old", {"task": "rte"})
+    steps = crash_points(monkeypatch, lambda: baselines.save_trained(new, method, tmp_path / "scratch", {"task": "rte"}))
+    want_old, want_new = outputs(load(tmp_path / "old"), inputs), outputs(load(tmp_path / "scratch"), inputs)
+    assert not torch.equal(want_old, want_new) and torch.equal(want_new, outputs(new, inputs))
+    seen = set()
+    for at in range(1, steps + 1):
+        target = crashed_copy(tmp_path, monkeypatch, at, lambda d: baselines.save_trained(new, method, d, {"task": "rte"}))
+        got = outputs(load(target), inputs)
+        seen.add("old" if torch.equal(got, want_old) else "new" if torch.equal(got, want_new) else "neither")
+    assert seen == {"old", "new"}

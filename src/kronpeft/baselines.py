@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import write_json_atomic
+from .atomic import replacing_dir, write_json_atomic
 from .config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
 from .injection import find_places
 from .kron import kron_shapes
@@ -136,20 +136,14 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]):
 # -- saving and loading -------------------------------------------------------------------------------
 
 def save_trained(model: nn.Module, method: str, directory: str | os.PathLike, run: dict, tokenizer=None):
-    """Save the trained part of `model` to `directory` with `kronpeft_run.json` describing it."""
-    directory = Path(directory)
-    if isinstance(model, KronModel):
-        model.save_pretrained(directory)
-        kind = "kronpeft"
-    elif method in PEFT_METHODS:
-        model.save_pretrained(directory)
-        kind = "peft"
-    else:
-        model.save_pretrained(directory)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-        kind = "model"
-    write_json_atomic(directory / RUN_FILE, {**run, "method": method, "kind": kind})
+    """Save the trained part of `model` to `directory` with `kronpeft_run.json` describing it; the folder
+    is written whole and swapped in (a crash leaves the previous save)."""
+    kind = "kronpeft" if isinstance(model, KronModel) else "peft" if method in PEFT_METHODS else "model"
+    with replacing_dir(directory) as tmp:
+        model.save_pretrained(tmp)
+        if kind == "model" and tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / RUN_FILE, {**run, "method": method, "kind": kind})
 
 
 def read_run(directory: str | os.PathLike) -> dict:
