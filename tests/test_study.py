@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -551,7 +552,14 @@ def test_claims_get_a_verdict_only_with_every_seed(tmp_path):
     rows += [fake_row(grid, r, seeds[(r.entry.name, r.seed)]) for r in later]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report.render(grid, out)
-    # 85.0 ± 2.0 vs 75.0 ± 1.0 over 3 seeds: difference 10.0, SE sqrt(2.0²/3 + 1.0²/3) = 1.29
-    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +10.0 | 2.6 | 0.0048 | holds |" in out.read_text()
+    # 85.0 ± 2.0 vs 75.0 ± 1.0 over 3 seeds: difference 10.0, SE sqrt(2.0²/3 + 1.0²/3) = 1.29, Welch's
+    # df (4/3 + 1/3)² / ((4/3)²/2 + (1/3)²/2) = 2.94, t(0.975, 2.94) = 3.22: 10.0 ± 4.2
+    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +10.0 | +5.8 to +14.2 | 0.0048 | holds |" \
+        in out.read_text()
     assert report.claim_verdict([0.80, 0.82, 0.81], [0.81, 0.80, 0.83], 3)[3] == "within noise"
     assert report.claim_verdict([0.70, 0.71, 0.69], [0.80, 0.81, 0.79], 3)[3] == "reversed"
+    # beyond two standard errors but not beyond Welch's interval (df ~2.4): not a verdict with three seeds
+    better, worse = [0.846, 0.840, 0.833], [0.849, 0.853, 0.853]
+    diff, ci, p, verdict = report.claim_verdict(better, worse, 3)
+    se = (statistics.variance(better) / 3 + statistics.variance(worse) / 3) ** 0.5
+    assert diff < -2 * se and ci[0] < 0 < ci[1] and p > 0.05 and verdict == "within noise"

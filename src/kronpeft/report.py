@@ -87,28 +87,33 @@ def table(grid: Grid, summary: dict) -> list[str]:
     return lines
 
 
-def claim_verdict(better: list[float], worse: list[float], wanted: int) -> tuple[float, float, float | None, str]:
-    """(mean difference, its standard error, Welch's two-sided p or None, verdict) of two cells' seed
-    scores. The verdict waits for `wanted` seeds in both; then "holds" / "reversed" when the difference
-    exceeds two standard errors either way, "within noise" otherwise."""
-    (mb, sb, nb), (mw, sw, nw) = cell_stats(better), cell_stats(worse)
-    diff, se = mb - mw, math.sqrt(sb ** 2 / nb + sw ** 2 / nw)
-    p = float(ttest_ind(better, worse, equal_var=False).pvalue) if min(nb, nw) > 1 and se > 0 else None
-    if min(nb, nw) < wanted:
-        return diff, se, p, f"waiting ({nb}/{wanted} and {nw}/{wanted} seeds)"
-    return diff, se, p, "holds" if diff > 2 * se else "reversed" if diff < -2 * se else "within noise"
+def claim_verdict(better: list[float], worse: list[float], wanted: int
+                  ) -> tuple[float, tuple[float, float] | None, float | None, str]:
+    """(mean difference, its 95 % confidence interval, Welch's two-sided p, verdict) of two cells' seed
+    scores; interval and p are Welch's t-test's (None below two seeds or with no spread). The verdict waits
+    for `wanted` seeds in both; then "holds" / "reversed" when the interval excludes zero (p < 0.05) on
+    either side, "within noise" otherwise."""
+    diff = statistics.fmean(better) - statistics.fmean(worse)
+    ci = p = None
+    if min(len(better), len(worse)) > 1 and max(statistics.stdev(better), statistics.stdev(worse)) > 0:
+        test = ttest_ind(better, worse, equal_var=False)
+        p, ci = float(test.pvalue), tuple(float(x) for x in test.confidence_interval(0.95))
+    if min(len(better), len(worse)) < wanted:
+        return diff, ci, p, f"waiting ({len(better)}/{wanted} and {len(worse)}/{wanted} seeds)"
+    low, high = ci or (diff, diff)
+    return diff, ci, p, "holds" if low > 0 else "reversed" if high < 0 else "within noise"
 
 
 def claims_table(grid: Grid, summary: dict) -> list[str]:
-    lines = ["| claim | task | better − worse (×100) | 2 SE | Welch p | verdict |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| claim | task | better − worse (×100) | 95 % CI | Welch p | verdict |", "|---|---|---:|---:|---:|---|"]
     for claim in grid.claims:
         for task in grid.tasks:
             b, w = summary.get((task, claim.better)), summary.get((task, claim.worse))
             if b is None or w is None:
                 continue
-            diff, se, p, verdict = claim_verdict(b["scores"], w["scores"], len(grid.seeds))
+            diff, ci, p, verdict = claim_verdict(b["scores"], w["scores"], len(grid.seeds))
             lines.append(f"| {claim.text} (`{claim.better}` vs `{claim.worse}`) | {task} | {100 * diff:+.1f} | "
-                         f"{f'{200 * se:.1f}' if min(len(b['scores']), len(w['scores'])) > 1 else '—'} | "
+                         f"{'—' if ci is None else f'{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}'} | "
                          f"{'—' if p is None else f'{p:.2g}'} | {verdict} |")
     return lines
 
@@ -292,9 +297,11 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         plot_score_vs_params(grid, summary, plot1)
         lines += ["", f"![score vs trainable parameters]({plot1.relative_to(out.parent)})", "",
                   *(["## The papers' claims", "", "Each claim per task: the difference of the two cells' means, "
-                     "two standard errors of that difference (from the seeds' sample std), Welch's t-test, and a "
-                     "verdict once both cells have every seed: *holds* or *reversed* beyond two standard "
-                     "errors, *within noise* otherwise. Three seeds resolve only large differences.", "",
+                     "its 95 % confidence interval and p from Welch's t-test (unequal variances; with three "
+                     "seeds a cell, about 2-4 degrees of freedom, so the interval is roughly ±3 standard errors), "
+                     "and a verdict once both cells have every seed: *holds* or *reversed* when the interval "
+                     "excludes zero (p < 0.05), *within noise* otherwise. Three seeds resolve only large "
+                     "differences.", "",
                      *claims_table(grid, summary), ""] if grid.claims else []),
                   "## Learning rates", "", "The winner in bold; each sweep value with its seed-"
                   f"{grid.sweep_seed} dev score:", ""]
