@@ -301,7 +301,8 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
                      "seeds a cell, about 2-4 degrees of freedom, so the interval is roughly ±3 standard errors), "
                      "and a verdict once both cells have every seed: *holds* or *reversed* when the interval "
                      "excludes zero (p < 0.05), *within noise* otherwise. Three seeds resolve only large "
-                     "differences.", "",
+                     "differences, and among many claim-task pairs where nothing differs about one in twenty "
+                     "still gets a verdict by chance: a lone verdict is weaker than a pattern across tasks.", "",
                      *claims_table(grid, summary), ""] if grid.claims else []),
                   "## Learning rates", "", "The winner in bold; each sweep value with its seed-"
                   f"{grid.sweep_seed} dev score:", ""]
