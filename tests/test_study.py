@@ -301,6 +301,29 @@ def test_score_plot_gives_a_family_one_colour_in_every_panel(grid, tmp_path, mon
     assert report._compact(110_784) == "110.784k" and report._compact(22_000_000) == "22M"
 
 
+def test_score_plot_labels_do_not_overlap(tmp_path):
+    """Methods at nearly the same budget and score (KronA, LoRA r = 1, LoKr, ...) keep readable names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    points = [(9_984, 85.2, "krona"), (9_216, 85.3, "lora-r1"), (9_984, 85.1, "lokr"), (10_000, 85.25, "kronab"),
+              (9_500, 85.2, "adakron-long-name"), (22_713_216, 80.0, "full"), (1_000, 88.0, "tiny")]  # the
+    # last two spread the axes as a real panel does: the first five then sit within a few pixels
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o")
+    ax.set_xscale("log")
+    fig.canvas.draw()
+    report._name_points(ax, points)
+    renderer = fig.canvas.get_renderer()
+    labels = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    assert sorted(labels) == sorted(p[2] for p in points)
+    boxes = list(labels.values())
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
+
+
 def test_add_curves_backfills_only_rows_whose_log_agrees(grid, tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location(
         "add_curves", Path(__file__).parents[1] / "benchmarks" / "study" / "add_curves.py")

@@ -180,6 +180,7 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
     for ax in axes[len(tasks):]:
         ax.set_visible(False)
     colors = {f: f"C{i % 10}" for i, f in enumerate(sorted({e.family for e in grid.methods}))}  # same in every panel
+    named = []  # (axis, [(params, score, method)]): labelled once the layout is final
     for ax, task in zip(axes, tasks):
         families = defaultdict(list)
         for entry in grid.methods:
@@ -191,8 +192,7 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
             points.sort()
             x, y, e, names = zip(*points)
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=family, color=colors[family])
-            for xi, yi, name in zip(x, y, names):
-                ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        named.append((ax, [(xi, yi, name) for points in families.values() for xi, yi, _, name in points]))
         ax.set_xscale("log")
         ax.margins(x=0.2)  # room for the point labels at either end
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -213,7 +213,31 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
     legend_height = 0.3 * legend_rows + 0.15  # inches
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), frameon=False)
     fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
+    fig.canvas.draw()  # final limits and layout, which the labels' positions are measured in
+    for ax, points in named:
+        _name_points(ax, points)
     save_png(fig, path, dpi=120)
+
+
+_LABEL_OFFSETS = [((5, 3), "left"), ((5, -10), "left"), ((-5, 3), "right"), ((-5, -10), "right"),
+                  ((5, 12), "left"), ((5, -19), "left")]  # points: beside the marker, right then left; then further
+
+
+def _name_points(ax, points: list[tuple[float, float, str]]):
+    """Label each point `(x, y, name)` at the first offset where its label overlaps no marker and no label
+    placed before (points taken from the top down; sizes measured with the figure's renderer)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    placed = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in ax.transData.transform([p[:2] for p in points])]
+    for xi, yi, name in sorted(points, key=lambda p: -p[1]):
+        for offset, ha in _LABEL_OFFSETS:
+            label = ax.annotate(name, (xi, yi), textcoords="offset points", xytext=offset, ha=ha, fontsize=7)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed) or offset == _LABEL_OFFSETS[-1][0]:
+                placed.append(box)
+                break
+            label.remove()
 
 
 def _median_of(rows: list[dict], key: str) -> float | None:
