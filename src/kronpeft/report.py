@@ -190,7 +190,7 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
                 families[entry.family].append((adapter_params(s["rows"][0]), 100 * mean, 100 * std, entry.name))
         for family, points in sorted(families.items()):
             points.sort()
-            x, y, e, names = zip(*points)
+            x, y, e, _ = zip(*points)
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=family, color=colors[family])
         named.append((ax, [(xi, yi, name) for points in families.values() for xi, yi, _, name in points]))
         ax.set_xscale("log")
@@ -322,7 +322,7 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         lines += ["", f"![score vs trainable parameters]({plot1.relative_to(out.parent)})", "",
                   *(["## The papers' claims", "", "Each claim per task: the difference of the two cells' means, "
                      "its 95 % confidence interval and p from Welch's t-test (unequal variances; with three "
-                     "seeds a cell, about 2-4 degrees of freedom, so the interval is roughly ±3 standard errors), "
+                     "seeds a cell, about 2-4 degrees of freedom, so the interval spans about ±3 to ±4 standard errors), "
                      "and a verdict once both cells have every seed: *holds* or *reversed* when the interval "
                      "excludes zero (p < 0.05), *within noise* otherwise. Three seeds resolve only large "
                      "differences, and among many claim-task pairs where nothing differs about one in twenty "
