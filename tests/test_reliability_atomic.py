@@ -232,13 +232,16 @@ def test_best_adapter_of_a_run_survives_a_crash_at_every_step(tmp_path, monkeypa
 
     inputs = model_inputs(make_model("bert"))
     old, new = trained(method, 1), trained(method, 2)
+    def save_new(folder):
+        baselines.save_trained(new, method, folder, {"task": "rte"})
+
     baselines.save_trained(old, method, tmp_path / "old", {"task": "rte"})
-    steps = crash_points(monkeypatch, lambda: baselines.save_trained(new, method, tmp_path / "scratch", {"task": "rte"}))
+    steps = crash_points(monkeypatch, lambda: save_new(tmp_path / "scratch"))
     want_old, want_new = outputs(load(tmp_path / "old"), inputs), outputs(load(tmp_path / "scratch"), inputs)
     assert not torch.equal(want_old, want_new) and torch.equal(want_new, outputs(new, inputs))
     seen = set()
     for at in range(1, steps + 1):
-        target = crashed_copy(tmp_path, monkeypatch, at, lambda d: baselines.save_trained(new, method, d, {"task": "rte"}))
+        target = crashed_copy(tmp_path, monkeypatch, at, save_new)
         got = outputs(load(target), inputs)
         seen.add("old" if torch.equal(got, want_old) else "new" if torch.equal(got, want_new) else "neither")
     assert seen == {"old", "new"}

@@ -105,7 +105,8 @@ def claim_verdict(better: list[float], worse: list[float], wanted: int
 
 
 def claims_table(grid: Grid, summary: dict) -> list[str]:
-    lines = ["| claim | task | better − worse (×100) | 95 % CI | Welch p | verdict |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| claim | task | better − worse (×100) | 95 % CI | Welch p | verdict |",
+             "|---|---|---:|---:|---:|---|"]
     for claim in grid.claims:
         for task in grid.tasks:
             b, w = summary.get((task, claim.better)), summary.get((task, claim.worse))
@@ -322,7 +323,8 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         lines += ["", f"![score vs trainable parameters]({plot1.relative_to(out.parent)})", "",
                   *(["## The papers' claims", "", "Each claim per task: the difference of the two cells' means, "
                      "its 95 % confidence interval and p from Welch's t-test (unequal variances; with three "
-                     "seeds a cell, about 2-4 degrees of freedom, so the interval spans about ±3 to ±4 standard errors), "
+                     "seeds a cell, about 2-4 degrees of freedom, so the interval spans about ±3 to ±4 "
+                     "standard errors), "
                      "and a verdict once both cells have every seed: *holds* or *reversed* when the interval "
                      "excludes zero (p < 0.05), *within noise* otherwise. Three seeds resolve only large "
                      "differences, and among many claim-task pairs where nothing differs about one in twenty "
