@@ -108,6 +108,12 @@ def test_cli_convert_both_ways(tmp_path, base_folder, capsys):
     assert len(err) == 1 and err[0].startswith("kronpeft: error: ") and "kronpeft adapter already" in err[0]
     assert main(["convert", "--to", "peft", str(tmp_path / "kron"), str(tmp_path / "peft")]) == 2  # exists
     assert "exists" in capsys.readouterr().err
+    (tmp_path / "peft" / "README.md").write_text("the user's notes")  # --overwrite replaces the adapter only
+    assert main(["convert", "--to", "peft", str(tmp_path / "kron"), str(tmp_path / "peft"), "--overwrite"]) == 0
+    assert (tmp_path / "peft" / "README.md").read_text() == "the user's notes"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    peft_model = peft.PeftModel.from_pretrained(make_model("bert"), str(tmp_path / "peft"))
+    assert torch.allclose(outputs(peft_model, inputs), outputs(model, inputs), atol=1e-6)
 
 
 def test_gpt2_conv1d_adapter_is_refused_before_writing(tmp_path):
