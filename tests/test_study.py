@@ -302,6 +302,13 @@ def test_score_plot_gives_a_family_one_colour_in_every_panel(grid, tmp_path, mon
     assert report._compact(110_784) == "110.784k" and report._compact(22_000_000) == "22M"
 
 
+def test_parameter_counts_exclude_the_head_for_every_method():
+    full = {"method": "full", "trainable_params": 22_713_986, "head_params": 770, "total_params": 22_713_986}
+    krona = {"method": "krona", "trainable_params": 10_754, "head_params": 770, "total_params": 22_723_970}
+    assert (report.adapter_params(full), report.model_params(full)) == (22_713_216, 22_713_986)
+    assert (report.adapter_params(krona), report.model_params(krona)) == (9_984, 22_713_986)  # the same model
+
+
 def test_score_plot_labels_do_not_overlap(tmp_path):
     """Methods at nearly the same budget and score (KronA, LoRA r = 1, LoKr, ...) keep readable names."""
     import matplotlib

@@ -25,9 +25,7 @@ def cell_stats(scores: list[float]) -> tuple[float, float, int]:
 
 
 def adapter_params(row: dict) -> int:
-    """Trainable parameters without the task head (`full`: every parameter)."""
-    if row["method"] == "full":
-        return row["trainable_params"]
+    """Trainable parameters without the task head (`full`: every parameter of the encoder)."""
     return row["trainable_params"] - (row.get("head_params") or 0)
 
 
