@@ -197,6 +197,7 @@ def test_folder_swap_error_leaves_the_old_folder_and_new_folders_get_the_usual_p
             failed.append(a)
             raise OSError(28, "No space left on device")
         real_rename(a, b)
+
     monkeypatch.setattr(os, "rename", rename_new_in_fails)
     with pytest.raises(OSError, match="No space"):
         with atomic.replacing_dir(target) as tmp:
@@ -232,6 +233,7 @@ def test_best_adapter_of_a_run_survives_a_crash_at_every_step(tmp_path, monkeypa
 
     inputs = model_inputs(make_model("bert"))
     old, new = trained(method, 1), trained(method, 2)
+
     def save_new(folder):
         baselines.save_trained(new, method, folder, {"task": "rte"})
 
