@@ -194,7 +194,7 @@ def select(grid: Grid, tasks: list[str] | None = None, methods: list[str] | None
         if unknown:
             raise UsageError(f"{flag} {','.join(unknown)}: not in grid {grid.path} (its {flag[2:]}: {', '.join(known)})")
     return replace(grid, tasks=tuple(t for t in grid.tasks if not tasks or t in tasks),
-                               methods=[e for e in grid.methods if not methods or e.name in methods])
+                   methods=[e for e in grid.methods if not methods or e.name in methods])
 
 
 def check_runs(grid: Grid, parse: Callable[[list[str]], object]):
@@ -320,6 +320,7 @@ def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[Run]]:
     """The runs left that can start now (task by task: the sweeps, then the seeds; methods in grid order)
     and the seed runs waiting for their sweep to choose the rate (`lr` None)."""
     done = {r["key"] for r in rows}
+    others = [s for s in grid.seeds if s != grid.sweep_seed]  # run at the sweep's best rate
     todo, waiting = [], []
     for task in grid.tasks:
         for entry in grid.methods:
@@ -336,10 +337,10 @@ def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[Run]]:
             left = [run for run in sweep if run.key(grid) not in done]
             if left:
                 todo += left
-                waiting += [Run(task, entry, None, s, "seed") for s in grid.seeds if s != grid.sweep_seed]
+                waiting += [Run(task, entry, None, s, "seed") for s in others]
                 continue
             lr = best_lr([r for r in recorded if r["lr"] in {run.lr for run in sweep}])
-            todo += [run for s in grid.seeds if s != grid.sweep_seed
+            todo += [run for s in others
                      if (run := Run(task, entry, lr, s, "seed")).key(grid) not in done]
     order = {task: i for i, task in enumerate(grid.tasks)}  # per task: every sweep first, then the seeds
     return sorted(todo, key=lambda run: (order[run.task], run.stage == "seed")), waiting
