@@ -244,7 +244,9 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
     assert "(13 runs) alone; 1 row(s) recorded under earlier settings of this grid are not shown." in page
     assert "| krona | 9,984 | 0.998 | 85.0 ± 2.0 | 65.0 ± 1.0 | 75.0 |" in page
     assert "| lora-r8 | 73,728 | 7.373 | 85.0 ± 7.1 (2/3 seeds) | — | — |" in page
-    assert "**0.003** (0.001: 80.0, 0.003: 85.0, 0.01: 82.0)" in page
+    assert "**0.003** (0.001: 80.0, 0.003: 85.0, 0.01: 82.0)" in page  # inside its sweep: no edge mark
+    assert "**0.001** ↓ (0.001: 90.0, 0.003: " in page  # lora-r8's winner is its lowest rate
+    assert "does not extend a sweep past its edge" in page
     assert "| krona | 1.50* | — |" in page  # 30 s vs lora-r8's 20 s of wall time on mrpc (no CPU times recorded)
     assert "test cpu" in page
     assert "| task | method | 1 | 2 | last gain | seeds |" in page

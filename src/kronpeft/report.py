@@ -126,9 +126,11 @@ def lr_table(grid: Grid, summary: dict) -> list[str]:
             if s is None:
                 cells.append("—")
                 continue
-            sweep = ", ".join(f"{lr:g}: {100 * v:.1f}" for lr, v in sorted(s["sweep"].items()))
-            extended = " (sweep extended)" if set(s["sweep"]) - set(entry.lrs) else ""
-            cells.append(f"**{s['lr']:g}** ({sweep}){extended}")
+            swept = sorted(s["sweep"])
+            sweep = ", ".join(f"{lr:g}: {100 * s['sweep'][lr]:.1f}" for lr in swept)
+            edge = " ↑" if s["lr"] == swept[-1] else " ↓" if s["lr"] == swept[0] else ""
+            extended = " (sweep extended)" if set(swept) - set(entry.lrs) else ""
+            cells.append(f"**{s['lr']:g}**{edge if len(swept) > 1 else ''} ({sweep}){extended}")
         lines.append(f"| {entry.name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -329,7 +331,9 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
                      "still gets a verdict by chance: a lone verdict is weaker than a pattern across tasks.", "",
                      *claims_table(grid, summary), ""] if grid.claims else []),
                   "## Learning rates", "", "The winner in bold; each sweep value with its seed-"
-                  f"{grid.sweep_seed} dev score:", ""]
+                  f"{grid.sweep_seed} dev score. ↑ / ↓: the winner is the highest / lowest rate swept, so the "
+                  "best rate may lie beyond the sweep" + ("." if grid.extend_edges else " (this grid does not "
+                  "extend a sweep past its edge: with two values the winner always sits at one)."), ""]
         lines += lr_table(grid, summary)
         curves = epochs_table(grid, summary)
         if curves:
