@@ -327,8 +327,10 @@ def test_score_plot_labels_do_not_overlap(tmp_path):
     fig.canvas.draw()
     report._name_points(ax, points)
     renderer = fig.canvas.get_renderer()
-    labels = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    labels = {t.get_text(): t.update_positions(renderer) or matplotlib.text.Text.get_window_extent(t, renderer)
+              for t in ax.texts}  # the text alone, not its leader line
     assert sorted(labels) == sorted(p[2] for p in points)
+    assert all(t.arrow_patch is not None for t in ax.texts)  # each label has its leader line to its point
     boxes = list(labels.values())
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)

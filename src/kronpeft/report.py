@@ -176,7 +176,7 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
     tasks = [t for t in grid.tasks if any((t, e.name) in summary for e in grid.methods)]
     cols = min(max(len(tasks), 1), 2)
     rows = math.ceil(max(len(tasks), 1) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.4 * rows), squeeze=False)
     axes = axes.flatten()
     for ax in axes[len(tasks):]:
         ax.set_visible(False)
@@ -220,25 +220,41 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
     save_png(fig, path, dpi=120)
 
 
-_LABEL_OFFSETS = [((5, 3), "left"), ((5, -10), "left"), ((-5, 3), "right"), ((-5, -10), "right"),
-                  ((5, 12), "left"), ((5, -19), "left")]  # points: beside the marker, right then left; then further
+_LABEL_OFFSETS = [((7, 6), "left"), ((7, -6), "left"), ((-7, 6), "right"), ((-7, -6), "right"),
+                  ((9, 15), "left"), ((9, -15), "left"), ((-9, 15), "right"), ((-9, -15), "right"),
+                  ((12, 24), "left"), ((12, -24), "left")]  # points: beside the marker, right then left; then further
 
 
 def _name_points(ax, points: list[tuple[float, float, str]]):
     """Label each point `(x, y, name)` at the first offset where its label overlaps no marker and no label
-    placed before (points taken from the top down; sizes measured with the figure's renderer)."""
+    placed before and lies nearer its own point than any other (points taken from the top down; sizes
+    measured with the figure's renderer); a thin leader line ties each label to its point."""
+    from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
     renderer = ax.figure.canvas.get_renderer()
-    placed = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in ax.transData.transform([p[:2] for p in points])]
-    for xi, yi, name in sorted(points, key=lambda p: -p[1]):
+    at = ax.transData.transform([p[:2] for p in points])
+    placed = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in at]
+    leader = {"arrowstyle": "-", "lw": 0.5, "color": "0.45", "shrinkA": 0, "shrinkB": 3}
+    for i in sorted(range(len(points)), key=lambda i: -points[i][1]):
+        xi, yi, name = points[i]
+        others = [q for q in at if math.dist(q, at[i]) > 6]  # markers closer than that read as one place
         for offset, ha in _LABEL_OFFSETS:
-            label = ax.annotate(name, (xi, yi), textcoords="offset points", xytext=offset, ha=ha, fontsize=7)
-            box = label.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed) or offset == _LABEL_OFFSETS[-1][0]:
+            label = ax.annotate(name, (xi, yi), textcoords="offset points", xytext=offset, ha=ha, va="center",
+                                fontsize=7, arrowprops=leader)
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer)  # the text alone, not its leader line
+            free = not any(box.overlaps(other) for other in placed)
+            if free and all(_gap(box, at[i]) < _gap(box, q) for q in others) or offset == _LABEL_OFFSETS[-1][0]:
                 placed.append(box)
                 break
             label.remove()
+
+
+def _gap(box, point) -> float:
+    """Pixels from `point` to the nearest edge of `box` (0 inside it)."""
+    px, py = point
+    return math.hypot(max(box.x0 - px, 0, px - box.x1), max(box.y0 - py, 0, py - box.y1))
 
 
 def _median_of(rows: list[dict], key: str) -> float | None:
