@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -311,17 +312,25 @@ def test_parameter_counts_exclude_the_head_for_every_method():
     assert (report.adapter_params(krona), report.model_params(krona)) == (9_984, 22_713_986)  # the same model
 
 
-def test_score_plot_labels_do_not_overlap(tmp_path):
-    """Methods at nearly the same budget and score (KronA, LoRA r = 1, LoKr, ...) keep readable names."""
+CROWDED = [(9_984, 85.2, "krona"), (9_216, 85.3, "lora-r1"), (9_984, 85.1, "lokr"), (10_000, 85.25, "kronab"),
+           (9_500, 85.2, "adakron-long-name"), (22_713_216, 80.0, "full"), (1_000, 88.0, "tiny")]  # the last
+# two spread the axes as a real panel does: the first five then sit within a few pixels
+MRPC_LIKE = [(9_984, 85.2, "krona"), (28_416, 85.6, "krona-a8x8"), (110_784, 85.8, "krona-a4x4"),
+             (9_216, 85.3, "lora-r1"), (27_648, 86.5, "lora-r3"), (73_728, 86.4, "lora-r8"),
+             (110_592, 86.0, "lora-r12"), (149_856, 85.3, "adakron"), (223_776, 86.1, "bottleneck"),
+             (4_992, 83.9, "kronab"), (22_713_216, 86.1, "full")]  # the MRPC panel where labels once misled
+
+
+@pytest.mark.parametrize("points", [CROWDED, MRPC_LIKE], ids=["crowded", "mrpc-like"])
+def test_score_plot_labels_do_not_overlap_and_sit_by_their_point(points):
+    """Methods at nearly the same budget and score (KronA, LoRA r = 1, LoKr, ...) keep readable names, each
+    nearer its own marker than any other (unless the markers coincide)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    points = [(9_984, 85.2, "krona"), (9_216, 85.3, "lora-r1"), (9_984, 85.1, "lokr"), (10_000, 85.25, "kronab"),
-              (9_500, 85.2, "adakron-long-name"), (22_713_216, 80.0, "full"), (1_000, 88.0, "tiny")]  # the
-    # last two spread the axes as a real panel does: the first five then sit within a few pixels
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
     ax.plot([p[0] for p in points], [p[1] for p in points], "o")
     ax.set_xscale("log")
     fig.canvas.draw()
@@ -333,6 +342,10 @@ def test_score_plot_labels_do_not_overlap(tmp_path):
     assert all(t.arrow_patch is not None for t in ax.texts)  # each label has its leader line to its point
     boxes = list(labels.values())
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    at = {name: ax.transData.transform((x, y)) for x, y, name in points}
+    for name, box in labels.items():
+        others = [q for other, q in at.items() if other != name and math.dist(q, at[name]) > 6]
+        assert all(report._gap(box, at[name]) < report._gap(box, q) for q in others), name
     plt.close(fig)
 
 
