@@ -65,11 +65,6 @@ def fake_row(grid, run, score, train_seconds=10.0, params=1000):
             "cpu": "test cpu"}
 
 
-def run_by_label(grid, rows, label):
-    todo, _ = study.plan(grid, rows)
-    return next(r for r in todo if r.label() == label)
-
-
 def test_plan_sweeps_first_then_seeds_at_the_best_rate(grid):
     todo, waiting = study.plan(grid, [])
     assert [r.label() for r in todo] == [
