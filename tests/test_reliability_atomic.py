@@ -3,6 +3,8 @@ checkpoint writer and of the folder swap (merged models, PEFT exports), each fol
 load (the old or the new version)."""
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,6 +206,27 @@ def test_folder_swap_error_leaves_the_old_folder_and_new_folders_get_the_usual_p
             (tmp / "a.txt").write_text("newer a")
     assert failed and folder(target) == {"a.txt": "new a", "b.txt": "new b"}  # renamed back from aside
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain"]
+
+
+def test_a_later_write_removes_what_dead_writers_left_and_spares_live_ones(tmp_path):
+    """A kill between mkdir and the swap leaves a hidden folder (a merged model's size); the next write of
+    the same target deletes those of processes that are gone, not those of running ones (this one too)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process now
+    target = tmp_path / "out"
+    left = [tmp_path / f".out.tmp-{gone.pid}-dead0001", tmp_path / f".out.tmp-old-{gone.pid}-dead0002",
+            tmp_path / f".out.tmp-{os.getpid()}-live0003", tmp_path / f".other.tmp-{gone.pid}-dead0004"]
+    for path in left:
+        path.mkdir()
+        (path / "weights").write_text("big")
+    write_new_folder(target)
+    assert folder(target) == {"a.txt": "new a", "b.txt": "new b"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", left[2].name, left[3].name])
+    (tmp_path / "adapter").mkdir()  # a first adapter save cleans up the same way
+    (tmp_path / "adapter" / f".a.tmp-{gone.pid}-dead0005").mkdir()
+    model = get_model(make_model("bert"), KronAConfig())
+    model.save_pretrained(tmp_path / "adapter" / "a")
+    assert [p.name for p in (tmp_path / "adapter").iterdir()] == ["a"]
 
 
 def trained(method, seed):

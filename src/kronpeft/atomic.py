@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -56,11 +57,11 @@ def replacing_dir(target: str | os.PathLike, keep_others: bool = False) -> Itera
     `target`'s place in one step (Linux `renameat2(RENAME_EXCHANGE)`) and the old one is deleted.
     `keep_others`: the old folder's entries the block did not write are carried over (hard links or copies).
     A crash or error at any point leaves `target` as it was or wholly new, at worst with a hidden
-    `.<name>.tmp-*` folder beside it. Where the swap is not available (not Linux, or a file system without
+    `.<name>.tmp-*` folder beside it, which the next write of `target` deletes (`remove_leftovers`). Where the swap is not available (not Linux, or a file system without
     it) the old folder is renamed aside first: a crash between the two renames leaves it under that name."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}{TMP_MARK}{secrets.token_hex(4)}")
+    tmp = tmp_sibling(target)
     tmp.mkdir()  # not mkdtemp: the folder gets the usual permissions, not 0700
     try:
         yield tmp
@@ -74,7 +75,7 @@ def replacing_dir(target: str | os.PathLike, keep_others: bool = False) -> Itera
         if not target.exists():
             os.rename(tmp, target)
         elif not _exchange(tmp, target):
-            aside = target.with_name(f".{target.name}{TMP_MARK}old-{secrets.token_hex(4)}")
+            aside = tmp_sibling(target, "old-")
             os.rename(target, aside)
             try:
                 os.rename(tmp, target)
@@ -85,6 +86,32 @@ def replacing_dir(target: str | os.PathLike, keep_others: bool = False) -> Itera
         _fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after the swap: the old folder
+    remove_leftovers(target)
+
+
+def tmp_sibling(target: Path, kind: str = "") -> Path:
+    """`.<name>.tmp-[kind]<pid>-<hex>` beside `target`: hidden, unique, and naming the process writing it."""
+    return target.with_name(f".{target.name}{TMP_MARK}{kind}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_leftovers(target: Path):
+    """Delete the hidden folders that writes of `target` by processes no longer running left beside it
+    (a crash between mkdir and the swap); those of live processes, this one included, stay."""
+    prefix = f".{target.name}{TMP_MARK}"
+    for path in target.parent.glob(glob.escape(prefix) + "*"):
+        pid = path.name[len(prefix):].removeprefix("old-").split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _carry_over(entry: Path, dest: Path):

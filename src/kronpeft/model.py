@@ -11,7 +11,6 @@ import copy
 import inspect
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import warnings
@@ -24,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .atomic import TMP_MARK, commit, sha256, write_tensors
+from .atomic import commit, remove_leftovers, sha256, tmp_sibling, write_tensors
 from .config import AdapterConfig, KronAConfig
 from .injection import SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, detach, find_places, sites
 from .layers import build_adapter
@@ -536,7 +535,7 @@ def write_adapter(save_directory: str | os.PathLike, meta: dict, state: dict[str
         _write_adapter(target, state, meta)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}{TMP_MARK}{secrets.token_hex(4)}")
+    tmp = tmp_sibling(target)
     tmp.mkdir()
     try:
         _write_adapter(tmp, state, meta)
@@ -544,6 +543,7 @@ def write_adapter(save_directory: str | os.PathLike, meta: dict, state: dict[str
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_leftovers(target)
 
 
 def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -604,7 +604,8 @@ def _peft_adapter_message(adapter_dir: Path, meta: dict) -> str:
            "are full (decompose_both=False), or load it with peft.PeftModel.from_pretrained"
            if str(peft_type).upper() == "LOKR" else "load it with peft.PeftModel.from_pretrained; only PEFT LoKr "
            "adapters convert to kronpeft (KronA)")
-    return f"{adapter_dir} holds a PEFT {peft_type} adapter (peft {meta.get('peft_version', '?')}), not a kronpeft one: {how}"
+    version = meta.get("peft_version", "?")
+    return f"{adapter_dir} holds a PEFT {peft_type} adapter (peft {version}), not a kronpeft one: {how}"
 
 
 def _write_adapter(directory: Path, state: dict[str, torch.Tensor], meta: dict):
