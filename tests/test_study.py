@@ -99,6 +99,33 @@ def test_a_winner_at_the_edge_extends_the_sweep_by_one_value(grid):
     assert {(r.lr, r.seed) for r in todo if r.task == "mrpc" and r.entry.name == "krona"} == {(0.01, 1), (0.01, 2)}
 
 
+def test_edge_factor_sets_the_extension_and_a_winning_extension_moves_the_seeds(grid):
+    """With `edge_factor` the extension is the edge times (or over) it; seeds already run at the old winner
+    stay recorded, and when the extension wins the seeds run again at the new rate."""
+    grid.extend_edges, grid.edge_factor = True, 2.0
+    todo, _ = study.plan(grid, [])
+    rows = [fake_row(grid, r, score) for r, score in zip(todo[3:5], (0.90, 0.80))]  # lora-r8: 1e-3, lowest
+    todo, _ = study.plan(grid, rows)
+    lora = [r for r in todo if r.task == "mrpc" and r.entry.name == "lora-r8"]
+    assert [(r.lr, r.stage) for r in lora] == [(0.0005, "sweep")]  # 1e-3 / 2
+    top = study.Run("mrpc", lora[0].entry, 0.003, 0, "sweep")
+    rows[1] = fake_row(grid, top, 0.95)  # now 3e-3, the top, wins: 3e-3 * 2
+    assert [r.lr for r in study.plan(grid, rows)[0] if r.entry.name == "lora-r8"] == [0.006]
+    rows[1] = fake_row(grid, top, 0.80)
+    rows += [fake_row(grid, study.Run("mrpc", lora[0].entry, 0.001, s, "seed"), 0.9) for s in (1, 2)]
+    rows.append(fake_row(grid, lora[0], 0.93))  # the extension wins: seeds 1, 2 again, at 5e-4
+    todo, waiting = study.plan(grid, rows)
+    assert {(r.lr, r.seed) for r in todo if r.entry.name == "lora-r8"} == {(0.0005, 1), (0.0005, 2)}
+    assert not [r for r in waiting if r.entry.name == "lora-r8"]
+
+
+@pytest.mark.parametrize("toml", ["1", "0.5", '"2"', "true", "inf"])
+def test_edge_factor_must_be_a_number_above_one(grid, toml):
+    grid.path.write_text(grid.path.read_text().replace("extend_edges = false", f"edge_factor = {toml}"))
+    with pytest.raises(study.UsageError, match="edge_factor must be a number above 1"):
+        study.load_grid(grid.path)
+
+
 def test_runner_skips_recorded_runs_and_resumes_after_an_interruption(grid, monkeypatch):
     calls = []
 

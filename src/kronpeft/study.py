@@ -4,6 +4,7 @@ A grid is a TOML file (see benchmarks/study/*.toml):
 
     [study]  name, model, results (path of the .jsonl, relative to the grid file), seeds, sweep_seed,
              tasks, extend_edges (add one learning rate beyond a sweep's edge when the edge wins),
+             edge_factor (that rate is the edge's times or over this; default the sweep's own ratio),
              notes (a Markdown file the report inserts before its setup section), title (the page's)
     [train]  flags every run shares (epochs, batch_size, max_length, ...), as `kronpeft train` spells them
     [[method]] name (the row label), method (`--method`), family (the line a plot joins), lrs (the sweep),
@@ -76,6 +77,7 @@ class Grid:
     methods: list[MethodEntry]
     task_train: dict = field(default_factory=dict)  # {task: flags that task overrides}, from [task.<name>]
     extend_edges: bool = True
+    edge_factor: float | None = None  # None: the ratio of the sweep's two values nearest the edge
     runs_dir: Path = Path("runs/study")
     notes: Path | None = None  # hand-written Markdown the report inserts (diagnosis, discussion)
     title: str | None = None
@@ -150,12 +152,17 @@ def load_grid(path: str | os.PathLike) -> Grid:
             raise UsageError(f"{where}: [[claim]] #{i + 1} needs text, better and worse, the last two among the "
                              f"method names {names}")
         claims.append(Claim(c["text"], c["better"], c["worse"]))
+    edge_factor = study.get("edge_factor")
+    if edge_factor is not None and (isinstance(edge_factor, bool) or not isinstance(edge_factor, (int, float))
+                                    or not edge_factor > 1 or not math.isfinite(edge_factor)):
+        raise UsageError(f"{where}: [study] edge_factor must be a number above 1 (the extension is the edge rate "
+                         f"times or over it), got {edge_factor!r}")
     results = Path(study.get("results", "results.jsonl"))
     return Grid(path=path, name=study["name"], model=study.get("model", "all-MiniLM-L6-v2"),
                 results=results if results.is_absolute() else path.parent / results, seeds=seeds,
                 sweep_seed=sweep_seed, tasks=tasks, train=dict(raw.get("train", {})), methods=methods,
                 task_train={t: dict(v) for t, v in task_train.items()},
-                extend_edges=bool(study.get("extend_edges", True)),
+                extend_edges=bool(study.get("extend_edges", True)), edge_factor=edge_factor,
                 runs_dir=Path(study.get("runs_dir", f"runs/study/{study['name']}")),
                 notes=path.parent / study["notes"] if "notes" in study else None, title=study.get("title"),
                 claims=claims)
@@ -299,14 +306,15 @@ def best_lr(rows: list[dict]) -> float:
     return max(rows, key=lambda r: (r["score"], -r["lr"]))["lr"]
 
 
-def _next_lr(lrs: tuple[float, ...], winner: float) -> float | None:
-    """One more rate beyond the edge of a sorted sweep that `winner` sits on (same ratio), else None."""
+def _next_lr(lrs: tuple[float, ...], winner: float, factor: float | None = None) -> float | None:
+    """One more rate beyond the edge of a sorted sweep that `winner` sits on, `factor` times (or over) that
+    edge, by default the sweep's own ratio there; None when the winner is inside the sweep."""
     lrs = tuple(sorted(lrs))
     if len(lrs) < 2 or lrs[0] < winner < lrs[-1]:
         return None
     if winner == lrs[0]:
-        return float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}")
-    return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
+        return float(f"{lrs[0] / (factor or lrs[1] / lrs[0]):.3g}")
+    return float(f"{lrs[-1] * (factor or lrs[-1] / lrs[-2]):.3g}")
 
 
 def runs_left(grid: Grid) -> int:
@@ -331,7 +339,7 @@ def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[Run]]:
             recorded = [r for r in rows if r["task"] == task and r["name"] == entry.name
                         and r["seed"] == grid.sweep_seed and r.get("stage") == "sweep"]
             if grid.extend_edges and all(run.key(grid) in done for run in sweep):
-                extra = _next_lr(lrs, best_lr([r for r in recorded if r["lr"] in lrs]))
+                extra = _next_lr(lrs, best_lr([r for r in recorded if r["lr"] in lrs]), grid.edge_factor)
                 if extra is not None:
                     sweep.append(Run(task, entry, extra, grid.sweep_seed, "sweep"))
             left = [run for run in sweep if run.key(grid) not in done]
