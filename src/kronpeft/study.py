@@ -196,10 +196,12 @@ class Run:
 def select(grid: Grid, tasks: list[str] | None = None, methods: list[str] | None = None) -> Grid:
     """The grid narrowed to some of its tasks and methods (`--tasks`, `--methods`); a name the grid does not
     have is a UsageError. A run's identity does not depend on the selection."""
-    for flag, asked, known in (("--tasks", tasks, list(grid.tasks)), ("--methods", methods, [e.name for e in grid.methods])):
+    names = [e.name for e in grid.methods]
+    for flag, asked, known in (("--tasks", tasks, list(grid.tasks)), ("--methods", methods, names)):
         unknown = [v for v in asked or [] if v not in known]
         if unknown:
-            raise UsageError(f"{flag} {','.join(unknown)}: not in grid {grid.path} (its {flag[2:]}: {', '.join(known)})")
+            raise UsageError(f"{flag} {','.join(unknown)}: not in grid {grid.path} "
+                             f"(its {flag[2:]}: {', '.join(known)})")
     return replace(grid, tasks=tuple(t for t in grid.tasks if not tasks or t in tasks),
                    methods=[e for e in grid.methods if not methods or e.name in methods])
 
