@@ -205,6 +205,23 @@ def test_concurrent_appends_never_corrupt_or_duplicate(tmp_path):
     assert len(path.read_text().splitlines()) == 160
 
 
+def test_two_grids_holding_the_same_run_each_record_it_and_the_runner_never_loops(grid, monkeypatch):
+    """A key is a run's flags, so a second grid may define a run another grid already recorded: each grid
+    gets its row. A row the file refuses is not launched again by the same runner."""
+    run = study.plan(grid, [])[0][0]
+    row = fake_row(grid, run, 0.8)
+    assert study.append_row(grid.results, {**row, "grid": "another-grid"})
+    assert study.append_row(grid.results, row)  # the same key, this grid: recorded too
+    assert not study.append_row(grid.results, row)
+    assert run.key(grid) in {r["key"] for r in study.read_results(grid.results) if r["grid"] == grid.name}
+    launched = []
+    monkeypatch.setattr(study, "run_one", lambda g, r, *a: (launched.append(r.label()), fake_row(g, r, 0.5))[1])
+    monkeypatch.setattr(study, "machine", dict)
+    monkeypatch.setattr(study, "append_row", lambda path, row: False)  # e.g. another runner was first
+    assert study.run_grid(study.select(grid, ["mrpc"], ["lora-r8"])) == 0
+    assert launched == ["mrpc/lora-r8/lr0.001/seed0", "mrpc/lora-r8/lr0.003/seed0"]  # once each
+
+
 def test_a_second_runner_leaves_a_claimed_run_alone(grid, tmp_path, monkeypatch):
     grid.runs_dir = tmp_path / "runs"
     run = study.plan(grid, [])[0][0]

@@ -271,13 +271,15 @@ def _warn(message: str):
 
 def append_row(path: Path, row: dict) -> bool:
     """Append one JSON line under an exclusive lock, flushed and fsynced (whole lines only); False (and
-    nothing written) when a row with the same key is already there."""
+    nothing written) when the same grid already has a row with the same key (two grids may hold the same
+    run: a key is the run's flags)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(row, sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if row["key"] in {r["key"] for r in read_results(path, warn=lambda _: None)}:
+        recorded = {(r.get("grid"), r["key"]) for r in read_results(path, warn=lambda _: None)}
+        if (row.get("grid"), row["key"]) in recorded:
             return False
         size = os.fstat(fd).st_size
         if size:  # a crash mid-line earlier: start on a fresh line so this row stays parseable
@@ -611,3 +613,5 @@ def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | No
                     print(f"kronpeft study: done {run.label()}: {row['main_metric']} {row['score']:.4f} "
                           f"({row['wall_seconds']:.0f} s); {runs_left(grid)} runs of the grid left",
                           file=sys.stderr, flush=True)
+                else:  # another runner of this grid recorded it first: never launch it again
+                    failed.add(run.key(grid))
