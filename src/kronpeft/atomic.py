@@ -57,8 +57,9 @@ def replacing_dir(target: str | os.PathLike, keep_others: bool = False) -> Itera
     `target`'s place in one step (Linux `renameat2(RENAME_EXCHANGE)`) and the old one is deleted.
     `keep_others`: the old folder's entries the block did not write are carried over (hard links or copies).
     A crash or error at any point leaves `target` as it was or wholly new, at worst with a hidden
-    `.<name>.tmp-*` folder beside it, which the next write of `target` deletes (`remove_leftovers`). Where the swap is not available (not Linux, or a file system without
-    it) the old folder is renamed aside first: a crash between the two renames leaves it under that name."""
+    `.<name>.tmp-*` folder beside it, which the next write of `target` deletes (`remove_leftovers`). Where
+    the swap is not available (not Linux, or a file system without it) the old folder is renamed aside
+    first: a crash between the two renames leaves it under that name."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(target)
