@@ -255,6 +255,37 @@ def test_a_crash_mid_line_does_not_swallow_the_next_row(tmp_path):
     assert [r["key"] for r in study.read_results(path, warn=lambda m: None)] == ["a", "c"]
 
 
+def test_a_cell_waiting_for_its_edge_extension_is_not_final(tmp_path, monkeypatch):
+    """Seeds run at a sweep winner that sits at the edge do not make the cell final while the extension is
+    to come: the table says so, the claim waits, the count of complete cells leaves it out."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID.replace("extend_edges = false", "edge_factor = 2.0")
+                    + '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r8"\n')
+    grid = study.load_grid(path)
+    krona, lora = grid.methods
+    rows = [fake_row(grid, study.Run("mrpc", krona, lr, 0, "sweep"), score)
+            for lr, score in ((1e-3, 0.80), (3e-3, 0.85), (1e-2, 0.82))]  # inside the sweep: no extension
+    rows += [fake_row(grid, study.Run("mrpc", lora, lr, 0, "sweep"), score)
+             for lr, score in ((1e-3, 0.90), (3e-3, 0.80))]
+    rows += [fake_row(grid, study.Run("mrpc", e, lr, seed, "seed"), 0.84 + seed / 100)
+             for e, lr in ((krona, 3e-3), (lora, 1e-3)) for seed in (1, 2)]
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "results.md"
+    assert main(["report", str(path), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "| lora-r8 | 1,000 | 0.100 | 87.0 ± 2.6 (sweep not finished) |" in page  # 1e-3 lowest: 5e-4 to come
+    assert "| mrpc | -1.7 | -7.9 to +4.5 | 0.39 | waiting (sweep not finished) |" in page
+    assert "Cells complete at 3 seeds: 1 of 3;" in page
+    extension = study.Run("mrpc", lora, 5e-4, 0, "sweep")
+    with grid.results.open("a") as f:
+        f.write(json.dumps(fake_row(grid, extension, 0.70)) + "\n")  # it loses: the cell is final
+    assert main(["report", str(path), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "sweep not finished" not in page and "Cells complete at 3 seeds: 2 of 3;" in page
+    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | -1.7 | -7.9 to +4.5 | 0.39 | within noise |" in page
+
+
 def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
     todo, _ = study.plan(grid, [])
     rows = []

@@ -15,7 +15,7 @@ from scipy.stats import ttest_ind
 
 from .atomic import write_atomic
 from .plots import save_png
-from .study import Grid, argv, best_lr, cpu_seconds, current_rows, read_results
+from .study import Grid, argv, best_lr, cpu_seconds, current_rows, plan, read_results
 
 
 def cell_stats(scores: list[float]) -> tuple[float, float, int]:
@@ -35,8 +35,10 @@ def model_params(row: dict) -> int:
 
 
 def summarise(grid: Grid, rows: list[dict]) -> dict:
-    """{(task, name): {lr, sweep: {lr: score}, scores, rows}} for every pair that has a sweep row."""
+    """{(task, name): {lr, sweep: {lr: score}, scores, rows, sweeping}} for every pair that has a sweep row;
+    `sweeping`: a sweep run (an edge extension) is still to come, so the chosen rate may change."""
     out = {}
+    sweeping = {(run.task, run.entry.name) for run in plan(grid, rows)[0] if run.stage == "sweep"}
     by_pair = defaultdict(list)
     for row in rows:
         by_pair[(row["task"], row["name"])].append(row)
@@ -50,14 +52,21 @@ def summarise(grid: Grid, rows: list[dict]) -> dict:
             if r["lr"] == lr:
                 at_lr[r["seed"]] = r
         out[(task, name)] = {"lr": lr, "sweep": {r["lr"]: r["score"] for r in sweep},
-                             "scores": [r["score"] for r in at_lr.values()], "rows": list(at_lr.values())}
+                             "scores": [r["score"] for r in at_lr.values()], "rows": list(at_lr.values()),
+                             "sweeping": (task, name) in sweeping}
     return out
 
 
-def _fmt_cell(stats, wanted: int) -> str:
+def _fmt_cell(stats, wanted: int, sweeping: bool = False) -> str:
     mean, std, n = stats
     text = f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"  # one seed: no spread
-    return text + (f" ({n}/{wanted} seeds)" if n < wanted else "")
+    notes = ([f"{n}/{wanted} seeds"] if n < wanted else []) + (["sweep not finished"] if sweeping else [])
+    return text + (f" ({', '.join(notes)})" if notes else "")
+
+
+def complete(s: dict, wanted: int) -> bool:
+    """A cell is final once its sweep is finished and every seed ran at the chosen rate."""
+    return len(s["scores"]) >= wanted and not s["sweeping"]
 
 
 def table(grid: Grid, summary: dict) -> list[str]:
@@ -73,7 +82,7 @@ def table(grid: Grid, summary: dict) -> list[str]:
                 continue
             any_row = any_row or s["rows"][0]
             stats = cell_stats(s["scores"])
-            cells.append(_fmt_cell(stats, len(grid.seeds)))
+            cells.append(_fmt_cell(stats, len(grid.seeds), s["sweeping"]))
             means.append(stats[0])
         if any_row is None:
             continue
@@ -111,6 +120,8 @@ def claims_table(grid: Grid, summary: dict) -> list[str]:
             if b is None or w is None:
                 continue
             diff, ci, p, verdict = claim_verdict(b["scores"], w["scores"], len(grid.seeds))
+            if b["sweeping"] or w["sweeping"]:
+                verdict = "waiting (sweep not finished)"
             lines.append(f"| {claim.text} (`{claim.better}` vs `{claim.worse}`) | {task} | {100 * diff:+.1f} | "
                          f"{'—' if ci is None else f'{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}'} | "
                          f"{'—' if p is None else f'{p:.2g}'} | {verdict} |")
@@ -328,7 +339,7 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         lines.append("No runs recorded yet.")
     else:
         wanted = sum(len(e.tasks) for e in grid.methods) * len(grid.seeds)
-        cells = sum(1 for s in summary.values() if len(s["scores"]) >= len(grid.seeds))
+        cells = sum(1 for s in summary.values() if complete(s, len(grid.seeds)))
         lines += [f"Cells complete at {len(grid.seeds)} seeds: {cells} of {sum(len(e.tasks) for e in grid.methods)}; "
                   f"rows at the chosen rates: {sum(len(s['scores']) for s in summary.values())} of {wanted}.", "",
                   "Dev score ×100 at the best checkpoint (mean ± sample std over seeds; MRPC F1, STS-B Pearson, "
