@@ -11,7 +11,6 @@ import copy
 import inspect
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .atomic import commit, remove_leftovers, sha256, tmp_sibling, write_tensors
+from .atomic import commit, replacing_dir, sha256, write_tensors
 from .config import AdapterConfig, KronAConfig
 from .injection import SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, detach, find_places, sites
 from .layers import build_adapter
@@ -534,16 +533,8 @@ def write_adapter(save_directory: str | os.PathLike, meta: dict, state: dict[str
     if target.exists():
         _write_adapter(target, state, meta)
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(target)
-    tmp.mkdir()
-    try:
+    with replacing_dir(target) as tmp:  # a first save: written beside the target, renamed in whole
         _write_adapter(tmp, state, meta)
-        os.rename(tmp, target)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    remove_leftovers(target)
 
 
 def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
