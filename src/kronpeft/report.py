@@ -57,7 +57,7 @@ def summarise(grid: Grid, rows: list[dict]) -> dict:
     return out
 
 
-def _fmt_cell(stats, wanted: int, sweeping: bool = False) -> str:
+def _fmt_cell(stats, wanted: int, sweeping: bool) -> str:
     mean, std, n = stats
     text = f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"  # one seed: no spread
     notes = ([f"{n}/{wanted} seeds"] if n < wanted else []) + (["sweep not finished"] if sweeping else [])
@@ -139,9 +139,9 @@ def lr_table(grid: Grid, summary: dict) -> list[str]:
                 continue
             swept = sorted(s["sweep"])
             sweep = ", ".join(f"{lr:g}: {100 * s['sweep'][lr]:.1f}" for lr in swept)
-            edge = " ↑" if s["lr"] == swept[-1] else " ↓" if s["lr"] == swept[0] else ""
+            edge = "" if len(swept) < 2 else " ↑" if s["lr"] == swept[-1] else " ↓" if s["lr"] == swept[0] else ""
             extended = " (sweep extended)" if set(swept) - set(entry.lrs) else ""
-            cells.append(f"**{s['lr']:g}**{edge if len(swept) > 1 else ''} ({sweep}){extended}")
+            cells.append(f"**{s['lr']:g}**{edge} ({sweep}){extended}")
         lines.append(f"| {entry.name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -613,5 +613,5 @@ def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | No
                     print(f"kronpeft study: done {run.label()}: {row['main_metric']} {row['score']:.4f} "
                           f"({row['wall_seconds']:.0f} s); {runs_left(grid)} runs of the grid left",
                           file=sys.stderr, flush=True)
-                else:  # another runner of this grid recorded it first: never launch it again
+                else:  # the file already holds this grid's row for it: never launch it again
                     failed.add(run.key(grid))
