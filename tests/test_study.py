@@ -8,6 +8,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -80,11 +81,42 @@ def test_plan_sweeps_first_then_seeds_at_the_best_rate(grid):
 
 
 def test_runs_left_counts_sweeps_and_the_seeds_waiting_for_them(grid):
-    assert study.runs_left(grid) == 8 + 3 * 2  # 8 sweep runs; 2 more seeds for each of 3 (task, method) cells
+    assert study.runs_left(grid) == (8 + 3 * 2, 0)  # 8 sweep runs; 2 more seeds for each of 3 (task, method) cells
     todo, _ = study.plan(grid, [])
     rows = [fake_row(grid, r, score) for r, score in zip(todo[:3], (0.80, 0.85, 0.82))]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert study.runs_left(grid) == 14 - 3
+    assert study.runs_left(grid) == (14 - 3, 0)
+
+
+def test_runs_left_with_edge_extensions_separates_what_may_not_run(grid, capsys, monkeypatch):
+    """A two-rate sweep always gets its extension (the winner sits on an edge); a three-rate sweep only
+    maybe; seeds already run at a cell's present best run again only if the pending extension wins."""
+    grid.path.write_text(grid.path.read_text().replace("extend_edges = false", "edge_factor = 2"))
+    grid = study.load_grid(grid.path)
+    todo, _ = study.plan(grid, [])
+    krona = todo[:3]  # mrpc/krona 1e-3, 3e-3, 1e-2: 1e-2 wins, at the edge
+    rows = [fake_row(grid, r, score) for r, score in zip(krona, (0.80, 0.82, 0.85))]
+    rows += [fake_row(grid, study.Run("mrpc", krona[0].entry, 0.01, s, "seed"), 0.84) for s in (1, 2)]
+    todo, waiting = study.plan(grid, rows)
+    assert [r.label() for r in todo] == ["mrpc/krona/lr0.02/seed0", "mrpc/lora-r8/lr0.001/seed0",
+                                         "mrpc/lora-r8/lr0.003/seed0", "rte/krona/lr0.001/seed0",
+                                         "rte/krona/lr0.003/seed0", "rte/krona/lr0.01/seed0"]
+    maybe = study.maybe_needed(grid, rows, waiting)
+    assert [(r.label(), r.stage) for r in maybe] == [
+        ("mrpc/krona/lr?/seed1", "seed"), ("mrpc/krona/lr?/seed2", "seed"), ("rte/krona/lr?/seed0", "sweep")]
+    assert [r.label() for r in waiting if r not in maybe] == [
+        "mrpc/lora-r8/lr?/seed0", "mrpc/lora-r8/lr?/seed1", "mrpc/lora-r8/lr?/seed2",
+        "rte/krona/lr?/seed1", "rte/krona/lr?/seed2"]
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.runs_left(grid) == (6 + 5, 3)
+    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
+    assert main(["study", str(grid.path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "later  mrpc/krona/lr?/seed1 (only if the edge extension beats the rate this seed ran at)" in out
+    assert "later  mrpc/lora-r8/lr?/seed0 (the sweep's edge extension)" in out
+    assert "later  rte/krona/lr?/seed0 (the sweep's edge extension if its winner lands on an edge)" in out
+    assert "6 can start now, 8 more wait for their sweep (3 of them may not be needed, as listed)" in out
+    assert re.search(r"estimate \d+\.\d-\d+\.\d CPU-hours", out)
 
 
 def test_a_winner_at_the_edge_extends_the_sweep_by_one_value(grid):

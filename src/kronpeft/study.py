@@ -321,16 +321,36 @@ def _next_lr(lrs: tuple[float, ...], winner: float, factor: float | None = None)
     return float(f"{lrs[-1] * (factor or lrs[-1] / lrs[-2]):.3g}")
 
 
-def runs_left(grid: Grid) -> int:
-    """Runs of the grid not recorded yet: those that can start, and the seeds waiting for their sweep."""
-    todo, waiting = plan(grid, [r for r in read_results(grid.results, warn=lambda _: None)
-                                if r.get("grid") == grid.name])
-    return len(todo) + len(waiting)
+def runs_left(grid: Grid) -> tuple[int, int]:
+    """Runs of the grid not recorded yet (those that can start and those waiting for their sweep), and how
+    many more may run, depending on where the sweeps' winners land (see `maybe_needed`)."""
+    rows = [r for r in read_results(grid.results, warn=lambda _: None) if r.get("grid") == grid.name]
+    todo, waiting = plan(grid, rows)
+    maybe = len(maybe_needed(grid, rows, waiting))
+    return len(todo) + len(waiting) - maybe, maybe
+
+
+def maybe_needed(grid: Grid, rows: list[dict], waiting: list[Run]) -> list[Run]:
+    """The waiting runs that may never run: seeds already recorded at their cell's present best rate (run
+    again only if the pending edge extension beats it), and the extension of a sweep of three or more
+    rates (only if its winner lands on an edge; with two rates it always does)."""
+    done = {r["key"] for r in rows}
+    out = []
+    for run in waiting:
+        recorded = [r for r in rows if r["task"] == run.task and r["name"] == run.entry.name
+                    and r["seed"] == grid.sweep_seed and r.get("stage") == "sweep" and r["lr"] in run.entry.lrs]
+        if run.stage == "sweep":
+            if len(run.entry.lrs) > 2:
+                out.append(run)
+        elif recorded and Run(run.task, run.entry, best_lr(recorded), run.seed, "seed").key(grid) in done:
+            out.append(run)
+    return out
 
 
 def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[Run]]:
     """The runs left that can start now (task by task: the sweeps, then the seeds; methods in grid order)
-    and the seed runs waiting for their sweep to choose the rate (`lr` None)."""
+    and the runs waiting for their sweep to choose the rate (`lr` None): the seeds, and with `extend_edges`
+    the sweep's extension."""
     done = {r["key"] for r in rows}
     others = [s for s in grid.seeds if s != grid.sweep_seed]  # run at the sweep's best rate
     todo, waiting = [], []
@@ -349,6 +369,8 @@ def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[Run]]:
             left = [run for run in sweep if run.key(grid) not in done]
             if left:
                 todo += left
+                if grid.extend_edges and len(sweep) == len(lrs):  # its edge extension: rate not known yet
+                    waiting.append(Run(task, entry, None, grid.sweep_seed, "sweep"))
                 waiting += [Run(task, entry, None, s, "seed") for s in others]
                 continue
             lr = best_lr([r for r in recorded if r["lr"] in {run.lr for run in sweep}])
@@ -559,16 +581,27 @@ def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict]) -> tuple[flo
 def dry_run(grid: Grid, threads: int, parallel: int):
     rows = [r for r in read_results(grid.results) if r.get("grid") == grid.name]
     todo, waiting = plan(grid, rows)
+    maybe = maybe_needed(grid, rows, waiting)
     for run in todo:
         print(f"{run.stage:5}  {run.label()}")
     for run in waiting:
-        print(f"later  {run.label()} (waits for the sweep's best lr)")
-    seconds, unknown = estimate_seconds(grid, todo + waiting, read_results(grid.results, warn=lambda _: None))
+        why = ("the sweep's edge extension" + (" if its winner lands on an edge" if run in maybe else "")
+               if run.stage == "sweep" else "only if the edge extension beats the rate this seed ran at"
+               if run in maybe else "waits for the sweep's best lr")
+        print(f"later  {run.label()} ({why})")
+    all_rows = read_results(grid.results, warn=lambda _: None)
+    certain, unknown = estimate_seconds(grid, todo + [r for r in waiting if r not in maybe], all_rows)
+    extra, unknown_extra = estimate_seconds(grid, maybe, all_rows)
+    unknown += unknown_extra
+
+    def hours(cores=1):
+        return f"{certain / 3600 / cores:.1f}" + (f"-{(certain + extra) / 3600 / cores:.1f}" if maybe else "")
+
     print(f"{len(rows)} runs recorded in {grid.results}; {len(todo)} can start now, {len(waiting)} more wait for "
-          f"their sweep; estimate {seconds / 3600:.1f} CPU-hours, {seconds / 3600 / max(parallel * threads, 1):.1f} "
-          f"h wall with {parallel} x {threads} thread(s)"
-          + (f" ({unknown} runs with no recorded row or data to go by: guessed at 3 s x 500 steps)"
-             if unknown else ""))
+          f"their sweep" + (f" ({len(maybe)} of them may not be needed, as listed)" if maybe else "")
+          + f"; estimate {hours()} CPU-hours, {hours(max(parallel * threads, 1))} h wall with {parallel} x {threads} "
+          f"thread(s)" + (f" ({unknown} runs with no recorded row or data to go by: guessed at 3 s x 500 steps)"
+                          if unknown else ""))
 
 
 def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | None = None) -> int:
@@ -610,8 +643,10 @@ def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | No
                     failed.add(run.key(grid))
                 elif append_row(grid.results, row):
                     recorded += 1
+                    left, maybe = runs_left(grid)
                     print(f"kronpeft study: done {run.label()}: {row['main_metric']} {row['score']:.4f} "
-                          f"({row['wall_seconds']:.0f} s); {runs_left(grid)} runs of the grid left",
+                          f"({row['wall_seconds']:.0f} s); {left} runs of the grid left"
+                          + (f" (+{maybe} depending on the sweeps' winners)" if maybe else ""),
                           file=sys.stderr, flush=True)
                 else:  # the file already holds this grid's row for it: never launch it again
                     failed.add(run.key(grid))
