@@ -23,7 +23,8 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, device: torch.device, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, device: torch.device,
+                        warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each function, calling them round-robin `warmup + reps` times."""
     times = {name: [] for name in fns}
     for rep in range(warmup + reps):

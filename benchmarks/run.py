@@ -31,7 +31,8 @@ MB = 2**20
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 layer cases, fewer repetitions, small models (< 3 min on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 layer cases, fewer repetitions, small models (< 3 min on 2 CPU cores)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -138,7 +139,8 @@ def main(argv=None):
             row = layer_level.run_case(out_features, in_features, tokens, layer_reps, dtype, device)
             results["layers"].append(row)
             print(layer_table([row]).splitlines()[-1], flush=True)
-        sections.append("### Layer level: frozen nn.Linear + adapter, forward + backward\n\n" + layer_table(results["layers"]))
+        sections.append("### Layer level: frozen nn.Linear + adapter, forward + backward\n\n"
+                        + layer_table(results["layers"]))
     if "models" in parts:
         names = args.models or (["minilm", "llama_d2048"] if args.quick else list(model_level.MODELS))
         for name in names:
@@ -151,11 +153,13 @@ def main(argv=None):
     if "generation" in parts:
         results["generation"] = model_level.run_generation(args.quick, reps, device)
         print(generation_table(results["generation"]), flush=True)
-        sections.append("### Generation: merged KronA against the base model\n\n" + generation_table(results["generation"]))
+        sections.append("### Generation: merged KronA against the base model\n\n"
+                        + generation_table(results["generation"]))
     if "mixed" in parts:
         results["mixed_precision"] = mixed_precision.run(args.quick, 3 if args.quick else 5, device)
         print(mixed_precision.table(results["mixed_precision"]), flush=True)
-        sections.append("### Mixed precision: fp32 and bf16 autocast\n\n" + mixed_precision.table(results["mixed_precision"]))
+        sections.append("### Mixed precision: fp32 and bf16 autocast\n\n"
+                        + mixed_precision.table(results["mixed_precision"]))
     results["seconds"] = time.time() - started
     header = (f"Command: `{results['command']}`  \nMachine: {results['machine']}  \n"
               f"dtype {args.dtype}, device {args.device}; medians of interleaved repetitions; "

@@ -98,7 +98,8 @@ def test_config_json_round_trip(config):
     (lambda: KronAConfig(target_modules=[]), r"KronAConfig.target_modules = \[\].*non-empty list"),
     (lambda: AdaKronConfig(r=10, split=4), r"AdaKronConfig.split = 4.*dividing r=10"),
     (lambda: AdaKronConfig(init="xavier"), r"AdaKronConfig.init = 'xavier'.*one of \('paper', 'zero'\)"),
-    (lambda: BottleneckConfig(positions=("ffn", "embeddings")), r"BottleneckConfig.positions = .*non-empty list of distinct entries"),
+    (lambda: BottleneckConfig(positions=("ffn", "embeddings")),
+     r"BottleneckConfig.positions = .*non-empty list of distinct entries"),
     (lambda: BottleneckConfig(activation="swish"), r"BottleneckConfig.activation = 'swish'.*one of"),
     (lambda: AdapterConfig.from_dict({"method": "krona", "rank": 4}), r"unknown field\(s\) \['rank'\]"),
     (lambda: AdapterConfig.from_dict({"method": "lora"}), "unknown adapter method 'lora'"),
@@ -148,7 +149,8 @@ def test_unknown_architecture_asks_for_module_names():
         term = 0.5 * x @ torch.kron(adapter.A, adapter.B).T
         assert term.abs().max() > 0.1
         torch.testing.assert_close(model(x), ffn + term + adapter.s_res * x)
-    assert get_model(Block(), KronAConfig(target_modules=["up"])).trainable_parameters()[0] == 4 * 2 + 4 * 4  # A (4, 2), B (4, 4) for 8 -> 16
+    # A (4, 2), B (4, 4) for 8 -> 16
+    assert get_model(Block(), KronAConfig(target_modules=["up"])).trainable_parameters()[0] == 4 * 2 + 4 * 4
 
 
 def test_failed_add_adapter_changes_nothing():

@@ -96,7 +96,8 @@ def test_truncation_keeps_separator_and_longest_target(tokenizer):
     data = PromptedSet(tokenizer, spec, [Example("word " * 500, None, 3)], max_length=40)
     longest = max(len(c) for c in data.candidates)
     assert len(data.prompts[0]) + longest == 40
-    assert tokenizer.decode(data.prompts[0][-2:]) == tokenizer.decode(tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"])
+    separator = tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(data.prompts[0][-2:]) == tokenizer.decode(separator)
 
 
 def test_rank_scores_equal_hand_computation(tokenizer, tiny_llama_dir):

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=_positive(int), default=None, help="stop after this many optimizer steps")
     g.add_argument("--batch-size", type=_positive(int), default=32,
                    help="global batch size, split evenly over the processes")
-    g.add_argument("--eval-batch-size", type=_positive(int), default=None, help="evaluation batch (default --batch-size)")
+    g.add_argument("--eval-batch-size", type=_positive(int), default=None,
+                   help="evaluation batch (default --batch-size)")
     g.add_argument("--lr", type=_number(float, 0, 1, low_open=True), default=None,
                    help=f"peak learning rate; default by method: {lrs}; at most 1")
     g.add_argument("--weight-decay", type=_number(float, 0, 1), default=0.0,
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-train-samples", type=_positive(int), default=None,
                    help="use a seeded random subset of the training set (default: all of it; the bbc-news "
                         "demo uses all 1780 training articles)")
-    g.add_argument("--max-eval-samples", type=_positive(int), default=None, help="use a seeded subset of each dev split")
+    g.add_argument("--max-eval-samples", type=_positive(int), default=None,
+                   help="use a seeded subset of each dev split")
     g.add_argument("--eval-every", type=_positive(int), default=None,
                    help="evaluate (and checkpoint) every N steps (default: every epoch) and at the end")
     g.add_argument("--save-every", type=_positive(int), default=None,

@@ -21,7 +21,8 @@ from .presets import PRESETS, Preset
 
 SITE_ATTR = "kronpeft"
 LINEAR_TYPES = (nn.Linear, Conv1D)
-ALL_LINEAR = "all-linear"  # target_modules: every linear layer but the output head (lm_head, classifier, score), as PEFT
+# target_modules: every linear layer but the output head (lm_head, classifier, score), as PEFT
+ALL_LINEAR = "all-linear"
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -171,7 +172,8 @@ def _ffn_spans(model, modules, ffn) -> list[tuple[str, str]]:
         if _suffix_match(name, [first_suffix]):
             last = name if len(ffn) == 1 else f"{name.rpartition('.')[0]}.{last_relative}".lstrip(".")
             if last not in modules:
-                raise ValueError(f"feed-forward block starting at {name!r} has no module {last!r}; fix ffn_modules={list(ffn)}")
+                raise ValueError(f"feed-forward block starting at {name!r} has no module {last!r}; "
+                                 f"fix ffn_modules={list(ffn)}")
             spans.append((name, last))
     if not spans:
         raise ValueError(_no_match(model, f"ffn_modules {list(ffn)}"))
@@ -231,7 +233,8 @@ def attach(model: nn.Module, name: str, adapter: nn.Module, place: Place, replac
             site._handles.append(first.register_forward_pre_hook(site.keep_span_input, with_kwargs=True))
             site.span_first = place.span_first
         elif site.span_first != place.span_first:
-            raise ValueError(f"{place.owner}: adapters read the inputs of both {site.span_first} and {place.span_first}")
+            raise ValueError(f"{place.owner}: adapters read the inputs of both {site.span_first} and "
+                             f"{place.span_first}")
         site.reads_span.add(name)
     if replaces_owner:
         site.copies.add(name)

@@ -41,8 +41,8 @@ def to_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike):
     if conv1d:
         raise ValueError(f"{adapter_dir} adapts GPT-2-style Conv1D layers ({', '.join(conv1d[:3])}"
                          f"{', ...' if len(conv1d) > 3 else ''}); PEFT's LoKr adapts only nn.Linear and Conv "
-                         f"layers, so this adapter has no PEFT equivalent: use it with kronpeft, or `kronpeft merge` it "
-                         f"into the model")
+                         f"layers, so this adapter has no PEFT equivalent: use it with kronpeft, or `kronpeft "
+                         f"merge` it into the model")
     factors = _kron_factors(state, "A", "B")
     decompose_factor = _decompose_factor(factors, factorization, config.get("a_shape"))
     r = 1 << max(max(B.shape) for _, B in factors.values()).bit_length()  # a power of 2: alpha / r == scale exactly
@@ -142,7 +142,8 @@ def _read_peft_config(peft_dir: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is corrupt ({err})") from None
     if not isinstance(config, dict) or "peft_type" not in config:
-        kind = "a kronpeft adapter already" if isinstance(config, dict) and "adapter" in config else "not a PEFT adapter"
+        ours = isinstance(config, dict) and "adapter" in config
+        kind = "a kronpeft adapter already" if ours else "not a PEFT adapter"
         raise ValueError(f"{peft_dir} is {kind} (its {CONFIG_NAME} has no 'peft_type'); convert a PEFT LoKr adapter")
     if str(config["peft_type"]).upper() != "LOKR":
         raise ValueError(f"{peft_dir} is a PEFT {config['peft_type']} adapter; only LoKr (with full factors) "

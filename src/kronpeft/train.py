@@ -136,8 +136,8 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
             if gguf and quantizer is not None and all(t.is_floating_point() for t in tensors):
                 quantizer.remove_quantization_config(model)  # fully dequantised: a plain fp32 model (saveable)
         else:
-            config = AutoConfig.from_pretrained(source, num_labels=num_labels, **gguf,
-                                                problem_type="regression" if regression else "single_label_classification")
+            problem = "regression" if regression else "single_label_classification"
+            config = AutoConfig.from_pretrained(source, num_labels=num_labels, **gguf, problem_type=problem)
             model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **extra)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -648,7 +648,8 @@ def run(args) -> dict | None:
             if args.stop_after and step == args.stop_after and step < total_steps:
                 bar.close()
                 if main:
-                    print(f"kronpeft: stopped after step {step} (--stop-after); continue with --resume", file=sys.stderr)
+                    print(f"kronpeft: stopped after step {step} (--stop-after); continue with --resume",
+                          file=sys.stderr)
                 return None
             if step >= total_steps:
                 break
