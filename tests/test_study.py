@@ -451,6 +451,42 @@ def test_score_plot_labels_do_not_overlap_and_sit_by_their_point(points):
     plt.close(fig)
 
 
+MRPC_DONE = {"krona": (9_984, 85.5, 1.3), "krona-a8x8": (28_416, 85.65, 0.5), "krona-a4x4": (110_784, 85.8, 0.7),
+             "lora-r1": (9_216, 85.3, 0.6), "lora-r3": (27_648, 86.5, 1.1), "lora-r8": (73_728, 86.4, 0.4),
+             "lora-r12": (110_592, 86.0, 1.5), "adakron": (149_856, 85.3, 0.1), "bottleneck": (223_776, 86.15, 0.3),
+             "kronab": (4_992, 83.9, 0.6), "kronab-res": (4_998, 84.3, 0.2), "lokr": (9_984, 84.7, 0.9),
+             "full": (22_713_216, 86.8, 0.3)}  # the finished MRPC panel, whose lora-r12 label once sat by adakron
+
+
+def test_score_plot_of_the_finished_mrpc_panel_names_every_point_by_its_marker(tmp_path, monkeypatch):
+    """The real figure (error bars, family lines, two panels, legend): each label nearer its own marker."""
+    import matplotlib
+
+    grid = study.load_grid(Path(__file__).parents[1] / "benchmarks" / "study" / "glue-minilm.toml")
+    summary = {}
+    for task, scale in (("mrpc", 1.0), ("stsb", 0.97)):
+        for name, (params, mean, std) in MRPC_DONE.items():
+            row = {"trainable_params": params + 770, "head_params": 770, "main_metric": "f1"}
+            summary[(task, name)] = {"scores": [scale * (mean + d * std) / 100 for d in (-1, 0, 1)], "rows": [row]}
+    checked = []
+
+    def name_and_check(ax, points):
+        report_name_points(ax, points)
+        renderer = ax.figure.canvas.get_renderer()
+        at = {name: ax.transData.transform((x, y)) for x, y, name in points}
+        for text in ax.texts:
+            text.update_positions(renderer)
+            box, name = matplotlib.text.Text.get_window_extent(text, renderer), text.get_text()
+            others = [q for other, q in at.items() if other != name and math.dist(q, at[name]) > 6]
+            assert all(report._gap(box, at[name]) < report._gap(box, q) for q in others), name
+        checked.append(len(ax.texts))
+
+    report_name_points = report._name_points
+    monkeypatch.setattr(report, "_name_points", name_and_check)
+    report.plot_score_vs_params(grid, summary, tmp_path / "plot.png")
+    assert checked == [13, 13] and (tmp_path / "plot.png").stat().st_size > 0
+
+
 def test_add_curves_backfills_only_rows_whose_log_agrees(grid, tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location(
         "add_curves", Path(__file__).parents[1] / "benchmarks" / "study" / "add_curves.py")

@@ -232,14 +232,17 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
 
 
 _LABEL_OFFSETS = [((7, 6), "left"), ((7, -6), "left"), ((-7, 6), "right"), ((-7, -6), "right"),
+                  ((8, 0), "left"), ((-8, 0), "right"), ((0, 11), "center"), ((0, -11), "center"),
                   ((9, 15), "left"), ((9, -15), "left"), ((-9, 15), "right"), ((-9, -15), "right"),
-                  ((12, 24), "left"), ((12, -24), "left")]  # points: beside the marker, right then left; then further
+                  ((12, 24), "left"), ((12, -24), "left"), ((-12, 24), "right"), ((-12, -24), "right"),
+                  ((0, 22), "center"), ((0, -22), "center")]  # points: beside the marker, then further out
 
 
 def _name_points(ax, points: list[tuple[float, float, str]]):
     """Label each point `(x, y, name)` at the first offset where its label overlaps no marker and no label
     placed before and lies nearer its own point than any other (points taken from the top down; sizes
-    measured with the figure's renderer); a thin leader line ties each label to its point."""
+    measured with the figure's renderer); where no offset does, at the free one with the widest such margin.
+    A thin leader line ties each label to its point."""
     from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
@@ -250,16 +253,23 @@ def _name_points(ax, points: list[tuple[float, float, str]]):
     for i in sorted(range(len(points)), key=lambda i: -points[i][1]):
         xi, yi, name = points[i]
         others = [q for q in at if math.dist(q, at[i]) > 6]  # markers closer than that read as one place
+        best = None  # (free, margin: how much nearer its own point than the nearest other), offset, ha, box
         for offset, ha in _LABEL_OFFSETS:
             label = ax.annotate(name, (xi, yi), textcoords="offset points", xytext=offset, ha=ha, va="center",
-                                fontsize=7, arrowprops=leader)
+                                fontsize=7)
             label.update_positions(renderer)
             box = Text.get_window_extent(label, renderer)  # the text alone, not its leader line
-            free = not any(box.overlaps(other) for other in placed)
-            if free and all(_gap(box, at[i]) < _gap(box, q) for q in others) or offset == _LABEL_OFFSETS[-1][0]:
-                placed.append(box)
-                break
             label.remove()
+            free = not any(box.overlaps(other) for other in placed)
+            margin = min((_gap(box, q) for q in others), default=math.inf) - _gap(box, at[i])
+            if best is None or (free, margin) > best[0]:
+                best = (free, margin), offset, ha, box
+            if free and margin > 0:
+                break
+        _, offset, ha, box = best
+        ax.annotate(name, (xi, yi), textcoords="offset points", xytext=offset, ha=ha, va="center", fontsize=7,
+                    arrowprops=leader)
+        placed.append(box)
 
 
 def _gap(box, point) -> float:
