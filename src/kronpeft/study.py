@@ -337,12 +337,13 @@ def maybe_needed(grid: Grid, rows: list[dict], waiting: list[Run]) -> list[Run]:
     done = {r["key"] for r in rows}
     out = []
     for run in waiting:
-        recorded = [r for r in rows if r["task"] == run.task and r["name"] == run.entry.name
-                    and r["seed"] == grid.sweep_seed and r.get("stage") == "sweep" and r["lr"] in run.entry.lrs]
         if run.stage == "sweep":
             if len(run.entry.lrs) > 2:
                 out.append(run)
-        elif recorded and Run(run.task, run.entry, best_lr(recorded), run.seed, "seed").key(grid) in done:
+            continue
+        recorded = [r for r in rows if r["task"] == run.task and r["name"] == run.entry.name
+                    and r["seed"] == grid.sweep_seed and r.get("stage") == "sweep" and r["lr"] in run.entry.lrs]
+        if recorded and Run(run.task, run.entry, best_lr(recorded), run.seed, "seed").key(grid) in done:
             out.append(run)
     return out
 
@@ -585,9 +586,12 @@ def dry_run(grid: Grid, threads: int, parallel: int):
     for run in todo:
         print(f"{run.stage:5}  {run.label()}")
     for run in waiting:
-        why = ("the sweep's edge extension" + (" if its winner lands on an edge" if run in maybe else "")
-               if run.stage == "sweep" else "only if the edge extension beats the rate this seed ran at"
-               if run in maybe else "waits for the sweep's best lr")
+        if run.stage == "sweep":
+            why = "the sweep's edge extension" + (" if its winner lands on an edge" if run in maybe else "")
+        elif run in maybe:
+            why = "only if the edge extension beats the rate this seed ran at"
+        else:
+            why = "waits for the sweep's best lr"
         print(f"later  {run.label()} ({why})")
     all_rows = read_results(grid.results, warn=lambda _: None)
     certain, unknown = estimate_seconds(grid, todo + [r for r in waiting if r not in maybe], all_rows)
