@@ -341,11 +341,16 @@ def maybe_needed(grid: Grid, rows: list[dict], waiting: list[Run]) -> list[Run]:
             if len(run.entry.lrs) > 2:
                 out.append(run)
             continue
-        recorded = [r for r in rows if r["task"] == run.task and r["name"] == run.entry.name
-                    and r["seed"] == grid.sweep_seed and r.get("stage") == "sweep" and r["lr"] in run.entry.lrs]
+        recorded = [r for r in _sweep_rows(grid, rows, run.task, run.entry) if r["lr"] in run.entry.lrs]
         if recorded and Run(run.task, run.entry, best_lr(recorded), run.seed, "seed").key(grid) in done:
             out.append(run)
     return out
+
+
+def _sweep_rows(grid: Grid, rows: list[dict], task: str, entry: MethodEntry) -> list[dict]:
+    """The recorded sweep runs (sweep seed) of one (task, method) cell."""
+    return [r for r in rows if r["task"] == task and r["name"] == entry.name and r["seed"] == grid.sweep_seed
+            and r.get("stage") == "sweep"]
 
 
 def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[Run]]:
@@ -361,8 +366,7 @@ def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[Run]]:
                 continue
             lrs = entry.lrs
             sweep = [Run(task, entry, lr, grid.sweep_seed, "sweep") for lr in lrs]
-            recorded = [r for r in rows if r["task"] == task and r["name"] == entry.name
-                        and r["seed"] == grid.sweep_seed and r.get("stage") == "sweep"]
+            recorded = _sweep_rows(grid, rows, task, entry)
             if grid.extend_edges and all(run.key(grid) in done for run in sweep):
                 extra = _next_lr(lrs, best_lr([r for r in recorded if r["lr"] in lrs]), grid.edge_factor)
                 if extra is not None:
@@ -580,7 +584,8 @@ def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict]) -> tuple[flo
 
 
 def dry_run(grid: Grid, threads: int, parallel: int):
-    rows = [r for r in read_results(grid.results) if r.get("grid") == grid.name]
+    all_rows = read_results(grid.results)  # other grids' rows too: their rates per step help the estimate
+    rows = [r for r in all_rows if r.get("grid") == grid.name]
     todo, waiting = plan(grid, rows)
     maybe = maybe_needed(grid, rows, waiting)
     for run in todo:
@@ -593,7 +598,6 @@ def dry_run(grid: Grid, threads: int, parallel: int):
         else:
             why = "waits for the sweep's best lr"
         print(f"later  {run.label()} ({why})")
-    all_rows = read_results(grid.results, warn=lambda _: None)
     certain, unknown = estimate_seconds(grid, todo + [r for r in waiting if r not in maybe], all_rows)
     extra, unknown_extra = estimate_seconds(grid, maybe, all_rows)
     unknown += unknown_extra
