@@ -2,9 +2,9 @@
 
 For each run folder that `kronpeft study` left (an AdaKron or Pfeiffer adapter), load the adapter at its best
 checkpoint, run the first 64 dev examples of the run's task and print, per layer, ||adapter(h) - h|| / ||h||
-over the real (non-padding) tokens, `h (tokens, d)` the FFN output the adapter receives, and the rms of its
-bottleneck `z (tokens, r)` before the activation. A ratio near 1 or above: the adapter overwrites that layer's
-FFN output instead of adjusting it.
+over the real (non-padding) tokens, `h (tokens, d)` the FFN output the adapter receives; then the rms of its
+bottleneck `z (tokens, r)` before the activation, and h's largest entry (in absolute value) beside its rms.
+A ratio near 1 or above: the adapter overwrites that layer's FFN output instead of adjusting it.
 
     python benchmarks/study/adapter_share.py --data-dir ../shared/data/glue \\
         runs/study/glue-minilm/stsb/bottleneck/lr0.0005-seed0 runs/study/glue-minilm/stsb/adakron/lr0.002-seed0
@@ -23,8 +23,8 @@ from kronpeft.layers import SequentialAdapter
 from kronpeft.train import Encoded, load_base
 
 
-def adapter_shares(run_dir: Path, data_dir: str | None, examples: int) -> tuple[list[float], list[float]]:
-    """(||Δ|| / ||h|| per layer, rms of z per layer) for the adapter saved in `run_dir/adapter`."""
+def adapter_shares(run_dir: Path, data_dir: str | None, examples: int) -> dict[str, list[float]]:
+    """||Δ|| / ||h||, rms of z, max |h| and rms of h, one value per layer, for the adapter in `run_dir/adapter`."""
     info = baselines.read_run(run_dir / "adapter")
     spec = get_task(info["task"])
     base, tokenizer = load_base(info["model_path"], spec.num_labels, spec.is_regression)
@@ -37,11 +37,13 @@ def adapter_shares(run_dir: Path, data_dir: str | None, examples: int) -> tuple[
     with torch.no_grad():
         model(**{k: v for k, v in batch.items() if k != "labels"})
         real = batch["attention_mask"].bool()
-        shares = [((out - h)[real].norm() / h[real].norm()).item() for _, h, out in seen]
-        z_rms = [mod.bottleneck(h)[real].pow(2).mean().sqrt().item() for mod, h, _ in seen]
+        stats = {"share": [((out - h)[real].norm() / h[real].norm()).item() for _, h, out in seen],
+                 "z_rms": [mod.bottleneck(h)[real].pow(2).mean().sqrt().item() for mod, h, _ in seen],
+                 "h_max": [h[real].abs().max().item() for _, h, _ in seen],
+                 "h_rms": [h[real].pow(2).mean().sqrt().item() for _, h, _ in seen]}
     for hook in hooks:
         hook.remove()
-    return shares, z_rms
+    return stats
 
 
 def main():
@@ -51,13 +53,14 @@ def main():
     parser.add_argument("--examples", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rows = [(run, *adapter_shares(run, args.data_dir, args.examples)) for run in args.runs]
-    layers = len(rows[0][1])
-    print("| run | " + " | ".join(f"layer {i}" for i in range(layers)) + " | rms of z per layer |")
-    print("|---|" + "---:|" * layers + "---|")
-    for run, shares, z_rms in rows:
-        print(f"| {'/'.join(run.parts[-3:])} | " + " | ".join(f"{s:.2f}" for s in shares)
-              + " | " + ", ".join(f"{z:.1f}" for z in z_rms) + " |")
+    rows = [(run, adapter_shares(run, args.data_dir, args.examples)) for run in args.runs]
+    layers = len(rows[0][1]["share"])
+    print("| run | " + " | ".join(f"layer {i}" for i in range(layers)) + " | rms of z per layer | largest abs h / rms h |")
+    print("|---|" + "---:|" * layers + "---|---|")
+    for run, stats in rows:
+        print(f"| {'/'.join(run.parts[-3:])} | " + " | ".join(f"{s:.2f}" for s in stats["share"])
+              + " | " + ", ".join(f"{z:.1f}" for z in stats["z_rms"])
+              + " | " + ", ".join(f"{m:.0f}/{r:.1f}" for m, r in zip(stats["h_max"], stats["h_rms"])) + " |")
 
 
 if __name__ == "__main__":
