@@ -304,6 +304,18 @@ def test_help_lists_flags_with_defaults(capsys):
     assert "default: bbc-news" in text and "krona 0.005" in text
 
 
+def test_docs_method_table_states_the_default_learning_rates():
+    """docs/cli.md's Methods table gives every method's default `--lr`: the one `kronpeft train` uses."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    table = text.split("## Methods", 1)[1].split("\n\n", 1)[0]
+    documented = {}
+    for row in table.splitlines()[3:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for name in cells[0].split(","):
+            documented[name.strip().strip("`")] = float(cells[-1])
+    assert documented == baselines.DEFAULT_LR
+
+
 def test_console_script_and_module(tmp_path):
     # generous timeouts: starting Python + torch took over 120 s on the loaded 2-core box (a hang is what they catch)
     exe = Path(sys.executable).with_name("kronpeft")
