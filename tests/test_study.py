@@ -749,3 +749,39 @@ def test_claims_get_a_verdict_only_with_every_seed(tmp_path):
     diff, ci, p, verdict = report.claim_verdict(better, worse, 3)
     se = (statistics.variance(better) / 3 + statistics.variance(worse) / 3) ** 0.5
     assert diff < -2 * se and ci[0] < 0 < ci[1] and p > 0.05 and verdict == "within noise"
+
+
+def test_a_claim_on_several_tasks_is_also_tested_on_their_average(tmp_path):
+    path = tmp_path / "avg.toml"
+    path.write_text(GRID.replace('tasks = ["mrpc"]\n', "")
+                    + '\n[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r8"\n')
+    grid = study.load_grid(path)
+    seeds = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r8"): [0.75, 0.74, 0.76],
+             ("rte", "krona"): [0.60, 0.62, 0.58], ("rte", "lora-r8"): [0.58, 0.57, 0.59]}
+    rows = [fake_row(grid, r, seeds[(r.task, r.entry.name)][0] - (0.1 if r.lr != 1e-3 else 0))
+            for r in study.plan(grid, [])[0]]  # every sweep's winner: 1e-3
+    later = study.plan(grid, rows)[0]
+    out = tmp_path / "results.md"
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows + [
+        fake_row(grid, r, seeds[(r.task, r.entry.name)][r.seed]) for r in later if r.task == "mrpc"]))
+    report.render(grid, out)
+    assert "| average of 2 tasks | — | — | — | waiting (1/2 tasks complete) |" in out.read_text()
+    rows += [fake_row(grid, r, seeds[(r.task, r.entry.name)][r.seed]) for r in later]
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report.render(grid, out)
+    # averages 72.5 vs 66.5; SE sqrt((2.0² + 1.0² + 2.0² + 1.0²) / 3) / 2 = 0.913, Welch-Satterthwaite df
+    # 5.88, t(0.975, 5.88) = 2.459: +6.0 ± 2.24
+    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | average of 2 tasks | +6.0 | +3.8 to +8.2 | 0.00064 | holds |" \
+        in out.read_text()
+    text = out.read_text()
+    assert text.index("| rte | +2.0 |") < text.index("| average of 2 tasks | +6.0")  # after the tasks' rows
+
+
+@pytest.mark.parametrize("better, worse", [([0.80, 0.84, 0.83], [0.79, 0.80, 0.78]),
+                                           ([0.70, 0.71], [0.69, 0.75, 0.74, 0.71])])
+def test_the_average_of_one_task_is_welchs_test(better, worse):
+    """With one task the average's interval and p are scipy's Welch test's (claim_verdict)."""
+    one = report.average_verdict([better], [worse])
+    welch = report.claim_verdict(better, worse, 1)
+    assert one[0] == pytest.approx(welch[0]) and one[2] == pytest.approx(welch[2]) and one[3] == welch[3]
+    assert one[1] == pytest.approx(welch[1])

@@ -11,6 +11,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from scipy.stats import t as student_t
 from scipy.stats import ttest_ind
 
 from .atomic import write_atomic
@@ -111,10 +112,40 @@ def claim_verdict(better: list[float], worse: list[float], wanted: int
     return diff, ci, p, "holds" if low > 0 else "reversed" if high < 0 else "within noise"
 
 
+def average_verdict(better: list[list[float]], worse: list[list[float]]
+                    ) -> tuple[float, tuple[float, float] | None, float | None, str]:
+    """The claim on the average over tasks (the GLUE-style score KronA's paper compares): `better` and
+    `worse` hold one list of seed scores per task. The difference of the two averages of cell means, with
+    standard error sqrt(sum of s²/n over all 2T cells) / T and Welch-Satterthwaite degrees of freedom, so one
+    task reduces to `claim_verdict`'s Welch test. Interval, p and verdict as `claim_verdict`'s (its caller
+    asks only once every cell is complete)."""
+    tasks = len(better)
+    diff = statistics.fmean(map(statistics.fmean, better)) - statistics.fmean(map(statistics.fmean, worse))
+    cells = better + worse
+    ci = p = None
+    if min(map(len, cells)) > 1:
+        parts = [(statistics.variance(c) / len(c) / tasks ** 2, len(c) - 1) for c in cells]
+        var = sum(v for v, _ in parts)
+        if var > 0:
+            df = var ** 2 / sum(v ** 2 / k for v, k in parts)
+            half = float(student_t.ppf(0.975, df)) * math.sqrt(var)
+            ci, p = (diff - half, diff + half), float(2 * student_t.sf(abs(diff) / math.sqrt(var), df))
+    low, high = ci or (diff, diff)
+    return diff, ci, p, "holds" if low > 0 else "reversed" if high < 0 else "within noise"
+
+
+def _claim_row(text: str, where: str, diff: float | None, ci, p, verdict: str) -> str:
+    return (f"| {text} | {where} | {'—' if diff is None else f'{100 * diff:+.1f}'} | "
+            f"{'—' if ci is None else f'{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}'} | "
+            f"{'—' if p is None else f'{p:.2g}'} | {verdict} |")
+
+
 def claims_table(grid: Grid, summary: dict) -> list[str]:
     lines = ["| claim | task | better − worse (×100) | 95 % CI | Welch p | verdict |",
              "|---|---|---:|---:|---:|---|"]
+    methods = {e.name: e for e in grid.methods}
     for claim in grid.claims:
+        text = f"{claim.text} (`{claim.better}` vs `{claim.worse}`)"
         for task in grid.tasks:
             b, w = summary.get((task, claim.better)), summary.get((task, claim.worse))
             if b is None or w is None:
@@ -122,9 +153,18 @@ def claims_table(grid: Grid, summary: dict) -> list[str]:
             diff, ci, p, verdict = claim_verdict(b["scores"], w["scores"], len(grid.seeds))
             if b["sweeping"] or w["sweeping"]:
                 verdict = "waiting (sweep not finished)"
-            lines.append(f"| {claim.text} (`{claim.better}` vs `{claim.worse}`) | {task} | {100 * diff:+.1f} | "
-                         f"{'—' if ci is None else f'{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}'} | "
-                         f"{'—' if p is None else f'{p:.2g}'} | {verdict} |")
+            lines.append(_claim_row(text, task, diff, ci, p, verdict))
+        shared = [t for t in grid.tasks if t in methods[claim.better].tasks and t in methods[claim.worse].tasks]
+        if len(shared) < 2:
+            continue
+        pairs = [(summary.get((t, claim.better)), summary.get((t, claim.worse))) for t in shared]
+        done = sum(1 for b, w in pairs if b and w and complete(b, len(grid.seeds)) and complete(w, len(grid.seeds)))
+        where = f"average of {len(shared)} tasks"
+        if done < len(shared):
+            lines.append(_claim_row(text, where, None, None, None, f"waiting ({done}/{len(shared)} tasks complete)"))
+        else:
+            lines.append(_claim_row(text, where, *average_verdict([b["scores"] for b, _ in pairs],
+                                                                   [w["scores"] for _, w in pairs])))
     return lines
 
 
@@ -365,7 +405,11 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
                      "and a verdict once both cells have every seed: *holds* or *reversed* when the interval "
                      "excludes zero (p < 0.05), *within noise* otherwise. Three seeds resolve only large "
                      "differences, and among many claim-task pairs where nothing differs about one in twenty "
-                     "still gets a verdict by chance: a lone verdict is weaker than a pattern across tasks.", "",
+                     "still gets a verdict by chance: a lone verdict is weaker than a pattern across tasks. "
+                     "Where a claim spans several tasks, its last row tests the average over them (the "
+                     "GLUE-style score KronA's paper compares): the difference of the two methods' averages, "
+                     "its standard error from every cell's spread, Welch-Satterthwaite degrees of freedom; "
+                     "with more cells behind it, it resolves smaller differences than any one task.", "",
                      *claims_table(grid, summary), ""] if grid.claims else []),
                   "## Learning rates", "", "The winner in bold; each sweep value with its seed-"
                   f"{grid.sweep_seed} dev score. ↑ / ↓: the winner is the highest / lowest rate swept, so the "
