@@ -353,7 +353,8 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
     assert "| krona | 1.50* | — |" in page  # 30 s vs lora-r8's 20 s of wall time on mrpc (no CPU times recorded)
     assert "test cpu" in page
     assert "| task | method | 1 | 2 | last gain | seeds |" in page
-    assert "| mrpc | krona | 80.0 | 85.0 | +5.0 | 3 |" in page and "| mrpc | lora-r8 |" not in page  # no curves
+    assert "| mrpc | krona | 80.0 | 85.0 | +5.0 | 3 |" in page and "| mrpc | lora-r8 | 8" not in page  # no curves
+    assert "| mrpc | lora-r8 | 0.001 | 90.0 | 80.0 | — |" in page  # every seed at the chosen rate
     for r in rows:  # training CPU seconds, recorded by both cells: preferred to wall time
         r["train_cpu_seconds"] = {"krona": 24.0, "lora-r8": 12.0}[r["name"]]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -735,6 +736,8 @@ def test_claims_get_a_verdict_only_with_every_seed(tmp_path):
     assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +" in out.read_text()
     assert "| mrpc | +9.0 | — | — | waiting (2/3 and 1/3 seeds) |" in out.read_text()  # one seed: no spread yet
     assert "| lora-r8 | 1,000 | 0.100 | 75.0 (1/3 seeds) |" in out.read_text()
+    assert "| mrpc | krona | 0.003 | 85.0 | 83.0 | — |" in out.read_text()  # every seed, missing ones marked
+    assert "| mrpc | lora-r8 | 0.003 | 75.0 | — | — |" in out.read_text()
     rows += [fake_row(grid, r, seeds[(r.entry.name, r.seed)]) for r in later]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report.render(grid, out)
@@ -742,6 +745,7 @@ def test_claims_get_a_verdict_only_with_every_seed(tmp_path):
     # df (4/3 + 1/3)² / ((4/3)²/2 + (1/3)²/2) = 2.94, t(0.975, 2.94) = 3.22: 10.0 ± 4.2
     assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +10.0 | +5.8 to +14.2 | 0.0048 | holds |" \
         in out.read_text()
+    assert "| mrpc | lora-r8 | 0.003 | 75.0 | 74.0 | 76.0 |" in out.read_text()
     assert report.claim_verdict([0.80, 0.82, 0.81], [0.81, 0.80, 0.83], 3)[3] == "within noise"
     assert report.claim_verdict([0.70, 0.71, 0.69], [0.80, 0.81, 0.79], 3)[3] == "reversed"
     # beyond two standard errors but not beyond Welch's interval (df ~2.4): not a verdict with three seeds

@@ -186,6 +186,21 @@ def lr_table(grid: Grid, summary: dict) -> list[str]:
     return lines
 
 
+def seeds_table(grid: Grid, summary: dict) -> list[str]:
+    """Every seed's dev score (×100) at each cell's chosen rate: the numbers behind each mean ± std, where a
+    run that failed to learn stands out."""
+    lines = ["| task | method | lr | " + " | ".join(f"seed {s}" for s in grid.seeds) + " |",
+             "|---|---|---:|" + "---:|" * len(grid.seeds)]
+    for task in grid.tasks:
+        for entry in grid.methods:
+            s = summary.get((task, entry.name))
+            if s is not None:
+                by_seed = {r["seed"]: r["score"] for r in s["rows"]}
+                lines.append(f"| {task} | {entry.name} | {s['lr']:g} | " + " | ".join(
+                    f"{100 * by_seed[seed]:.1f}" if seed in by_seed else "—" for seed in grid.seeds) + " |")
+    return lines
+
+
 def epochs_table(grid: Grid, summary: dict) -> list[str]:
     """Dev score after each epoch at each cell's chosen rate, mean over the seeds whose rows carry a curve;
     [] when no row does. Shows whether the epochs were enough: the last column is the last epoch's gain."""
@@ -416,6 +431,8 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
                   "best rate may lie beyond the sweep" + ("." if grid.extend_edges else " (this grid does not "
                   "extend a sweep past its edge: with two values the winner always sits at one)."), ""]
         lines += lr_table(grid, summary)
+        lines += ["", "## Every seed", "", "Each seed's dev score (×100) at the cell's chosen rate: the rows behind "
+                  "the table's means.", "", *seeds_table(grid, summary)]
         curves = epochs_table(grid, summary)
         if curves:
             lines += ["", "## Dev score after each epoch", "", "At each cell's chosen rate, mean over the seeds "
