@@ -139,6 +139,31 @@ def test_regression_task_stsb(tmp_path):
 
 @needs_glue
 @needs_minilm
+@pytest.mark.parametrize("method", ["krona", "lora", "full"])  # kronpeft's head copy, peft's, the model's own
+def test_label_mean_bias_starts_the_regression_head_at_the_mean_label(tmp_path, method):
+    labels = [float(e.label) for e in limit(load_split("stsb", "train", GLUE), 16, 0)]
+    assert train(tmp_path / "s", "--label-mean-bias", "--lr", "1e-3", task="stsb", method=method) == 0
+    state = load_file(tmp_path / "s" / "checkpoint" / "trainable.safetensors")
+    bias = [v for k, v in state.items() if "classifier." in k and k.endswith(".bias")]  # the (copied) head
+    assert len(bias) == 1 and sum(labels) / 16 > 1  # the mean STS-B score is far from the head's initial bias 0
+    assert bias[0].item() == pytest.approx(sum(labels) / 16, abs=2 * 1e-3 + 1e-6)  # two Adam steps of <= lr each
+
+
+@needs_minilm
+def test_label_mean_bias_refuses_what_has_no_regression_head(tmp_path, capsys):
+    from kronpeft.train import UsageError, load_base, resolve_model, start_at_label_mean
+
+    assert_usage_error(capsys, train(tmp_path / "o", "--label-mean-bias", task="rte"), "--label-mean-bias", "rte")
+    assert not (tmp_path / "o").exists()
+    classifier, _ = load_base(resolve_model("all-MiniLM-L6-v2"), 2, False)
+    before = classifier.classifier.bias.clone()
+    with pytest.raises(UsageError, match="one-output Linear"):
+        start_at_label_mean(classifier, [1.0, 2.0])
+    assert torch.equal(classifier.classifier.bias, before)
+
+
+@needs_glue
+@needs_minilm
 def test_adapter_loads_with_kronmodel(krona_run):
     from kronpeft import KronModel
     from kronpeft.train import load_base, resolve_model

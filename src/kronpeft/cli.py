@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eval-before", action="store_true", help="skip the dev evaluation before training")
     g.add_argument("--no-dropout", action="store_true",
                    help="set every dropout probability of the model to 0 (makes N-process runs equal 1-process ones)")
+    g.add_argument("--label-mean-bias", action="store_true",
+                   help="regression tasks (stsb): start the head's output bias at the training labels' mean, so the "
+                        "model's first prediction is the mean score, not 0")
     g.add_argument("--group-by-length", action="store_true",
                    help="batch training examples of similar length together (as transformers' group_by_length): "
                         "less padding, faster epochs; the batch order stays a function of --seed")

@@ -31,7 +31,7 @@ from .atomic import commit, sha256, write_atomic, write_json_atomic, write_tenso
 from .data import get_task, limit, load_split
 from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics, constant_baseline
-from .model import count_parameters
+from .model import classifier_head, count_parameters
 from .text2text import PromptedSet, is_causal_lm
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -170,6 +170,18 @@ def refuse_pickles(folder: Path):
         raise UsageError(f"{folder} holds only pickled weights ({pickles[0]}); kronpeft loads safetensors only "
                          f"(no unpickling): convert them to .safetensors (save_pretrained(..., "
                          f"safe_serialization=True)) and pass that folder")
+
+
+def start_at_label_mean(model: torch.nn.Module, labels: list[float]):
+    """Set the bias of a regression head's output layer (the last Linear of the task head, one output) to
+    the labels' mean: the model's first prediction is the mean label instead of about 0."""
+    outputs = [m for name in classifier_head(model) for m in model.get_submodule(name).modules()
+               if isinstance(m, torch.nn.Linear)]
+    if not outputs or outputs[-1].out_features != 1 or outputs[-1].bias is None:
+        raise UsageError(f"--label-mean-bias: {type(model).__name__} has no task head ending in a one-output Linear "
+                         f"with a bias; drop the flag")
+    with torch.no_grad():
+        outputs[-1].bias.fill_(float(np.mean(labels)))
 
 
 def check_max_length(max_length: int | None, config, tokenizer, model_path: str):
@@ -463,6 +475,9 @@ def run(args) -> dict | None:
         spec = get_task(args.task)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if getattr(args, "label_mean_bias", False) and not spec.is_regression:
+        raise UsageError(f"--label-mean-bias applies to regression tasks (stsb); {spec.name} is a classification "
+                         f"task: drop the flag")
     if args.lr is None:
         args.lr = baselines.DEFAULT_LR[args.method]
     out = Path(args.output_dir)
@@ -495,6 +510,11 @@ def run(args) -> dict | None:
     np.random.seed(args.seed)
     base, tokenizer = load_base(model_path, spec.num_labels, spec.is_regression, args.no_dropout, args.max_length)
     text_to_text = is_causal_lm(base.config)
+    if getattr(args, "label_mean_bias", False):  # before build: the adapters' copies of the head take it along
+        if text_to_text:
+            raise UsageError(f"--label-mean-bias: {args.model} answers in text (a decoder LM) and has no "
+                             f"regression head; drop the flag")
+        start_at_label_mean(base, [float(e.label) for e in train_examples])
     try:
         model = baselines.build(args.method, base, a_shape=args.a_shape, scale=args.scale, r=args.r,
                                 targets=args.targets or (ALL_LINEAR if text_to_text else None),
