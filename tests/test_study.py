@@ -789,3 +789,22 @@ def test_the_average_of_one_task_is_welchs_test(better, worse):
     welch = report.claim_verdict(better, worse, 1)
     assert one[0] == pytest.approx(welch[0]) and one[2] == pytest.approx(welch[2]) and one[3] == welch[3]
     assert one[1] == pytest.approx(welch[1])
+
+
+def test_score_plot_shows_every_seed_and_a_failed_one_does_not_squash_the_panel(grid, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PathCollection  # scatter dots (error bars are LineCollections)
+
+    todo, _ = study.plan(grid, [])
+    rows = [fake_row(grid, run, 0.85 if run.lr == 1e-3 else 0.80) for run in todo if run.task == "mrpc"]
+    later = [run for run in study.plan(grid, rows)[0] if run.task == "mrpc"]
+    rows += [fake_row(grid, run, {1: 0.86, 2: 0.20 if run.entry.name == "lora-r8" else 0.84}[run.seed]) for run in later]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    report.plot_score_vs_params(grid, report.summarise(grid, rows), tmp_path / "p.png")
+    ax = figures[0].axes[0]
+    dots = sorted(float(y) for c in ax.collections if isinstance(c, PathCollection) for _, y in c.get_offsets())
+    assert dots == pytest.approx(sorted([85.0, 86.0, 84.0, 85.0, 86.0, 20.0]))  # both cells' three seeds
+    low, high = ax.get_ylim()
+    mean, std = statistics.fmean([85, 86, 20]), statistics.stdev([85, 86, 20])
+    assert low < 20 and 86 < high < mean + std  # the failed seed in view; lora-r8's ±std bar (to 101.4) cut

@@ -249,17 +249,22 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
     colors = {f: f"C{i % 10}" for i, f in enumerate(sorted({e.family for e in grid.methods}))}  # same in every panel
     named = []  # (axis, [(params, score, method)]): labelled once the layout is final
     for ax, task in zip(axes, tasks):
-        families = defaultdict(list)
+        families, seeds = defaultdict(list), []
         for entry in grid.methods:
             s = summary.get((task, entry.name))
             if s is not None:
                 mean, std, _ = cell_stats(s["scores"])
-                families[entry.family].append((adapter_params(s["rows"][0]), 100 * mean, 100 * std, entry.name))
+                params, scores = adapter_params(s["rows"][0]), [100 * v for v in s["scores"]]
+                families[entry.family].append((params, 100 * mean, 100 * std, entry.name))
+                ax.scatter([params] * len(scores), scores, s=10, alpha=0.4, linewidths=0, color=colors[entry.family])
+                seeds += scores
         for family, points in sorted(families.items()):
             points.sort()
             x, y, e, _ = zip(*points)
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=family, color=colors[family])
         named.append((ax, [(xi, yi, name) for points in families.values() for xi, yi, _, name in points]))
+        pad = 0.08 * (max(seeds) - min(seeds)) or 1.0
+        ax.set_ylim(min(seeds) - pad, max(seeds) + pad)  # every seed shows; a ±std bar past them all is cut
         ax.set_xscale("log")
         ax.margins(x=0.2)  # room for the point labels at either end
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -268,7 +273,7 @@ def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
         ax.set_xlabel("trainable parameters (no head)")
         ax.grid(alpha=0.3)
     for ax in axes[::cols]:
-        ax.set_ylabel("dev score ×100 (mean ± std)")
+        ax.set_ylabel("dev score ×100 (mean ± std; dots: seeds)")
     handles, labels = [], []
     for ax in axes:
         for h, l in zip(*ax.get_legend_handles_labels()):
