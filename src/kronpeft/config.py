@@ -204,7 +204,8 @@ class AdaKronConfig(BottleneckConfig):
     weights N(0, 0.02), biases zero (the authors' code, for the reproduction). Near the identity on
     BERT-like models, but `v ⊗ u` is quadratic in the hidden state, whose norm after a pre-norm
     decoder's FFN is 20-640 (SmolLM2): there it wrecks the model (docs/llm.md). On MiniLM's STS-B at lr
-    2e-3 it never learns (dev Pearson 0.11) where `init="zero"` reaches 0.84 (docs/results.md).
+    2e-3 it never learns (dev Pearson 0.11) where `init="zero"` reaches 0.84, as does `init="paper"` with
+    the regression head started at the mean score (0.85, `--label-mean-bias`; docs/results.md).
     """
 
     split: int = 4
