@@ -159,6 +159,15 @@ def test_stsb_text_to_text(tiny_llama_dir, tmp_path):
 
 
 @needs_glue
+def test_label_mean_bias_is_refused_for_a_decoder(tiny_llama_dir, tmp_path, capsys):
+    """A decoder answers STS-B in text: no regression head to start at the mean; nothing is written."""
+    assert train(tiny_llama_dir, tmp_path / "s", "--label-mean-bias", task="stsb") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("kronpeft: error: --label-mean-bias") and "decoder LM" in err
+    assert not (tmp_path / "s").exists()
+
+
+@needs_glue
 def test_resume_equals_uninterrupted_on_decoder(tiny_llama_dir, tmp_path):
     steps = ["--max-steps", "4", "--eval-every", "2"]
     assert train(tiny_llama_dir, tmp_path / "full", *steps) == 0
