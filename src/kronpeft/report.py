@@ -108,8 +108,13 @@ def claim_verdict(better: list[float], worse: list[float], wanted: int
         p, ci = float(test.pvalue), tuple(float(x) for x in test.confidence_interval(0.95))
     if min(len(better), len(worse)) < wanted:
         return diff, ci, p, f"waiting ({len(better)}/{wanted} and {len(worse)}/{wanted} seeds)"
+    return diff, ci, p, _verdict(diff, ci)
+
+
+def _verdict(diff: float, ci: tuple[float, float] | None) -> str:
+    """"holds" / "reversed" when the interval (or, without one, the difference) excludes zero on that side."""
     low, high = ci or (diff, diff)
-    return diff, ci, p, "holds" if low > 0 else "reversed" if high < 0 else "within noise"
+    return "holds" if low > 0 else "reversed" if high < 0 else "within noise"
 
 
 def average_verdict(better: list[list[float]], worse: list[list[float]]
@@ -130,8 +135,7 @@ def average_verdict(better: list[list[float]], worse: list[list[float]]
             df = var ** 2 / sum(v ** 2 / k for v, k in parts)
             half = float(student_t.ppf(0.975, df)) * math.sqrt(var)
             ci, p = (diff - half, diff + half), float(2 * student_t.sf(abs(diff) / math.sqrt(var), df))
-    low, high = ci or (diff, diff)
-    return diff, ci, p, "holds" if low > 0 else "reversed" if high < 0 else "within noise"
+    return diff, ci, p, _verdict(diff, ci)
 
 
 def _claim_row(text: str, where: str, diff: float | None, ci, p, verdict: str) -> str:
