@@ -365,6 +365,42 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_time_ratios_compare_runs_of_one_processor_only(grid, tmp_path):
+    """A cell's seeds may run on two machines (the grid resumed elsewhere): a ratio never divides one machine's
+    time by another's, and the page names the processor behind each ratio."""
+    todo, _ = study.plan(grid, [])
+    rows = [fake_row(grid, r, {0.001: 0.9}.get(r.lr, 0.5)) for r in todo if r.task == "mrpc"]
+    todo, _ = study.plan(grid, rows)
+    rows += [fake_row(grid, r, 0.8) for r in todo if r.task == "mrpc"]
+    speed = {("slow", "krona"): 24.0, ("slow", "lora-r8"): 12.0, ("fast", "krona"): 10.0, ("fast", "lora-r8"): 8.0}
+
+    def ratios(machine):  # machine(row) -> the processor it ran on; its CPU seconds follow from that
+        for r in rows:
+            r["cpu"] = machine(r)
+            r["train_cpu_seconds"] = speed[(r["cpu"], r["name"])]
+        return report.time_ratios(grid, report.summarise(grid, rows), "lora-r8")
+
+    # seed 0 on the slow machine, seeds 1, 2 on the fast one: krona is 1.25x lora-r8 there (10 / 8), which
+    # pooling the machines would hide (medians 10 and 8 by luck) or distort (2 of 3 rows)
+    assert ratios(lambda r: "slow" if r["seed"] == 0 else "fast")["krona"]["mrpc"] == (1.25, True, "fast")
+    # lora-r8 on the slow machine only: krona's one slow seed is the only fair comparison, 24 / 12
+    assert ratios(lambda r: "slow" if r["seed"] == 0 or r["name"] == "lora-r8" else "fast")["krona"]["mrpc"] == (
+        2.0, True, "slow")
+    # no machine in common: no ratio at all
+    assert "krona" not in ratios(lambda r: "slow" if r["name"] == "lora-r8" else "fast")
+    # two machines on the page (krona's ratio from the fast one, lora-r8's own from the slow): each has a letter
+    ratios(lambda r: "slow" if (r["name"], r["seed"]) in {("krona", 0), ("lora-r8", 0), ("lora-r8", 1)} else "fast")
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "docs" / "results.md"
+    assert main(["report", str(grid.path), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "| krona | 1.25 A | — |" in page and "| lora-r8 | 1.00 B | — |" in page
+    assert "from runs on one processor: A: fast; B: slow." in page
+    hours = {m: sum(study.cpu_seconds(r) for r in rows if r["cpu"] == m) / 3600 for m in ("fast", "slow")}
+    assert f"CPU-hours recorded: {sum(hours.values()):.1f} ({hours['fast']:.1f} on fast; {hours['slow']:.1f} on slow)" \
+        in page
+
+
 def test_report_page_is_replaced_atomically_and_bad_out_is_refused(grid, tmp_path, monkeypatch, capsys):
     from kronpeft.atomic import TMP_MARK
 

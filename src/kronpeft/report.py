@@ -347,10 +347,12 @@ def _median_of(rows: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def time_ratios(grid: Grid, summary: dict, reference: str) -> dict[str, dict[str, tuple[float, bool]]]:
-    """{method: {task: (ratio, from CPU time)}}: the cell's median training CPU seconds over the reference
-    method's on the same task when both cells recorded them (CPU time does not grow while other work holds
-    the CPU), else the same ratio of train (wall) seconds."""
+def time_ratios(grid: Grid, summary: dict, reference: str) -> dict[str, dict[str, tuple[float, bool, str]]]:
+    """{method: {task: (ratio, from CPU time, processor)}}: the cell's median training CPU seconds over the
+    reference method's on the same task when both cells recorded them (CPU time does not grow while other work
+    holds the CPU), else the same ratio of train (wall) seconds. Both medians come from rows of one processor,
+    the one holding most of the two cells' rows, since speed differs between machines; a pair with no processor
+    in common gets no ratio."""
     out = defaultdict(dict)
     for task in grid.tasks:
         ref = summary.get((task, reference))
@@ -360,12 +362,19 @@ def time_ratios(grid: Grid, summary: dict, reference: str) -> dict[str, dict[str
             s = summary.get((task, entry.name))
             if s is None:
                 continue
-            cpu, ref_cpu = _median_of(s["rows"], "train_cpu_seconds"), _median_of(ref["rows"], "train_cpu_seconds")
+            shared = {r.get("cpu") for r in s["rows"]} & {r.get("cpu") for r in ref["rows"]}
+            if not shared:
+                continue
+            both = s["rows"] + ref["rows"]
+            cpu_name = max(sorted(shared, key=str), key=lambda c: sum(r.get("cpu") == c for r in both))
+            mine = [r for r in s["rows"] if r.get("cpu") == cpu_name]
+            theirs = [r for r in ref["rows"] if r.get("cpu") == cpu_name]
+            cpu, ref_cpu = _median_of(mine, "train_cpu_seconds"), _median_of(theirs, "train_cpu_seconds")
             if cpu is not None and ref_cpu is not None:
-                out[entry.name][task] = (cpu / ref_cpu, True)
+                out[entry.name][task] = (cpu / ref_cpu, True, cpu_name)
             else:
-                wall = _median_of(s["rows"], "train_seconds") / _median_of(ref["rows"], "train_seconds")
-                out[entry.name][task] = (wall, False)
+                wall = _median_of(mine, "train_seconds") / _median_of(theirs, "train_seconds")
+                out[entry.name][task] = (wall, False, cpu_name)
     return out
 
 
@@ -388,7 +397,7 @@ def plot_times(ratios: dict, reference: str, path: Path):
         for bar, name in zip(bars, names):
             if task in ratios[name] and not ratios[name][task][1]:
                 bar.set_hatch("//")  # from wall time, not CPU time
-    if any(not cpu for v in ratios.values() for _, cpu in v.values()):
+    if any(not cpu for v in ratios.values() for _, cpu, _ in v.values()):
         handles.append(matplotlib.patches.Patch(facecolor="white", edgecolor="black", hatch="//",
                                                 label="wall time (load varied)"))
     ax.axhline(1.0, color="black", lw=0.8)
@@ -452,16 +461,19 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         if ratios:
             plot2 = img / f"{grid.name}-train-time.png"
             plot_times(ratios, reference, plot2)
+            machines = sorted({m for by_task in ratios.values() for _, _, m in by_task.values()}, key=str)
+            mark = {m: f" {chr(ord('A') + i)}" if len(machines) > 1 else "" for i, m in enumerate(machines)}
             lines += ["", "## Training time", "", f"Median training time per cell relative to `{reference}` on the "
                       "same task (evaluation excluded): training CPU seconds where both cells recorded them, "
                       "else wall seconds (marked *), which grow when other work shares the machine (see the load "
-                      "averages in the results file).", "",
+                      "averages in the results file). Both medians of a ratio come from runs on one processor: "
+                      + "; ".join(f"{mark[m].strip() + ': ' if mark[m] else ''}{m}" for m in machines) + ".", "",
                       f"![train time relative to {reference}]({plot2.relative_to(out.parent)})", "",
                       "| method | " + " | ".join(grid.tasks) + " |", "|---|" + "---:|" * len(grid.tasks)]
             for name, by_task in ratios.items():
                 lines.append(f"| {name} | " + " | ".join(
-                    f"{by_task[t][0]:.2f}{'' if by_task[t][1] else '*'}" if t in by_task else "—"
-                    for t in grid.tasks) + " |")
+                    f"{by_task[t][0]:.2f}{'' if by_task[t][1] else '*'}{mark[by_task[t][2]]}" if t in by_task
+                    else "—" for t in grid.tasks) + " |")
     if grid.notes is not None and grid.notes.is_file():
         lines += ["", grid.notes.read_text().rstrip()]
     if rows:
@@ -475,6 +487,10 @@ def setup(grid: Grid, rows: list[dict]) -> list[str]:
         return sorted({str(r.get(key)) for r in rows})
 
     shared = " ".join(argv(grid.train))
+    hours = defaultdict(float)
+    for r in rows:
+        hours[str(r.get("cpu"))] += cpu_seconds(r) / 3600
+    per_machine = f" ({'; '.join(f'{h:.1f} on {m}' for m, h in sorted(hours.items()))})" if len(hours) > 1 else ""
     return [f"- Command: `kronpeft study {grid.path} --parallel P --threads T`, then `kronpeft report {grid.path}`; "
             f"each run is `kronpeft train --model {grid.model} {shared} --task T --method M --lr LR --seed S` "
             "(its exact command is in its row).",
@@ -484,7 +500,7 @@ def setup(grid: Grid, rows: list[dict]) -> list[str]:
             f"- Versions: torch {', '.join(values('torch'))}; transformers {', '.join(values('transformers'))}; "
             f"peft {', '.join(values('peft'))}; accelerate {', '.join(values('accelerate'))}; "
             f"kronpeft commits {', '.join(values('commit'))}.",
-            f"- CPU-hours recorded: {sum(cpu_seconds(r) for r in rows) / 3600:.1f} (CPU time where the row measured "
-            "it, else wall time x threads, which counts time the run waited for a shared CPU; a run resumed "
-            "after an interruption counts its earlier parts up to their last checkpoint, or, in rows recorded "
+            f"- CPU-hours recorded: {sum(cpu_seconds(r) for r in rows) / 3600:.1f}{per_machine} (CPU time where the "
+            "row measured it, else wall time x threads, which counts time the run waited for a shared CPU; a run "
+            "resumed after an interruption counts its earlier parts up to their last checkpoint, or, in rows recorded "
             "before kronpeft aa6c85d, its last part only)."]
