@@ -88,7 +88,8 @@ def test_peft_adapter_loaded_by_kronpeft_is_named_not_corrupt(tmp_path):
     with pytest.raises(ValueError, match=r"holds a PEFT LORA adapter .* peft.PeftModel.from_pretrained") as err:
         KronModel.from_pretrained(make_model("bert"), tmp_path / "lora")
     assert "corrupt" not in str(err.value)
-    peft.get_peft_model(make_model("bert"), peft.LoKrConfig(target_modules=["query"], r=8)).save_pretrained(tmp_path / "lokr")
+    lokr = peft.get_peft_model(make_model("bert"), peft.LoKrConfig(target_modules=["query"], r=8))
+    lokr.save_pretrained(tmp_path / "lokr")
     with pytest.raises(ValueError, match=r"PEFT LOKR adapter .*kronpeft convert --to kronpeft"):
         KronModel.from_pretrained(make_model("bert"), tmp_path / "lokr")
 

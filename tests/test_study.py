@@ -591,6 +591,20 @@ def test_estimate_uses_measured_cpu_seconds_over_wall_time(grid, monkeypatch):
     assert seconds == pytest.approx(150.0)  # 1.5 CPU-s per step x 100 steps, not 6 x 100
 
 
+def test_estimate_on_a_new_machine_scales_old_rows_by_the_speed_measured_on_shared_cells(grid, monkeypatch):
+    """The grid resumes on a faster processor: rows recorded on the old one count at the measured speed ratio."""
+    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
+    todo, _ = study.plan(grid, [])
+    mrpc_krona, rte_krona = todo[0], next(r for r in todo if r.task == "rte")
+    old = [{**fake_row(grid, run, 0.8), "cpu_seconds": 300.0, "cpu": "old"} for run in (mrpc_krona, rte_krona)]
+    new = {**fake_row(grid, mrpc_krona, 0.8), "cpu_seconds": 120.0, "cpu": "new"}  # mrpc/krona: 0.4x the time
+    # rte/krona ran on the old processor only: 3 s per step there, so 1.2 s here, x 100 steps
+    assert study.estimate_seconds(grid, [rte_krona], old + [new], here="new")[0] == pytest.approx(120.0)
+    assert study.estimate_seconds(grid, [rte_krona], old + [new], here="old")[0] == pytest.approx(300.0)
+    # a third machine sharing no cell with the old rows: they count as they are
+    assert study.estimate_seconds(grid, [rte_krona], old, here="other")[0] == pytest.approx(300.0)
+
+
 def test_run_child_reports_exit_code_and_cpu_seconds(tmp_path):
     busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nraise SystemExit(3)"
     with open(tmp_path / "log", "w") as log:

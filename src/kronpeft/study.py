@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -542,14 +543,30 @@ def _train_size(task: str, data_dir: str | None) -> tuple[int, float] | None:
     return len(examples), sum(chars) / len(chars)
 
 
-def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict]) -> tuple[float, int]:
-    """CPU-seconds (wall x threads) the runs should take, and how many of them were guessed.
+def _speed_factors(rows: list[dict], here: str) -> dict[str, float]:
+    """{processor: its cost per step scaled to `here`'s}: the median, over the (task, method) pairs both ran,
+    of the ratio of their median costs per step; a processor with no pair in common with `here` is absent."""
+    cost = defaultdict(list)
+    for r in rows:
+        cost[(r.get("cpu"), r["task"], r["name"])].append(cpu_seconds(r) / max(r["steps"], 1))
+    ratios = defaultdict(list)
+    for (cpu, task, name), costs in cost.items():
+        if cpu != here and (here, task, name) in cost:
+            ratios[cpu].append(statistics.median(cost[(here, task, name)]) / statistics.median(costs))
+    return {cpu: statistics.median(r) for cpu, r in ratios.items()}
+
+
+def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict], here: str | None = None) -> tuple[float, int]:
+    """CPU-seconds (wall x threads) the runs should take on processor `here` (default: this machine's), and how
+    many of them were guessed.
 
     Steps per run: a recorded run of the same task and schedule, else the task's training-set size.
     Cost per step: the median of recorded runs of the same task and method, else of the task, else of
-    any task scaled by the tasks' mean characters per example. `rows` may come from any grid; only
+    any task scaled by the tasks' mean characters per example; a row from another processor counts at the
+    speed ratio measured on cells both ran (`_speed_factors`). `rows` may come from any grid; only
     those of the grid's model are used."""
     rows = [r for r in rows if r.get("flags", {}).get("model") == grid.model]
+    speed = _speed_factors(rows, machine()["cpu"] if here is None else here)
     data_dir = grid.train.get("data_dir") or os.environ.get("GLUE_DIR")
     sizes = {}
 
@@ -559,7 +576,7 @@ def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict]) -> tuple[flo
         return sizes[task]
 
     def per_step(select):
-        costs = [cpu_seconds(r) / max(r["steps"], 1) for r in rows if select(r)]
+        costs = [cpu_seconds(r) / max(r["steps"], 1) * speed.get(r.get("cpu"), 1.0) for r in rows if select(r)]
         return statistics.median(costs) if costs else None
 
     total, unknown = 0.0, 0
