@@ -378,7 +378,8 @@ def time_ratios(grid: Grid, summary: dict, reference: str) -> dict[str, dict[str
     return out
 
 
-def plot_times(ratios: dict, reference: str, path: Path):
+def plot_times(ratios: dict, reference: str, path: Path, task_order: list[str]):
+    """Bars of `time_ratios`' ratios: one group per method, one bar per task (in `task_order`, the grid's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -386,14 +387,15 @@ def plot_times(ratios: dict, reference: str, path: Path):
     import matplotlib.pyplot as plt
 
     names = list(ratios)
-    tasks = sorted({t for v in ratios.values() for t in v})
+    tasks = [t for t in task_order if any(t in v for v in ratios.values())]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 3.6))
     width = 0.8 / max(len(tasks), 1)
     handles = []
     for i, task in enumerate(tasks):
+        colour = f"C{task_order.index(task) % 10}"  # a task keeps its colour as other tasks' bars arrive
         bars = ax.bar([j + i * width for j in range(len(names))], [ratios[n].get(task, (0,))[0] for n in names],
-                      width, color=f"C{i % 10}")
-        handles.append(matplotlib.patches.Patch(color=f"C{i % 10}", label=task))
+                      width, color=colour)
+        handles.append(matplotlib.patches.Patch(color=colour, label=task))
         for bar, name in zip(bars, names):
             if task in ratios[name] and not ratios[name][task][1]:
                 bar.set_hatch("//")  # from wall time, not CPU time
@@ -460,7 +462,7 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         ratios = time_ratios(grid, summary, reference)
         if ratios:
             plot2 = img / f"{grid.name}-train-time.png"
-            plot_times(ratios, reference, plot2)
+            plot_times(ratios, reference, plot2, grid.tasks)
             machines = sorted({m for by_task in ratios.values() for _, _, m in by_task.values()}, key=str)
             mark = {m: f" {chr(ord('A') + i)}" if len(machines) > 1 else "" for i, m in enumerate(machines)}
             lines += ["", "## Training time", "", f"Median training time per cell relative to `{reference}` on the "
