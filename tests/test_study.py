@@ -365,6 +365,19 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_a_sweep_whose_rates_all_tie_is_marked_as_choosing_nothing(grid, tmp_path):
+    """Every rate at the majority class: the rule picks the smallest, which is no edge to look beyond."""
+    todo, _ = study.plan(grid, [])
+    rows = [fake_row(grid, r, 0.5 if r.entry.name == "krona" else {0.001: 0.9}.get(r.lr, 0.8))
+            for r in todo if r.task == "mrpc"]
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "results.md"
+    assert main(["report", str(grid.path), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "**0.001** (every rate tied: the smallest by rule) (0.001: 50.0, 0.003: 50.0, 0.01: 50.0)" in page
+    assert "**0.001** ↓ (0.001: 90.0, 0.003: 80.0)" in page  # a real winner at the edge keeps its arrow
+
+
 def test_time_ratios_compare_runs_of_one_processor_only(grid, tmp_path):
     """A cell's seeds may run on two machines (the grid resumed elsewhere): a ratio never divides one machine's
     time by another's, and the page names the processor behind each ratio."""

@@ -184,6 +184,8 @@ def lr_table(grid: Grid, summary: dict) -> list[str]:
             swept = sorted(s["sweep"])
             sweep = ", ".join(f"{lr:g}: {100 * s['sweep'][lr]:.1f}" for lr in swept)
             edge = "" if len(swept) < 2 else " ↑" if s["lr"] == swept[-1] else " ↓" if s["lr"] == swept[0] else ""
+            if len(swept) > 1 and len(set(s["sweep"].values())) == 1:
+                edge = " (every rate tied: the smallest by rule)"  # the sweep chose nothing; no edge to extend
             extended = " (sweep extended)" if set(swept) - set(entry.lrs) else ""
             cells.append(f"**{s['lr']:g}**{edge} ({sweep}){extended}")
         lines.append(f"| {entry.name} | " + " | ".join(cells) + " |")
