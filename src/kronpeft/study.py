@@ -543,12 +543,17 @@ def _train_size(task: str, data_dir: str | None) -> tuple[int, float] | None:
     return len(examples), sum(chars) / len(chars)
 
 
+def _step_cost(row: dict) -> float:
+    """CPU-seconds per training step of a recorded run."""
+    return cpu_seconds(row) / max(row["steps"], 1)
+
+
 def _speed_factors(rows: list[dict], here: str) -> dict[str, float]:
     """{processor: its cost per step scaled to `here`'s}: the median, over the (task, method) pairs both ran,
     of the ratio of their median costs per step; a processor with no pair in common with `here` is absent."""
     cost = defaultdict(list)
     for r in rows:
-        cost[(r.get("cpu"), r["task"], r["name"])].append(cpu_seconds(r) / max(r["steps"], 1))
+        cost[(r.get("cpu"), r["task"], r["name"])].append(_step_cost(r))
     ratios = defaultdict(list)
     for (cpu, task, name), costs in cost.items():
         if cpu != here and (here, task, name) in cost:
@@ -576,7 +581,7 @@ def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict], here: str | 
         return sizes[task]
 
     def per_step(select):
-        costs = [cpu_seconds(r) / max(r["steps"], 1) * speed.get(r.get("cpu"), 1.0) for r in rows if select(r)]
+        costs = [_step_cost(r) * speed.get(r.get("cpu"), 1.0) for r in rows if select(r)]
         return statistics.median(costs) if costs else None
 
     total, unknown = 0.0, 0
