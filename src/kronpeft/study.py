@@ -620,8 +620,9 @@ def dry_run(grid: Grid, threads: int, parallel: int):
         else:
             why = "waits for the sweep's best lr"
         print(f"later  {run.label()} ({why})")
-    certain, unknown = estimate_seconds(grid, todo + [r for r in waiting if r not in maybe], all_rows)
-    extra, unknown_extra = estimate_seconds(grid, maybe, all_rows)
+    here = machine()["cpu"]  # once: it imports torch and reads /proc/cpuinfo
+    certain, unknown = estimate_seconds(grid, todo + [r for r in waiting if r not in maybe], all_rows, here)
+    extra, unknown_extra = estimate_seconds(grid, maybe, all_rows, here)
     unknown += unknown_extra
 
     def hours(cores=1):
