@@ -378,6 +378,26 @@ def test_a_sweep_whose_rates_all_tie_is_marked_as_choosing_nothing(grid, tmp_pat
     assert "**0.001** ↓ (0.001: 90.0, 0.003: 80.0)" in page  # a real winner at the edge keeps its arrow
 
 
+def test_one_rate_for_every_task_loses_least_on_average_not_the_most_wins(grid, tmp_path):
+    """KronA wins at 1e-2 on MRPC but collapses there on RTE; 3e-3 is second on MRPC and best on RTE: the rate
+    that loses least on average is 3e-3, though a count of wins would tie. LoRA r = 8 ran on one task only."""
+    todo, _ = study.plan(grid, [])
+    scores = {("mrpc", 0.001): 0.80, ("mrpc", 0.003): 0.84, ("mrpc", 0.01): 0.86,
+              ("rte", 0.001): 0.55, ("rte", 0.003): 0.60, ("rte", 0.01): 0.47}
+    rows = [fake_row(grid, r, scores.get((r.task, r.lr), 0.7)) for r in todo]
+    summary = report.summarise(grid, rows)
+    lr, shortfall, tasks = report.rate_across_tasks(grid, summary)["krona"]
+    assert (lr, tasks) == (0.003, 2) and shortfall == pytest.approx((2.0 + 0.0) / 2)
+    assert "lora-r8" not in report.rate_across_tasks(grid, summary)
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "results.md"
+    assert main(["report", str(grid.path), "--out", str(out)]) == 0
+    assert "| **0.003** (1.0 below the best, on average over 2 tasks) |" in out.read_text()
+    # a task whose sweep is still running does not count
+    unfinished = {**summary, ("rte", "krona"): {**summary[("rte", "krona")], "sweeping": True}}
+    assert "krona" not in report.rate_across_tasks(grid, unfinished)
+
+
 def test_time_ratios_compare_runs_of_one_processor_only(grid, tmp_path):
     """A cell's seeds may run on two machines (the grid resumed elsewhere): a ratio never divides one machine's
     time by another's, and the page names the processor behind each ratio."""

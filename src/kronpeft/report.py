@@ -172,8 +172,27 @@ def claims_table(grid: Grid, summary: dict) -> list[str]:
     return lines
 
 
+def rate_across_tasks(grid: Grid, summary: dict) -> dict[str, tuple[float, float, int]]:
+    """{name: (lr, shortfall ×100, tasks)} for each method whose sweep has finished on two tasks or more: of
+    the rates swept on all of them, the one whose sweep-seed score falls least below each task's best, on
+    average (the smaller rate on a tie), as one rate to use everywhere."""
+    out = {}
+    for entry in grid.methods:
+        sweeps = [s["sweep"] for task in grid.tasks
+                  if (s := summary.get((task, entry.name))) is not None and not s["sweeping"]]
+        shared = set.intersection(*(set(sweep) for sweep in sweeps)) if len(sweeps) > 1 else set()
+        shortfall = {lr: statistics.fmean(100 * (max(sweep.values()) - sweep[lr]) for sweep in sweeps)
+                     for lr in shared}
+        if shortfall:
+            lr = min(shortfall, key=lambda lr: (round(shortfall[lr], 9), lr))
+            out[entry.name] = (lr, shortfall[lr], len(sweeps))
+    return out
+
+
 def lr_table(grid: Grid, summary: dict) -> list[str]:
-    lines = ["| method | " + " | ".join(grid.tasks) + " |", "|---|" + "---|" * len(grid.tasks)]
+    across = rate_across_tasks(grid, summary)
+    lines = ["| method | " + " | ".join(grid.tasks) + " | one rate for every task |",
+             "|---|" + "---|" * (len(grid.tasks) + 1)]
     for entry in grid.methods:
         cells = []
         for task in grid.tasks:
@@ -188,6 +207,11 @@ def lr_table(grid: Grid, summary: dict) -> list[str]:
                 edge = " (every rate tied: the smallest by rule)"  # the sweep chose nothing; no edge to extend
             extended = " (sweep extended)" if set(swept) - set(entry.lrs) else ""
             cells.append(f"**{s['lr']:g}**{edge} ({sweep}){extended}")
+        if entry.name in across:
+            lr, shortfall, tasks = across[entry.name]
+            cells.append(f"**{lr:g}** ({shortfall:.1f} below the best, on average over {tasks} tasks)")
+        else:
+            cells.append("—")
         lines.append(f"| {entry.name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -451,7 +475,10 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
                   "## Learning rates", "", "The winner in bold; each sweep value with its seed-"
                   f"{grid.sweep_seed} dev score. ↑ / ↓: the winner is the highest / lowest rate swept, so the "
                   "best rate may lie beyond the sweep" + ("." if grid.extend_edges else " (this grid does not "
-                  "extend a sweep past its edge: with two values the winner always sits at one)."), ""]
+                  "extend a sweep past its edge: with two values the winner always sits at one)."), "",
+                  "*One rate for every task*: of the rates a method swept on every task whose sweep has "
+                  "finished, the one whose score falls least below each task's best, on average (in points, "
+                  "whatever the task's metric).", ""]
         lines += lr_table(grid, summary)
         lines += ["", "## Every seed", "", "Each seed's dev score (×100) at the cell's chosen rate: the rows behind "
                   "the table's means.", "", *seeds_table(grid, summary)]
