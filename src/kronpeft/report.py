@@ -202,9 +202,12 @@ def lr_table(grid: Grid, summary: dict) -> list[str]:
                 continue
             swept = sorted(s["sweep"])
             sweep = ", ".join(f"{lr:g}: {100 * s['sweep'][lr]:.1f}" for lr in swept)
-            edge = "" if len(swept) < 2 else " ↑" if s["lr"] == swept[-1] else " ↓" if s["lr"] == swept[0] else ""
-            if len(swept) > 1 and len(set(s["sweep"].values())) == 1:
-                edge = " (every rate tied: the smallest by rule)"  # the sweep chose nothing; no edge to extend
+            if len(swept) < 2:
+                edge = ""
+            elif len(set(s["sweep"].values())) == 1:  # the sweep chose nothing: no edge to look beyond
+                edge = " (every rate tied: the smallest by rule)"
+            else:
+                edge = " ↑" if s["lr"] == swept[-1] else " ↓" if s["lr"] == swept[0] else ""
             extended = " (sweep extended)" if set(swept) - set(entry.lrs) else ""
             cells.append(f"**{s['lr']:g}**{edge} ({sweep}){extended}")
         if entry.name in across:
@@ -493,17 +496,17 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
             plot2 = img / f"{grid.name}-train-time.png"
             plot_times(ratios, reference, plot2, grid.tasks)
             machines = sorted({m for by_task in ratios.values() for _, _, m in by_task.values()}, key=str)
-            mark = {m: f" {chr(ord('A') + i)}" if len(machines) > 1 else "" for i, m in enumerate(machines)}
+            mark = {m: chr(ord('A') + i) if len(machines) > 1 else "" for i, m in enumerate(machines)}
             lines += ["", "## Training time", "", f"Median training time per cell relative to `{reference}` on the "
                       "same task (evaluation excluded): training CPU seconds where both cells recorded them, "
                       "else wall seconds (marked *), which grow when other work shares the machine (see the load "
                       "averages in the results file). Both medians of a ratio come from runs on one processor: "
-                      + "; ".join(f"{mark[m].strip() + ': ' if mark[m] else ''}{m}" for m in machines) + ".", "",
+                      + "; ".join(f"{mark[m] + ': ' if mark[m] else ''}{m}" for m in machines) + ".", "",
                       f"![train time relative to {reference}]({plot2.relative_to(out.parent)})", "",
                       "| method | " + " | ".join(grid.tasks) + " |", "|---|" + "---:|" * len(grid.tasks)]
             for name, by_task in ratios.items():
                 lines.append(f"| {name} | " + " | ".join(
-                    f"{by_task[t][0]:.2f}{'' if by_task[t][1] else '*'}{mark[by_task[t][2]]}" if t in by_task
+                    f"{by_task[t][0]:.2f}{'' if by_task[t][1] else '*'} {mark[by_task[t][2]]}".rstrip() if t in by_task
                     else "—" for t in grid.tasks) + " |")
     if grid.notes is not None and grid.notes.is_file():
         lines += ["", grid.notes.read_text().rstrip()]
