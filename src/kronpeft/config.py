@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
 POSITIONS = ("ffn", "attn")
+# The reserved adapter name for "no adapter: the base model" (mixed-adapter batches; never a user's adapter).
+BASE_ADAPTER_NAME = "__base__"
 
 
 def _refuse(config, field: str, allowed: str):
