@@ -471,6 +471,9 @@ def run(args) -> dict | None:
                          f"pick a multiple of {world}")
     if args.method not in baselines.METHODS:
         raise UsageError(f"unknown method {args.method!r}; choose one of: {', '.join(baselines.METHODS)}")
+    if getattr(args, "rank", 1) != 1 and args.method != "krona":
+        raise UsageError(f"--rank {args.rank} is the number of Kronecker terms of krona, not of {args.method}; "
+                         f"drop --rank (LoRA's rank is --r)")
     try:
         spec = get_task(args.task)
     except ValueError as err:
@@ -518,7 +521,8 @@ def run(args) -> dict | None:
     try:
         model = baselines.build(args.method, base, a_shape=args.a_shape, scale=args.scale, r=args.r,
                                 targets=args.targets or (ALL_LINEAR if text_to_text else None),
-                                init=getattr(args, "init", None), causal_lm=text_to_text)
+                                init=getattr(args, "init", None), causal_lm=text_to_text,
+                                rank=getattr(args, "rank", 1))
     except baselines.MethodError as err:
         raise UsageError(f"{err} (fix --a-shape/--r/--targets)") from None
     trainable, total = count_parameters(model)
