@@ -220,8 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", formatter_class=_Formatter, help="convert a KronA adapter to PEFT LoKr or back",
                        description="--to peft: write a KronA adapter folder as a PEFT LoKr adapter "
                                    "(peft.PeftModel.from_pretrained loads it). --to kronpeft: write a PEFT LoKr "
-                                   "adapter with full factors (decompose_both=False) as a KronA adapter.")
-    c.add_argument("--to", required=True, choices=("peft", "kronpeft"), help="the format to write")
+                                   "adapter with full factors (decompose_both=False) as a KronA adapter. --to lora: "
+                                   "write a KronA adapter (any --rank/--init) as a PEFT LoRA adapter of rank --rank "
+                                   "for LoRA servers (vLLM), printing the energy kept (docs/beyond.md).")
+    c.add_argument("--to", required=True, choices=("peft", "kronpeft", "lora"), help="the format to write")
+    c.add_argument("--rank", type=_positive(int), default=None,
+                   help="--to lora: the LoRA rank r of every layer (default: exact, the largest exact rank)")
     c.add_argument("source", help="adapter folder to convert")
     c.add_argument("out", help="folder to write (must not exist, or --overwrite)")
     c.add_argument("--model", default=None, help="--to kronpeft: the base model's folder or Hub id (default: the "
@@ -417,6 +421,15 @@ def _cmd_convert(args) -> int:
 
     if Path(args.out).exists() and not args.overwrite:
         raise UsageError(f"{args.out} exists; pass --overwrite to replace it or choose another output folder")
+    if args.rank is not None and args.to != "lora":
+        raise UsageError(f"--rank {args.rank} is the LoRA rank of --to lora; drop it for --to {args.to}")
+    if args.to == "lora":
+        from .export import format_report, to_lora
+
+        r, report = to_lora(args.source, args.out, rank=args.rank)
+        print(format_report(r, report, args.rank))
+        print(f"wrote PEFT LoRA adapter (r={r}) to {args.out}")
+        return 0
     if args.to == "peft":
         to_peft(args.source, args.out)
     else:
