@@ -28,6 +28,7 @@ from .config import AdapterConfig, KronAConfig
 from .injection import (SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, dense_weight, detach,
                         find_places, sites)
 from .layers import build_adapter
+from .mixed import mixed_batch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,9 +80,20 @@ class KronModel(nn.Module):
         self.register_state_dict_post_hook(_keep_trained_state)
         self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's forward with the active adapter; `adapter_names`: one adapter per example (mixed.py)."""
+        return self._run(self.base_model, args, kwargs, adapter_names)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's `generate`; `adapter_names`: one adapter per example (mixed.py)."""
+        return self._run(self.base_model.generate, args, kwargs, adapter_names, expand=True)
+
+    def _run(self, call, args, kwargs, adapter_names, expand=False):
         self._check_usable()
-        return self.base_model(*args, **kwargs)
+        if adapter_names is None:
+            return call(*args, **kwargs)
+        with mixed_batch(self, adapter_names, args, kwargs, expand):
+            return call(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -485,9 +497,8 @@ def _with_forward_signature(cls: type, base_class: type) -> type:
     """
     key = (cls, base_class)
     if key not in _SIGNATURE_CLASSES:
-        def forward(self, *args, **kwargs):
-            self._check_usable()
-            return self.base_model(*args, **kwargs)
+        def forward(self, *args, adapter_names=None, **kwargs):
+            return self._run(self.base_model, args, kwargs, adapter_names)
 
         forward.__signature__ = inspect.signature(base_class.forward)
         forward.__doc__ = f"`{base_class.__name__}.forward` with the active adapter applied."
