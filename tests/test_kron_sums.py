@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import make_model, model_inputs, outputs, randomize_adapters
-from kronpeft import KronAConfig, KronModel, get_model
+from kronpeft import KronAConfig, KronModel, baselines, get_model
 from kronpeft.budget import match_budget
+from kronpeft.cli import main
 from kronpeft.interop import to_peft
 from kronpeft.kron import kron_sum_linear, kron_sum_matrix, kron_sum_norm2, nearest_kron_sum, rearrange
 from kronpeft.layers import KronDelta
@@ -240,3 +241,10 @@ def test_match_budget_below_or_between_budgets():
         match_budget(model)
     with pytest.raises(ValueError, match=r"lora_rank=0 must be a positive int"):
         match_budget(model, lora_rank=0)
+
+
+def test_train_builds_a_kpsvd_sum_and_refuses_rank_for_other_methods(tmp_path, capsys):
+    model = baselines.build("krona", make_model("bert"), rank=2, init="kpsvd")
+    assert model.peft_config["default"].rank == 2 and model.peft_config["default"].init == "kpsvd"
+    assert main(["train", "--method", "lora", "--rank", "2", "--task", "rte", "--output-dir", str(tmp_path)]) == 2
+    assert "kronpeft: error: --rank 2 is the number of Kronecker terms of krona" in capsys.readouterr().err

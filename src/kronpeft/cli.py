@@ -271,6 +271,9 @@ def _cmd_report(args) -> int:
 def _cmd_train(args) -> int:
     from .train import print_summary, run
 
+    if args.rank != 1 and args.method != "krona":
+        raise UsageError(f"--rank {args.rank} is the number of Kronecker terms of krona, not of {args.method}; "
+                         f"drop --rank (LoRA's rank is --r)")
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / args.task / args.method)
     metrics = run(args)

@@ -471,9 +471,6 @@ def run(args) -> dict | None:
                          f"pick a multiple of {world}")
     if args.method not in baselines.METHODS:
         raise UsageError(f"unknown method {args.method!r}; choose one of: {', '.join(baselines.METHODS)}")
-    if getattr(args, "rank", 1) != 1 and args.method != "krona":
-        raise UsageError(f"--rank {args.rank} is the number of Kronecker terms of krona, not of {args.method}; "
-                         f"drop --rank (LoRA's rank is --r)")
     try:
         spec = get_task(args.task)
     except ValueError as err:
