@@ -82,14 +82,16 @@ class KronModel(nn.Module):
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's forward with the active adapter; `adapter_names`: one adapter per example (mixed.py)."""
-        return self._run(self.base_model, args, kwargs, adapter_names)
+        return self._run(None, args, kwargs, adapter_names)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's `generate`; `adapter_names`: one adapter per example (mixed.py)."""
-        return self._run(self.base_model.generate, args, kwargs, adapter_names, expand=True)
+        return self._run("generate", args, kwargs, adapter_names, expand=True)
 
-    def _run(self, call, args, kwargs, adapter_names, expand=False):
+    def _run(self, method: str | None, args, kwargs, adapter_names, expand=False):
+        """`base_model(*args, **kwargs)` (or its `method`), routing examples by `adapter_names` when given."""
         self._check_usable()
+        call = self.base_model if method is None else getattr(self.base_model, method)
         if adapter_names is None:
             return call(*args, **kwargs)
         with mixed_batch(self, adapter_names, args, kwargs, expand):
@@ -498,7 +500,7 @@ def _with_forward_signature(cls: type, base_class: type) -> type:
     key = (cls, base_class)
     if key not in _SIGNATURE_CLASSES:
         def forward(self, *args, adapter_names=None, **kwargs):
-            return self._run(self.base_model, args, kwargs, adapter_names)
+            return self._run(None, args, kwargs, adapter_names)
 
         forward.__signature__ = inspect.signature(base_class.forward)
         forward.__doc__ = f"`{base_class.__name__}.forward` with the active adapter applied."
