@@ -8,7 +8,9 @@
 3. Export to LoRA: every linear layer of a SmolLM2-135M-shaped Llama (built from a config, random weights: the
    time does not depend on the values) with KronA (k = 1, 4); `export.to_lora` against a dense SVD of each ΔW.
 
-    python benchmarks/beyond.py --threads 1 [--reps 5] [--only rank mixed export]
+4. init="kpsvd": the time to add the adapter (one SVD per layer) on the same model, against init="zero".
+
+    python benchmarks/beyond.py --threads 1 [--reps 5] [--only rank mixed export kpsvd]
 """
 from __future__ import annotations
 
@@ -129,11 +131,24 @@ def export(tmp: str) -> list[dict]:
     return rows
 
 
+def kpsvd_cost() -> list[dict]:
+    """Seconds to add a KronA adapter to every linear layer of the SmolLM2-shaped Llama, init zero vs kpsvd."""
+    rows = []
+    for k in (1, 4):
+        for init in ("zero", "kpsvd"):
+            base = smollm2_shaped()
+            start = time.perf_counter()
+            kronpeft.get_model(base, kronpeft.KronAConfig(rank=k, init=init, target_modules="all-linear"))
+            rows.append({"bench": "kpsvd", "model": "SmolLM2-135M-shaped Llama (config, random weights)", "k": k,
+                         "init": init, "layers": 210, "get_model_s": round(time.perf_counter() - start, 2)})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--only", nargs="*", default=["rank", "mixed", "export"])
+    parser.add_argument("--only", nargs="*", default=["rank", "mixed", "export", "kpsvd"])
     parser.add_argument("--tmp", default="/tmp/kronpeft-beyond-bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -141,7 +156,7 @@ def main():
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     print(json.dumps({"cpu": cpu, "threads": args.threads, "torch": torch.__version__}))
     for name, bench in (("rank", lambda: rank_k(args.reps)), ("mixed", lambda: mixed(args.reps)),
-                        ("export", lambda: export(args.tmp))):
+                        ("export", lambda: export(args.tmp)), ("kpsvd", kpsvd_cost)):
         if name in args.only:
             for row in bench():
                 print(json.dumps(row), flush=True)

@@ -12,5 +12,6 @@ def test_beyond_examples_run(tmp_path, monkeypatch):
     namespace = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{DOC.name} block {i}", "exec"), namespace)
-    lora_rank_3 = 3 * sum(o + i for o, i in [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]) * 2
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]  # one layer's (out, in)
+    lora_rank_3 = 3 * sum(o + i for o, i in shapes) * 2
     assert 0 < namespace["n"] <= lora_rank_3

@@ -39,7 +39,8 @@ def test_kron_svd_is_the_dense_truncated_svd(a1, a2, b1, b2, K, seed):
 @given(st.integers(2, 3), dims, dims, dims, dims, st.integers(1, 40), st.integers(0, 2**31 - 1))
 def test_kron_sum_svd_matches_the_dense_svd(k, a1, a2, b1, b2, K, seed):
     g = torch.Generator().manual_seed(seed)
-    A, B = torch.randn(k, a1, a2, generator=g, dtype=torch.float64), torch.randn(k, b1, b2, generator=g, dtype=torch.float64)
+    A = torch.randn(k, a1, a2, generator=g, dtype=torch.float64)
+    B = torch.randn(k, b1, b2, generator=g, dtype=torch.float64)
     W = sum(torch.kron(a, b) for a, b in zip(A, B))
     K = min(K, a1 * b1, a2 * b2)
     U, S, Vh = kron_sum_svd(A, B, K, oversample=40, generator=g)  # sketch = the full width: exact
@@ -114,3 +115,15 @@ def test_cli_convert_to_lora(tmp_path, capsys):
     assert "energy kept 100.00%" in out and "--rank 100000 is above the largest exact rank" in out
     assert main(["convert", "--to", "peft", "--rank", "3", str(tmp_path / "a"), str(tmp_path / "p")]) == 2
     assert "kronpeft: error: --rank 3 is the LoRA rank of --to lora" in capsys.readouterr().err
+
+
+def test_kron_sum_svd_power_iterations_are_exact_on_a_low_rank_sum():
+    """A sketch narrower than the matrix (the power-iteration path) still finds a rank-2 sum exactly."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 6, 1, generator=g, dtype=torch.float64)
+    A = u @ torch.randn(2, 1, 5, generator=g, dtype=torch.float64)  # rank-1 factors: rank(ΣAᵢ⊗Bᵢ) = 2
+    B = torch.randn(2, 7, 1, generator=g, dtype=torch.float64) @ torch.randn(2, 1, 4, generator=g, dtype=torch.float64)
+    W = sum(torch.kron(a, b) for a, b in zip(A, B))
+    U, S, Vh = kron_sum_svd(A, B, 2, oversample=3, generator=g)
+    torch.testing.assert_close(U @ torch.diag(S) @ Vh, W)
+    torch.testing.assert_close(S, torch.linalg.svdvals(W)[:2])

@@ -116,7 +116,8 @@ def test_nearest_kron_sum_is_optimal_with_the_tail_as_error(a1, a2, b1, b2, k, s
 
 def test_nearest_kron_sum_recovers_an_exact_sum():
     g = torch.Generator().manual_seed(0)
-    A, B = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 5, 2, generator=g, dtype=torch.float64)
+    A = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    B = torch.randn(2, 5, 2, generator=g, dtype=torch.float64)
     A2, B2, S = nearest_kron_sum(dense(A, B), (3, 4), 2)
     torch.testing.assert_close(dense(A2, B2), dense(A, B))
     assert S[2:].abs().max() < 1e-10

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="krona: the number k of Kronecker terms, delta W = s * sum_i A_i kron B_i (docs/beyond.md)")
     g.add_argument("--init", choices=("paper", "zero", "kpsvd"), default=None,
                    help="krona: zero (default) or kpsvd (factors from the Kronecker SVD of the weight, frozen "
-                        "copy subtracted; docs/beyond.md). adakron: paper (all weights N(0, 0.02), the authors' code) or zero "
+                        "copy subtracted; docs/beyond.md). adakron: paper (all weights N(0, 0.02), the authors' "
+                        "code) or zero "
                         "(up-projection zero, exact identity at step 0); default: the library's AdaKronConfig default")
     g.add_argument("--targets", type=_targets, default=None,
                    help="comma-separated linear layers for krona/lora/lokr, or all-linear (default: the "

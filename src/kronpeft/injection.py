@@ -120,7 +120,8 @@ class AdapterSite(nn.ModuleDict):
 
 def _rows(values, index: "torch.Tensor", batch: int):
     """`values` (a tuple or dict of call arguments) with every batch-first tensor cut to the rows `index`."""
-    pick = lambda v: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v  # noqa: E731
+    def pick(v):
+        return v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
     return {k: pick(v) for k, v in values.items()} if isinstance(values, dict) else tuple(pick(v) for v in values)
 
 

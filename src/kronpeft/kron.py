@@ -233,14 +233,15 @@ def kron_sum_svd(A: torch.Tensor, B: torch.Tensor, K: int, oversample: int = 10,
                  generator: torch.Generator | None = None):
     """Top-`K` SVD of `Σᵢ A[i] ⊗ B[i]` by a randomised range finder (Halko et al.) whose every product with
     the matrix is a `kron_sum_linear` (`(ΣAᵢ⊗Bᵢ)ᵀ = ΣAᵢᵀ⊗Bᵢᵀ`): the dense matrix is never formed. Exact
-    (to rounding) when the sketch `K + oversample` reaches the matrix's rank."""
+    (to rounding) when the sketch `K + oversample` reaches the matrix's rank; at the full width, one pass."""
     (k, a1, a2), (_, b1, b2) = A.shape, B.shape
     At, Bt = A.transpose(1, 2), B.transpose(1, 2)
     apply = lambda X: kron_sum_linear(X.T, A, B).T  # noqa: E731  (ΣAᵢ⊗Bᵢ) X
     apply_t = lambda Y: kron_sum_linear(Y.T, At, Bt).T  # noqa: E731  (ΣAᵢ⊗Bᵢ)ᵀ Y
     sketch = min(K + oversample, a1 * b1, a2 * b2)
     Q = torch.linalg.qr(apply(torch.randn(a2 * b2, sketch, dtype=A.dtype, generator=generator))).Q
-    for _ in range(n_iter):
+    full = sketch == min(a1 * b1, a2 * b2)  # Q already holds the whole range: power iterations add nothing
+    for _ in range(0 if full else n_iter):
         Q = torch.linalg.qr(apply(torch.linalg.qr(apply_t(Q)).Q)).Q
     Ub, S, Vh = torch.linalg.svd(apply_t(Q).T, full_matrices=False)  # Qᵀ (ΣAᵢ⊗Bᵢ) = Ub S Vh
     return (Q @ Ub)[:, :K], S[:K], Vh[:K]

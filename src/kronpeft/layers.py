@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
-from .kron import kron_linear, kron_matrix, kron_shapes, kron_sum_linear, kron_sum_matrix, kron_vectors, nearest_kron_sum
+from .kron import (kron_linear, kron_matrix, kron_shapes, kron_sum_linear, kron_sum_matrix, kron_vectors,
+                   nearest_kron_sum)
 
 ACTIVATION_FUNCTIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
