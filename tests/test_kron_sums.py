@@ -249,3 +249,26 @@ def test_train_builds_a_kpsvd_sum_and_refuses_rank_for_other_methods(tmp_path, c
     assert model.peft_config["default"].rank == 2 and model.peft_config["default"].init == "kpsvd"
     assert main(["train", "--method", "lora", "--rank", "2", "--task", "rte", "--output-dir", str(tmp_path)]) == 2
     assert "kronpeft: error: --rank 2 is the number of Kronecker terms of krona" in capsys.readouterr().err
+
+
+def test_kpsvd_delete_adapter_gives_the_base_model_back():
+    model = get_model(make_model("llama"), KronAConfig(target_modules=["q_proj"]), adapter_name="a")
+    inputs = model_inputs(model)
+    with model.disable_adapter():
+        base = outputs(model, inputs)
+    model.add_adapter("b", KronAConfig(rank=2, init="kpsvd", target_modules=["q_proj", "o_proj"]))
+    model.set_adapter("b")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    assert (outputs(model, inputs) - base).abs().max() > 1e-4
+    model.delete_adapter("b")
+    model.delete_adapter("a")
+    torch.testing.assert_close(outputs(model, inputs), base)
+
+
+def test_kpsvd_with_more_terms_than_the_rearrangement_has_is_refused():
+    """32 x 32 layers, a_shape (2, 2): R(W) is 4 x 256, so at most 4 independent terms."""
+    with pytest.raises(ValueError, match=r"query: a 5-term Kronecker sum .* at most min\(a1\*a2, b1\*b2\) = 4"):
+        get_model(make_model("bert"), KronAConfig(rank=5, init="kpsvd", a_shape=(2, 2)))
