@@ -209,7 +209,8 @@ def test_kpsvd_on_a_quantized_weight_is_refused_and_changes_nothing():
     model = make_model("llama")
     q = model.model.layers[0].self_attn.q_proj
     q.weight = torch.nn.Parameter(torch.zeros(q.weight.shape, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match=r"q_proj: init='kpsvd' needs the layer's dense float weight.*int8"):
+    with pytest.raises(ValueError, match=r"^model\.layers\.0\.self_attn\.q_proj: init='kpsvd' needs the layer's "
+                                         r"dense float weight.*int8"):
         get_model(model, KronAConfig(init="kpsvd", target_modules=["q_proj"]))
     assert not any(".kronpeft" in n for n, _ in model.named_modules())
 

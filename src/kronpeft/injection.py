@@ -34,13 +34,13 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
-def dense_weight(module: nn.Module, name: str) -> "torch.Tensor":
-    """The `(out, in)` float weight of linear layer `name`, or a ValueError naming why there is none
+def dense_weight(module: nn.Module) -> "torch.Tensor":
+    """The `(out, in)` float weight of linear layer `module`, or a ValueError saying why there is none
     (a quantized, sharded or meta-device weight: what `init="kpsvd"` cannot take an SVD of)."""
     weight = module.weight
     if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.is_floating_point() or weight.is_meta:
         kind = "on the meta device" if weight.is_meta else f"{type(weight).__name__} of dtype {weight.dtype}"
-        raise ValueError(f"{name}: init='kpsvd' needs the layer's dense float weight, but it is {kind} (quantized, "
+        raise ValueError(f"init='kpsvd' needs the layer's dense float weight, but it is {kind} (quantized, "
                          f"sharded or not loaded); load the base model unquantized on one device, or use init='zero'")
     return weight.detach().T if isinstance(module, Conv1D) else weight.detach()
 

@@ -138,7 +138,7 @@ class KronModel(nn.Module):
             try:
                 weight = None  # init="kpsvd" takes the SVD of the base weight, unless the factors are being loaded
                 if getattr(config, "init", None) == "kpsvd" and not _LOADING.get():
-                    weight = dense_weight(owner, place.owner)
+                    weight = dense_weight(owner)
                 adapter = build_adapter(config, place.out_features, place.in_features, dtype, ref.device, weight)
             except ValueError as err:
                 raise ValueError(f"{place.owner}: {err}") from None
