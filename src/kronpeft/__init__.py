@@ -1,5 +1,6 @@
 """kronpeft: Kronecker-product adapters for Hugging Face transformers."""
 from .config import AdaKronConfig, AdapterConfig, BottleneckConfig, KronABConfig, KronAConfig
+from .budget import match_budget
 from .kron import kron_linear, kron_shapes, kron_vectors
 from .model import KronModel, get_model
 
@@ -16,4 +17,5 @@ __all__ = [
     "kron_linear",
     "kron_shapes",
     "kron_vectors",
+    "match_budget",
 ]

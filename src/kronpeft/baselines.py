@@ -52,7 +52,8 @@ class MethodError(ValueError):
 
 
 def build(method: str, model: nn.Module, *, a_shape=None, scale: float = 1.0, r: int | None = None,
-          targets: list[str] | str | None = None, init: str | None = None, causal_lm: bool = False) -> nn.Module:
+          targets: list[str] | str | None = None, init: str | None = None, causal_lm: bool = False,
+          rank: int = 1) -> nn.Module:
     """Wrap `model` (a `*ForSequenceClassification`, or a `*ForCausalLM` with `causal_lm=True`) for
     `method`; returns the model to train."""
     if method not in METHODS:
@@ -60,7 +61,8 @@ def build(method: str, model: nn.Module, *, a_shape=None, scale: float = 1.0, r:
     r = r if r is not None else DEFAULT_R.get(method)
     try:
         if method == "krona":
-            return get_model(model, KronAConfig(target_modules=targets, a_shape=a_shape, scale=scale))
+            return get_model(model, KronAConfig(target_modules=targets, a_shape=a_shape, scale=scale, rank=rank,
+                                                init=init or "zero"))
         if method in ("kronab", "kronab-res"):
             return get_model(model, KronABConfig(a_shape=a_shape, scale=scale, residual=method == "kronab-res"))
         if method == "adakron":

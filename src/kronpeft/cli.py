@@ -145,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--r", type=_positive(int), default=None,
                    help="bottleneck size for adakron/bottleneck (default "
                         f"{DEFAULT_R['adakron']}), LoRA rank for lora (default {DEFAULT_R['lora']}, alpha 2r)")
-    g.add_argument("--init", choices=("paper", "zero"), default=None,
-                   help="adakron initialisation: paper (all weights N(0, 0.02), the authors' code) or zero "
+    g.add_argument("--rank", type=_positive(int), default=1,
+                   help="krona: the number k of Kronecker terms, delta W = s * sum_i A_i kron B_i (docs/beyond.md)")
+    g.add_argument("--init", choices=("paper", "zero", "kpsvd"), default=None,
+                   help="krona: zero (default) or kpsvd (factors from the Kronecker SVD of the weight, frozen "
+                        "copy subtracted; docs/beyond.md). adakron: paper (all weights N(0, 0.02), the authors' "
+                        "code) or zero "
                         "(up-projection zero, exact identity at step 0); default: the library's AdaKronConfig default")
     g.add_argument("--targets", type=_targets, default=None,
                    help="comma-separated linear layers for krona/lora/lokr, or all-linear (default: the "
@@ -217,8 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", formatter_class=_Formatter, help="convert a KronA adapter to PEFT LoKr or back",
                        description="--to peft: write a KronA adapter folder as a PEFT LoKr adapter "
                                    "(peft.PeftModel.from_pretrained loads it). --to kronpeft: write a PEFT LoKr "
-                                   "adapter with full factors (decompose_both=False) as a KronA adapter.")
-    c.add_argument("--to", required=True, choices=("peft", "kronpeft"), help="the format to write")
+                                   "adapter with full factors (decompose_both=False) as a KronA adapter. --to lora: "
+                                   "write a KronA adapter (any --rank/--init) as a PEFT LoRA adapter of rank --rank "
+                                   "for LoRA servers (vLLM), printing the energy kept (docs/beyond.md).")
+    c.add_argument("--to", required=True, choices=("peft", "kronpeft", "lora"), help="the format to write")
+    c.add_argument("--rank", type=_positive(int), default=None,
+                   help="--to lora: the LoRA rank r of every layer (default: exact, the largest exact rank)")
     c.add_argument("source", help="adapter folder to convert")
     c.add_argument("out", help="folder to write (must not exist, or --overwrite)")
     c.add_argument("--model", default=None, help="--to kronpeft: the base model's folder or Hub id (default: the "
@@ -264,6 +272,9 @@ def _cmd_report(args) -> int:
 def _cmd_train(args) -> int:
     from .train import print_summary, run
 
+    if args.rank != 1 and args.method != "krona":
+        raise UsageError(f"--rank {args.rank} is the number of Kronecker terms of krona, not of {args.method}; "
+                         f"drop --rank (LoRA's rank is --r)")
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / args.task / args.method)
     metrics = run(args)
@@ -414,6 +425,15 @@ def _cmd_convert(args) -> int:
 
     if Path(args.out).exists() and not args.overwrite:
         raise UsageError(f"{args.out} exists; pass --overwrite to replace it or choose another output folder")
+    if args.rank is not None and args.to != "lora":
+        raise UsageError(f"--rank {args.rank} is the LoRA rank of --to lora; drop it for --to {args.to}")
+    if args.to == "lora":
+        from .export import format_report, to_lora
+
+        r, report = to_lora(args.source, args.out, rank=args.rank)
+        print(format_report(r, report, args.rank))
+        print(f"wrote PEFT LoRA adapter (r={r}) to {args.out}")
+        return 0
     if args.to == "peft":
         to_peft(args.source, args.out)
     else:

@@ -111,12 +111,17 @@ class KronAConfig(AdapterConfig):
     every linear layer but the output head — `lm_head`, `classifier`/`score`; on a decoder LM that is
     every linear layer of the blocks); None uses the architecture preset (attention query and value).
     `a_shape`: `(a1, a2)`, None for the balanced split.
+    `rank`: the number `k` of Kronecker terms, `ΔW = scale · Σᵢ Aᵢ ⊗ Bᵢ` (1: KronA).
+    `init`: `"zero"` (each `Bᵢ` zero) or `"kpsvd"` (the factors start at the nearest `k`-term Kronecker
+    sum to the pretrained weight, whose frozen copy is subtracted: the model is unchanged at step 0).
     """
 
     target_modules: list[str] | str | None = None
     a_shape: tuple[int, int] | None = None
     scale: float = 1.0
     dropout: float = 0.0
+    rank: int = 1
+    init: str = "zero"
 
     method = "krona"
 
@@ -136,6 +141,10 @@ class KronAConfig(AdapterConfig):
         _check_a_shape(self)
         _check_real(self, "scale")
         _check_real(self, "dropout", 0.0, 1.0, high_open=True)
+        _check_positive_int(self, "rank")
+        _check_choice(self, "init", ("zero", "kpsvd"))
+        if self.init == "kpsvd" and self.scale == 0:
+            _refuse(self, "scale", "non-zero with init='kpsvd' (the factors start at weight / scale)")
 
 
 @dataclass

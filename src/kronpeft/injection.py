@@ -13,6 +13,7 @@ import copy
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -33,6 +34,17 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
+def dense_weight(module: nn.Module) -> "torch.Tensor":
+    """The `(out, in)` float weight of linear layer `module`, or a ValueError saying why there is none
+    (a quantized, sharded or meta-device weight: what `init="kpsvd"` cannot take an SVD of)."""
+    weight = module.weight
+    if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.is_floating_point() or weight.is_meta:
+        kind = "on the meta device" if weight.is_meta else f"{type(weight).__name__} of dtype {weight.dtype}"
+        raise ValueError(f"init='kpsvd' needs the layer's dense float weight, but it is {kind} (quantized, "
+                         f"sharded or not loaded); load the base model unquantized on one device, or use init='zero'")
+    return weight.detach().T if isinstance(module, Conv1D) else weight.detach()
+
+
 class AdapterSite(nn.ModuleDict):
     """The adapters attached to one module, by adapter name; only `active` runs."""
 
@@ -46,6 +58,8 @@ class AdapterSite(nn.ModuleDict):
         self.span_first: str | None = None  # name of the module whose input span adapters read
         self.reads_span: set[str] = set()  # adapter names that read the span input
         self.copies: set[str] = set()  # adapter names whose entry is a copy of the owner module
+        self.mixed_names: list[str] | None = None  # a mixed batch: one adapter name per example (see mixed.py)
+        self.mixed_expand = False  # generate: the batch may be the examples repeated (beams, samples)
         self._span_input = None
         self._handles = []
 
@@ -53,6 +67,8 @@ class AdapterSite(nn.ModuleDict):
         self._span_input = first_input(args, kwargs)
 
     def rewrite_output(self, module, args, kwargs, output):
+        if self.mixed_names is not None and self.enabled:
+            return self.rewrite_mixed(args, kwargs, output)
         name = self.active
         if not self.enabled or name is None or name in self.merged or name not in self:
             return output
@@ -64,10 +80,49 @@ class AdapterSite(nn.ModuleDict):
             x = first_input(args, kwargs)
         return self[name](x, output)
 
+    def rewrite_mixed(self, args, kwargs, output):
+        """Each example's rows through its own adapter (or copy); the base name's rows, and those of an
+        adapter without a place here, keep the module's output."""
+        names = self._names_for(output)
+        span, self._span_input = self._span_input, None
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            groups.setdefault(name, []).append(row)
+        result = output
+        for name, rows in groups.items():
+            if name not in self:  # the base model's rows, or an adapter that does not adapt this module
+                continue
+            index = torch.tensor(rows, device=output.device)
+            if name in self.copies:
+                picked = self[name](*_rows(args, index, len(names)), **_rows(kwargs, index, len(names)))
+            else:
+                x = span if name in self.reads_span else first_input(args, kwargs)
+                picked = self[name](x.index_select(0, index), output.index_select(0, index))
+            result = result.index_copy(0, index, picked.to(output.dtype))
+        return result
+
+    def _names_for(self, output) -> list[str]:
+        names = self.mixed_names
+        rows = output.shape[0] if isinstance(output, torch.Tensor) and output.dim() else None
+        if rows is not None and self.mixed_expand and rows != len(names) and rows % len(names) == 0:
+            names = [name for name in names for _ in range(rows // len(names))]  # HF's repeat_interleave
+        if rows != len(names):
+            raise ValueError(f"mixed-adapter batch: {self.owner_name} sees {rows} rows, not one per example of the "
+                             f"{len(names)} adapter_names; mixed batches need modules called on the batch as is "
+                             f"(batch first, not flattened)")
+        return names
+
     def detach_hooks(self):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _rows(values, index: "torch.Tensor", batch: int):
+    """`values` (a tuple or dict of call arguments) with every batch-first tensor cut to the rows `index`."""
+    def pick(v):
+        return v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
+    return {k: pick(v) for k, v in values.items()} if isinstance(values, dict) else tuple(pick(v) for v in values)
 
 
 def first_input(args: tuple, kwargs: dict):
@@ -181,7 +236,8 @@ def _ffn_spans(model, modules, ffn) -> list[tuple[str, str]]:
 
 
 def _linears(module: nn.Module) -> list[nn.Module]:
-    found = [m for m in module.modules() if isinstance(m, LINEAR_TYPES)]
+    """The linear layers of `module`, not counting those of adapters already attached inside it."""
+    found = [m for n, m in module.named_modules() if isinstance(m, LINEAR_TYPES) and SITE_ATTR not in n.split(".")]
     if not found:
         raise ValueError(f"{type(module).__name__} holds no nn.Linear/Conv1D, so its width is unknown")
     return found

@@ -37,6 +37,11 @@ def to_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike):
     if config.get("method") != "krona":
         raise ValueError(f"{adapter_dir} holds a {config.get('method')!r} adapter; only KronA has a PEFT equivalent "
                          f"(LoKr), KronA^B, AdaKron and the bottleneck adapter have none")
+    if config.get("rank", 1) != 1 or config.get("init", "zero") != "zero":
+        raise ValueError(f"{adapter_dir} holds a KronA adapter with rank={config.get('rank', 1)}, "
+                         f"init={config.get('init', 'zero')!r}; PEFT's LoKr has one Kronecker term and no frozen "
+                         f"initial terms, so only rank=1, init='zero' converts: export it to LoRA instead "
+                         f"(`kronpeft convert --to lora`)")
     conv1d = meta.get("conv1d_modules") or []
     if conv1d:
         raise ValueError(f"{adapter_dir} adapts GPT-2-style Conv1D layers ({', '.join(conv1d[:3])}"

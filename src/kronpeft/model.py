@@ -7,6 +7,7 @@ parameters and state-dict keys are exactly what they were.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import inspect
 import json
@@ -24,14 +25,17 @@ from transformers.pytorch_utils import Conv1D
 
 from .atomic import commit, replacing_dir, sha256, write_tensors
 from .config import AdapterConfig, KronAConfig
-from .injection import SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, detach, find_places, sites
+from .injection import (SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, dense_weight, detach,
+                        find_places, sites)
 from .layers import build_adapter
+from .mixed import mixed_batch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_STEM = "adapter_model"
 FORMAT_VERSION = 2  # 2: `weights_file` names the weights (versioned, crash-safe overwrite); 1: always WEIGHTS_NAME
 READABLE_VERSIONS = (1, 2)
+_LOADING = contextvars.ContextVar("kronpeft_loading", default=False)  # adapters built to be loaded: no kpsvd SVD
 UNLOADED = ("this KronModel was merged and unloaded (merge_and_unload); use the model that call returned, "
             "or wrap a base model again with get_model")
 
@@ -76,9 +80,22 @@ class KronModel(nn.Module):
         self.register_state_dict_post_hook(_keep_trained_state)
         self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's forward with the active adapter; `adapter_names`: one adapter per example (mixed.py)."""
+        return self._run(None, args, kwargs, adapter_names)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's `generate`; `adapter_names`: one adapter per example (mixed.py)."""
+        return self._run("generate", args, kwargs, adapter_names, expand=True)
+
+    def _run(self, method: str | None, args, kwargs, adapter_names, expand=False):
+        """`base_model(*args, **kwargs)` (or its `method`), routing examples by `adapter_names` when given."""
         self._check_usable()
-        return self.base_model(*args, **kwargs)
+        call = self.base_model if method is None else getattr(self.base_model, method)
+        if adapter_names is None:
+            return call(*args, **kwargs)
+        with mixed_batch(self, adapter_names, args, kwargs, expand):
+            return call(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -119,7 +136,10 @@ class KronModel(nn.Module):
             if self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
                 dtype = torch.float32
             try:
-                adapter = build_adapter(config, place.out_features, place.in_features, dtype, ref.device)
+                weight = None  # init="kpsvd" takes the SVD of the base weight, unless the factors are being loaded
+                if getattr(config, "init", None) == "kpsvd" and not _LOADING.get():
+                    weight = dense_weight(owner)
+                adapter = build_adapter(config, place.out_features, place.in_features, dtype, ref.device, weight)
             except ValueError as err:
                 raise ValueError(f"{place.owner}: {err}") from None
             built.append(adapter.train(owner.training))  # a new adapter follows its host's train/eval mode
@@ -347,7 +367,7 @@ class KronModel(nn.Module):
         adapter_dir = _local_adapter_dir(adapter_dir, revision, token)
         meta, state = read_adapter(adapter_dir, model)
         config = _config_from(meta, adapter_dir)
-        with _unchanged_on_failure(model):
+        with _unchanged_on_failure(model), _loading():
             kron_model = cls(model, config, adapter_name, autocast_adapter_dtype)
             kron_model._load_state(adapter_dir, adapter_name, state)
         if not is_trainable:
@@ -365,7 +385,7 @@ class KronModel(nn.Module):
         adapter_dir = _local_adapter_dir(adapter_dir, revision, token)
         meta, state = read_adapter(adapter_dir, self.base_model)
         config = _config_from(meta, adapter_dir)
-        with self._all_or_nothing():
+        with self._all_or_nothing(), _loading():
             self.add_adapter(adapter_name, config)
             self._load_state(adapter_dir, adapter_name, state)
         if not is_trainable:
@@ -479,9 +499,8 @@ def _with_forward_signature(cls: type, base_class: type) -> type:
     """
     key = (cls, base_class)
     if key not in _SIGNATURE_CLASSES:
-        def forward(self, *args, **kwargs):
-            self._check_usable()
-            return self.base_model(*args, **kwargs)
+        def forward(self, *args, adapter_names=None, **kwargs):
+            return self._run(None, args, kwargs, adapter_names)
 
         forward.__signature__ = inspect.signature(base_class.forward)
         forward.__doc__ = f"`{base_class.__name__}.forward` with the active adapter applied."
@@ -612,6 +631,16 @@ def _config_from(meta: dict, adapter_dir) -> AdapterConfig:
         return AdapterConfig.from_dict(meta["adapter"])
     except (ValueError, TypeError) as err:
         raise ValueError(f"{Path(adapter_dir) / CONFIG_NAME}: {err}") from None
+
+
+@contextlib.contextmanager
+def _loading():
+    """Adapters built inside are about to receive saved tensors: skip data-dependent initialisation."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
 
 
 @contextlib.contextmanager

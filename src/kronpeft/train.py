@@ -518,7 +518,8 @@ def run(args) -> dict | None:
     try:
         model = baselines.build(args.method, base, a_shape=args.a_shape, scale=args.scale, r=args.r,
                                 targets=args.targets or (ALL_LINEAR if text_to_text else None),
-                                init=getattr(args, "init", None), causal_lm=text_to_text)
+                                init=getattr(args, "init", None), causal_lm=text_to_text,
+                                rank=getattr(args, "rank", 1))
     except baselines.MethodError as err:
         raise UsageError(f"{err} (fix --a-shape/--r/--targets)") from None
     trainable, total = count_parameters(model)
