@@ -45,3 +45,36 @@ def test_help_states_each_default_once(command):
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "(default runs/<task>/<method>) (default" not in text
     assert text.count("(default: 32)") == 1 or command != "train"
+
+
+def test_converted_adapter_loads_with_peft_auto_class(tmp_path):
+    import peft
+    import torch
+    import transformers as T
+
+    from conftest import make_model, model_inputs, outputs
+    from kronpeft import KronAConfig, get_model
+    from kronpeft.interop import to_peft
+
+    make_model("bert").save_pretrained(tmp_path / "base")
+    base = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    model = get_model(base, KronAConfig(scale=0.3))
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    inputs = model_inputs(model)
+    model.save_pretrained(tmp_path / "kron")
+    to_peft(tmp_path / "kron", tmp_path / "peft")
+
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    loaded = peft.AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "peft")).eval()
+    assert torch.allclose(outputs(loaded, inputs), outputs(model, inputs), atol=1e-5)
+
+
+@pytest.mark.parametrize("name, task", [("GPT2LMHeadModel", "CAUSAL_LM"), ("LlamaForCausalLM", "CAUSAL_LM"),
+                                        ("T5ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("BertModel", None)])
+def test_peft_task_type_of_base_classes(name, task):
+    from kronpeft.interop import peft_task_type
+
+    assert peft_task_type(name) == task
