@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import kronpeft
+from conftest import GLUE_DIR, needs_glue, needs_minilm
 from kronpeft.cli import build_parser, main
 
 SRC = Path(kronpeft.__file__).resolve().parents[1]  # the kronpeft under test, also in the subprocesses
@@ -78,3 +79,74 @@ def test_peft_task_type_of_base_classes(name, task):
     from kronpeft.interop import peft_task_type
 
     assert peft_task_type(name) == task
+
+
+class _Dev:
+    """Five examples of a sequence classifier's dev set, batched as `train.Encoded` batches them."""
+    regression, lengths = False, [4, 6, 5, 3, 7]
+    labels = [0, 1, 0, 1, 0]
+
+    def __len__(self):
+        return 5
+
+    def batch(self, indices):
+        import torch
+
+        ids = torch.arange(3, 10).repeat(len(indices), 1)
+        return {"input_ids": ids, "labels": torch.tensor([self.labels[i] for i in indices])}
+
+
+def test_evaluation_shows_a_bar_at_a_terminal(monkeypatch, capsys):
+    import torch
+
+    from conftest import make_model
+    from kronpeft import feedback
+    from kronpeft.train import predict
+
+    monkeypatch.setattr(feedback, "show_bars", lambda: True)
+    predict(make_model("bert"), _Dev(), batch_size=2, device=torch.device("cpu"))
+    assert "evaluating" in capsys.readouterr().err
+    monkeypatch.setattr(feedback, "show_bars", lambda: False)  # logs and captured output: no bar
+    predict(make_model("bert"), _Dev(), batch_size=2, device=torch.device("cpu"))
+    assert "evaluating" not in capsys.readouterr().err
+
+
+def _metrics(final, baseline, metric="accuracy"):
+    return {"main_metric": metric, "method": "krona", "final": {metric: final}, "steps": 2,
+            "majority_baseline": {metric: baseline}, "num_train_examples": 16, "args": {"lr": 5e-5}}
+
+
+def test_a_run_at_the_majority_class_score_warns_with_causes():
+    from kronpeft.feedback import learned_nothing_warning
+
+    warning = learned_nothing_warning(_metrics(0.5263, 0.5263))
+    assert warning.startswith("kronpeft: warning:") and "majority-class" in warning
+    assert "--lr" in warning and "--epochs" in warning and "5e-05" in warning
+    assert "--label-mean-bias" in learned_nothing_warning(_metrics(0.003, 0.0, "pearson"))
+    assert learned_nothing_warning(_metrics(0.93, 0.24)) is None
+
+
+def test_train_prints_the_warning_after_its_summary(monkeypatch, tmp_path, capsys):
+    from kronpeft import train
+
+    metrics = {**_metrics(0.6, 0.6), "task": "rte", "model": "m", "trainable_params": 1, "total_params": 2,
+               "best": {"accuracy": 0.6}, "best_step": 2, "train_seconds": 1.0, "peak_memory_mb": 1.0}
+    monkeypatch.setattr(train, "run", lambda args: metrics)
+    assert main(["train", "--task", "rte", "--output-dir", str(tmp_path / "run")]) == 0
+    assert "kronpeft: warning: the final dev accuracy 0.6000 is no better than the majority-class" in \
+        capsys.readouterr().err
+
+
+SMALL = ["--max-train-samples", "16", "--max-eval-samples", "15", "--max-length", "32", "--max-steps", "2",
+         "--batch-size", "8"]
+
+
+@needs_glue
+@needs_minilm
+def test_train_says_what_it_does_while_loading_and_evaluating(tmp_path, capsys):
+    assert main(["train", "--task", "rte", "--data-dir", str(GLUE_DIR), "--output-dir", str(tmp_path / "run"),
+                 *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert "kronpeft: loading " in err and "kronpeft: loaded " in err
+    final_bar = err.split("\r")[-1]  # the training bar as it stands during the last evaluation
+    assert "2/2" in final_bar and "evaluating on dev" in final_bar

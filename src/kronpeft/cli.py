@@ -272,6 +272,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .feedback import learned_nothing_warning
     from .train import print_summary, run
 
     if args.output_dir is None:
@@ -279,6 +280,9 @@ def _cmd_train(args) -> int:
     metrics = run(args)
     if metrics is not None and _is_main():
         print_summary(metrics, Path(args.output_dir))
+        warning = learned_nothing_warning(metrics)
+        if warning:
+            print(warning, file=sys.stderr)
     return 0
 
 

@@ -31,6 +31,7 @@ from .atomic import commit, sha256, write_atomic, write_json_atomic, write_tenso
 from .choices import DEFAULT_MODEL
 from .data import get_task, limit, load_split
 from .errors import UsageError
+from .feedback import batches, loading, show_bars
 from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics, constant_baseline
 from .model import classifier_head, count_parameters
@@ -78,6 +79,8 @@ def smollm2_folder() -> str:
     folder = cache / f"{gguf.stem}-{gguf.stat().st_size}"
     if (folder / "config.json").is_file():
         return str(folder)
+    print(f"kronpeft: converting {gguf.name} to an fp32 model folder in {cache}, once (about a minute)",
+          file=sys.stderr, flush=True)
     model, tokenizer = load_base(str(gguf), 2, False)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=cache))
@@ -120,14 +123,16 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
         source, extra = str(Path(model_path).parent), {"gguf_file": Path(model_path).name}
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
-    hf_logging.disable_progress_bar()
+    if not show_bars():  # transformers' own bars (weights loaded, GGUF tensors dequantised) at a terminal only
+        hf_logging.disable_progress_bar()
     try:
         gguf = {k: v for k, v in extra.items() if k == "gguf_file"}
         config = AutoConfig.from_pretrained(source, **gguf)
         tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         check_max_length(max_length, config, tokenizer, model_path)
         if is_causal_lm(config):
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32, **extra)
+            with loading(model_path):
+                model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32, **extra)
             quantizer = getattr(model, "hf_quantizer", None)
             tensors = [*model.parameters(), *model.buffers()]
             if gguf and quantizer is not None and all(t.is_floating_point() for t in tensors):
@@ -135,7 +140,8 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
         else:
             problem = "regression" if regression else "single_label_classification"
             config = AutoConfig.from_pretrained(source, num_labels=num_labels, **gguf, problem_type=problem)
-            model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **extra)
+            with loading(model_path):
+                model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **extra)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {model_path!r} ({first}); pass a local model folder or a "
@@ -277,7 +283,7 @@ def predict(model, data, batch_size: int, device) -> np.ndarray:
     model.eval()
     order = np.argsort([-n for n in data.lengths], kind="stable")  # batches of similar length pad little
     preds = []
-    for start in range(0, len(data), batch_size):
+    for start in batches(range(0, len(data), batch_size)):
         batch = data.batch(order[start:start + batch_size])
         batch.pop("labels")
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
@@ -658,6 +664,7 @@ def run(args) -> dict | None:
             at_eval = step % eval_every == 0 or step == total_steps
             state["step"] = step
             if at_eval:
+                bar.set_postfix_str(f"loss={mean_loss:.4f}, evaluating on dev")  # the eval bar shows below it
                 do_eval(step, step / steps_per_epoch)
             if at_eval or (args.save_every and step % args.save_every == 0) or step == args.stop_after:
                 clock()
