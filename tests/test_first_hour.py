@@ -150,3 +150,50 @@ def test_train_says_what_it_does_while_loading_and_evaluating(tmp_path, capsys):
     assert "kronpeft: loading " in err and "kronpeft: loaded " in err
     final_bar = err.split("\r")[-1]  # the training bar as it stands during the last evaluation
     assert "2/2" in final_bar and "evaluating on dev" in final_bar
+
+
+def _tiny_trainer(out, learning_rate=None, callbacks=()):
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from conftest import make_model
+    from kronpeft import KronAConfig, get_model
+
+    torch.manual_seed(0)
+    model = get_model(make_model("bert"), KronAConfig())
+    rows = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1, 1], "labels": i % 3} for i in range(8)]
+    rate = {} if learning_rate is None else {"learning_rate": learning_rate}
+    args = TrainingArguments(str(out), max_steps=2, per_device_train_batch_size=4, report_to=[], save_strategy="no",
+                             use_cpu=True, **rate)
+    return model, Trainer(model=model, args=args, train_dataset=rows, callbacks=list(callbacks))
+
+
+def test_trainer_save_model_without_callback_names_the_fix(tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import make_model
+    from kronpeft import KronAConfig, KronModel, get_model
+
+    model, trainer = _tiny_trainer(tmp_path / "run")
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    with pytest.raises(FileNotFoundError, match="KronSaveCallback") as err:
+        KronModel.from_pretrained(make_model("bert"), tmp_path / "saved")
+    assert "model.save_pretrained" in str(err.value) and "load_state_dict" in str(err.value)
+    rescued = get_model(make_model("bert"), KronAConfig())  # the rescue the message names works
+    rescued.load_state_dict(load_file(tmp_path / "saved" / "model.safetensors"))
+    assert all((rescued.state_dict()[k] == v).all() for k, v in model.state_dict().items())
+
+
+def test_trainer_callback_warns_about_a_rate_far_below_the_methods(tmp_path):
+    from kronpeft.trainer_callback import KronSaveCallback
+
+    _, trainer = _tiny_trainer(tmp_path / "default-rate", callbacks=[KronSaveCallback()])
+    with pytest.warns(UserWarning, match=r"learning_rate=5e-05\) is far below .* krona .*learning_rate=0.005"):
+        trainer.train()
+    _, trainer = _tiny_trainer(tmp_path / "usual-rate", learning_rate=5e-3, callbacks=[KronSaveCallback()])
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in seen if "far below" in str(w.message)]
