@@ -9,7 +9,7 @@ import pytest
 
 import kronpeft
 from conftest import GLUE_DIR, needs_glue, needs_minilm
-from kronpeft.cli import build_parser, main
+from kronpeft.cli import build_parser, generate_text, main
 
 SRC = Path(kronpeft.__file__).resolve().parents[1]  # the kronpeft under test, also in the subprocesses
 
@@ -197,3 +197,64 @@ def test_trainer_callback_warns_about_a_rate_far_below_the_methods(tmp_path):
         warnings.simplefilter("always")
         trainer.train()
     assert not [w for w in seen if "far below" in str(w.message)]
+
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture
+def instruct_folder(tmp_path, minilm_path):
+    """A tiny decoder LM with a tokenizer that has a chat template (as SmolLM2-Instruct's has)."""
+    import transformers as T
+
+    from conftest import make_model
+
+    tokenizer = T.AutoTokenizer.from_pretrained(minilm_path)
+    tokenizer.chat_template = CHAT
+    model = make_model("llama")
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = model.config.eos_token_id = tokenizer.sep_token_id
+    model.save_pretrained(tmp_path / "instruct")
+    tokenizer.save_pretrained(tmp_path / "instruct")
+    return tmp_path / "instruct"
+
+
+def _prompts_generated(monkeypatch, argv):
+    from kronpeft import cli
+
+    seen = []
+
+    def spy(model, tokenizer, prompt, *args, chat=False, **kwargs):
+        seen.append(chat)
+        with monkeypatch.context() as m:  # record the ids the model is asked to continue
+            m.setattr(model, "generate", lambda **kw: seen.append(kw["input_ids"][0].tolist()) or kw["input_ids"])
+            generate_text(model, tokenizer, prompt, *args, chat=chat, **kwargs)
+        return ""
+    monkeypatch.setattr(cli, "generate_text", spy)
+    assert cli.main(argv) == 0
+    return seen
+
+
+@needs_minilm
+def test_generate_applies_the_chat_template_to_a_base_instruct_model(instruct_folder, monkeypatch):
+    import transformers as T
+
+    tokenizer = T.AutoTokenizer.from_pretrained(instruct_folder)
+    argv = ["generate", "--model", str(instruct_folder), "--prompt", "name a colour", "--max-new-tokens", "2"]
+    chat, ids = _prompts_generated(monkeypatch, argv)
+    assert chat is True
+    assert tokenizer.decode(ids) == "< | user | > name a colour < | assistant | >"
+    chat, ids = _prompts_generated(monkeypatch, argv + ["--no-chat-template"])
+    assert chat is False and tokenizer.decode(ids) == "name a colour"
+
+
+def test_generate_refuses_a_chat_template_the_tokenizer_lacks(tmp_path, minilm_path, capsys):
+    import transformers as T
+
+    from conftest import make_model
+
+    make_model("llama").save_pretrained(tmp_path / "plain")
+    T.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path / "plain")
+    assert main(["generate", "--model", str(tmp_path / "plain"), "--prompt", "hi", "--chat-template"]) == 2
+    assert "no chat template" in capsys.readouterr().err

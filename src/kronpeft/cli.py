@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_positive(int), default=64, help="tokens to generate at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample at this temperature")
     gen.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    gen.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap each prompt in the tokenizer's chat template as a user message; default: on for a "
+                          "base model (--model alone) whose tokenizer has one, off for an adapter or merged model "
+                          "(kronpeft trains them on raw prompts)")
 
     c = sub.add_parser("convert", formatter_class=_Formatter, help="convert a KronA adapter to PEFT LoKr or back",
                        description="--to peft: write a KronA adapter folder as a PEFT LoKr adapter "
@@ -394,25 +398,37 @@ def _cmd_generate(args) -> int:
     if not is_causal_lm(model.config):
         raise UsageError(f"generate needs a decoder LM (*ForCausalLM); {args.adapter or args.model} is a "
                          f"{model.config.model_type} sequence classifier; use kronpeft eval for it")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if args.chat_template and not has_template:
+        raise UsageError(f"--chat-template: the tokenizer of {args.adapter or args.model} has no chat template; "
+                         f"drop the flag")
+    chat = has_template and args.adapter is None if args.chat_template is None else args.chat_template
     for prompt in args.prompt:
         if len(args.prompt) > 1:
             print(f"--- {prompt!r}")
-        text = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.seed, stream=True)
+        text = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.seed, stream=True,
+                             chat=chat)
         if not text.endswith("\n"):
             print()
     return 0
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-                  stream: bool = False) -> str:
-    """The model's continuation of `prompt` (greedy at temperature 0), printed as it comes when `stream`."""
+                  stream: bool = False, chat: bool = False) -> str:
+    """The model's continuation of `prompt` (greedy at temperature 0), printed as it comes when `stream`;
+    with `chat`, the answer to `prompt` as a user message in the tokenizer's chat template."""
     import torch
     from transformers import TextStreamer
 
     from .text2text import prompt_ids
 
     model.eval()
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)])
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    else:
+        ids = torch.tensor([prompt_ids(tokenizer, prompt)])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
