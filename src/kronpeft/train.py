@@ -559,7 +559,8 @@ def run(args) -> dict | None:
     raw = accelerator.unwrap_model(model)
 
     run_info = {"task": spec.name, "model": args.model, "model_path": model_path, "max_length": args.max_length,
-                "num_labels": spec.num_labels, "text_to_text": text_to_text}
+                "num_labels": spec.num_labels, "text_to_text": text_to_text,
+                "data_dir": str(Path(data_dir).resolve()) if data_dir else None}  # `kronpeft eval` reads it again
     log_path = out / "log.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
