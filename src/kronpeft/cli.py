@@ -53,6 +53,13 @@ def _targets(text: str) -> list[str] | str:
     return ALL_LINEAR if names == [ALL_LINEAR] else names
 
 
+def _names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names like tensorboard,wandb")
+    return names
+
+
 MAX_INT = 2**31 - 1
 
 
@@ -138,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=_positive(int), default=None,
                    help="also write the resume checkpoint every N steps (default: at each evaluation)")
     g.add_argument("--log-every", type=_positive(int), default=10, help="write a log.jsonl line every N steps")
+    g.add_argument("--report-to", type=_names, default=None,
+                   help="also send the log to these experiment trackers through accelerate (comma-separated: "
+                        "tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio, all); "
+                        "files go to <output-dir>/tracking")
     g.add_argument("--no-eval-before", action="store_true", help="skip the dev evaluation before training")
     g.add_argument("--no-dropout", action="store_true",
                    help="set every dropout probability of the model to 0 (makes N-process runs equal 1-process ones)")

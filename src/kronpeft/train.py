@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import baselines
+from . import baselines, tracking
 from .atomic import commit, sha256, write_atomic, write_json_atomic, write_tensors
 from .choices import DEFAULT_MODEL
 from .data import get_task, limit, load_split
@@ -45,7 +45,7 @@ STATE_FILE = "state.json"
 # The only settings a resumed run may change; every other flag must equal the run's (the data is
 # checked by hash, so --data-dir may move).
 RESUME_MAY_CHANGE = ("eval_every", "save_every", "log_every", "eval_batch_size", "no_eval_before", "cpu",
-                     "data_dir", "output_dir", "overwrite", "resume", "stop_after", "inject_nan_at")
+                     "data_dir", "output_dir", "overwrite", "resume", "stop_after", "inject_nan_at", "report_to")
 GROUP_BATCHES = 50  # --group-by-length sorts runs of this many batches (transformers' megabatch)
 RUN_FILES = ("metrics.json", "log.jsonl", "curves.png", CHECKPOINT, "adapter")
 
@@ -466,7 +466,9 @@ def run(args) -> dict | None:
     if mixed_precision == "fp16" and on_cpu:  # accelerate would silently run fp32: its fp16 autocast is GPU-only
         raise UsageError("--mixed-precision fp16 needs a CUDA GPU (accelerate runs fp16 autocast only there); "
                          "use --mixed-precision bf16 on CPU")
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed_precision)
+    report_to = getattr(args, "report_to", None)
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed_precision,
+                              **tracking.accelerator_options(report_to, Path(args.output_dir)))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     if args.batch_size % world:
@@ -574,10 +576,13 @@ def run(args) -> dict | None:
             kept = [line for line in lines if _log_step(line) <= state["step"]]
             write_atomic(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
+    tracking.start(accelerator, args, bool(report_to))
+
     def log(record: dict):
         if main:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        tracking.send(accelerator, record, bool(report_to))
 
     eval_time = [0.0, 0.0]  # wall and CPU seconds of evaluation inside the loop: not training time
 
@@ -703,6 +708,8 @@ def run(args) -> dict | None:
         "args": vars(args),
     }
     write_json_atomic(out / "metrics.json", metrics)
+    if report_to:
+        accelerator.end_training()
     try:
         plot_curves([json.loads(l) for l in log_path.read_text().splitlines()], out / "curves.png", spec.main_metric)
     except Exception as err:  # a plot must never lose a finished run
