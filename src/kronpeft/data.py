@@ -212,13 +212,13 @@ def _parse_label(path, line, raw: str, labels: dict[str, int] | None) -> int | f
 def _load_from_hub(task: str, split: str) -> list[Example]:
     """Load a GLUE split from the Hugging Face Hub (``nyu-mll/glue``)."""
     fix = "pass --data-dir pointing at a GLUE folder or set GLUE_DIR"
-    if importlib.util.find_spec("datasets") is None:
-        fix = "pip install 'kronpeft[cli]' (it brings `datasets`) to read it from the Hub online, or " + fix
     try:
         import datasets
 
         rows = datasets.load_dataset("nyu-mll/glue", task, split=_HUB_SPLITS[split])
     except Exception as e:  # no `datasets`, no network, no cache: all mean the same to the user
+        if isinstance(e, ImportError):
+            fix = "pip install 'kronpeft[cli]' (it brings `datasets`) to read it from the Hub online, or " + fix
         raise FileNotFoundError(
             f"no GLUE data dir given and nyu-mll/glue/{task} could not be loaded from the "
             f"Hugging Face Hub ({type(e).__name__}: {e}); {fix}") from e
