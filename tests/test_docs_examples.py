@@ -1,4 +1,5 @@
-"""Every Python block of docs/ecosystem.md runs, in order, in one namespace (real MiniLM, offline)."""
+"""Every Python block of docs/ecosystem.md runs, in order, in one namespace (real MiniLM, offline), and every
+block of the README runs exactly as printed."""
 import re
 from pathlib import Path
 
