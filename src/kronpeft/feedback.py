@@ -26,12 +26,13 @@ def batches(starts: range, desc: str = "evaluating", unit: str = "batch"):
 
 @contextmanager
 def loading(what: str):
-    """`kronpeft: loading <what>` on stderr before, and the seconds it took after (main process only)."""
-    main, started = is_main_process(), time.perf_counter()
-    if main:
+    """`kronpeft: loading <what>` on stderr before, and the seconds it took after, when `show_bars()` (in logs
+    and captured output a failed command still prints its one error line alone)."""
+    shown, started = show_bars(), time.perf_counter()
+    if shown:
         print(f"kronpeft: loading {what} ...", file=sys.stderr, flush=True)
     yield
-    if main:
+    if shown:
         print(f"kronpeft: loaded {what} in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
 

@@ -26,12 +26,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import baselines, tracking
+from . import baselines, feedback, tracking
 from .atomic import commit, sha256, write_atomic, write_json_atomic, write_tensors
 from .choices import DEFAULT_MODEL
 from .data import get_task, limit, load_split
 from .errors import UsageError
-from .feedback import batches, loading, show_bars
+from .feedback import batches, loading
 from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics, constant_baseline
 from .model import classifier_head, count_parameters
@@ -123,7 +123,7 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
         source, extra = str(Path(model_path).parent), {"gguf_file": Path(model_path).name}
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
-    if not show_bars():  # transformers' own bars (weights loaded, GGUF tensors dequantised) at a terminal only
+    if not feedback.show_bars():  # transformers' own bars (weights loaded, GGUF tensors dequantised) at a terminal only
         hf_logging.disable_progress_bar()
     try:
         gguf = {k: v for k, v in extra.items() if k == "gguf_file"}
