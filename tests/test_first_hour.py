@@ -280,6 +280,15 @@ def test_generate_applies_the_chat_template_to_a_base_instruct_model(instruct_fo
     chat, ids = _prompts_generated(monkeypatch, argv + ["--no-chat-template"])
     assert chat is False and tokenizer.decode(ids) == "name a colour"
 
+    from kronpeft import KronAConfig, get_model  # an adapter was trained on raw prompts: it keeps getting them
+
+    base = T.AutoModelForCausalLM.from_pretrained(instruct_folder)
+    adapter = get_model(base, KronAConfig(target_modules="all-linear"))
+    adapter.save_pretrained(instruct_folder.parent / "adapter")
+    chat, ids = _prompts_generated(monkeypatch, ["generate", "--adapter", str(instruct_folder.parent / "adapter"),
+                                                 "--prompt", "name a colour", "--max-new-tokens", "2"])
+    assert chat is False and tokenizer.decode(ids) == "name a colour"
+
 
 def test_generate_refuses_a_chat_template_the_tokenizer_lacks(tmp_path, minilm_path, capsys):
     import transformers as T

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .atomic import replacing_dir, write_json_atomic
-from .choices import DEFAULT_LR, DEFAULT_R, METHODS, OURS, PEFT_METHODS  # noqa: F401 (baselines.DEFAULT_LR ... stay importable)
+from .choices import DEFAULT_LR, DEFAULT_R, METHODS, OURS, PEFT_METHODS  # noqa: F401 (still importable here)
 from .config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
 from .injection import find_places
 from .kron import kron_shapes
