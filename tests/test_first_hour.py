@@ -245,7 +245,7 @@ def instruct_folder(tmp_path, minilm_path):
     tokenizer = T.AutoTokenizer.from_pretrained(minilm_path)
     tokenizer.chat_template = CHAT
     model = make_model("llama")
-    model.resize_token_embeddings(len(tokenizer))
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = model.config.eos_token_id = tokenizer.sep_token_id
     model.save_pretrained(tmp_path / "instruct")
     tokenizer.save_pretrained(tmp_path / "instruct")
