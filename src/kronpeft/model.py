@@ -26,6 +26,7 @@ from .atomic import commit, replacing_dir, sha256, write_tensors
 from .config import AdapterConfig, KronAConfig
 from .injection import SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, detach, find_places, sites
 from .layers import build_adapter
+from .names import check_adapter_name, check_path
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -303,6 +304,7 @@ class KronModel(nn.Module):
         `save_directory/<name>`. Each folder is written crash-safe (see `write_adapter`).
         """
         self._check_usable()
+        check_path(save_directory, "save_pretrained's save_directory")
         names = [adapter_name] if adapter_name is not None else (
             list(self.configs) if selected_adapters is None else list(selected_adapters))
         for name in names:  # check every name before writing anything
@@ -426,8 +428,7 @@ class KronModel(nn.Module):
             raise RuntimeError(UNLOADED)
 
     def _check_new_name(self, adapter_name):
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without '.'")
+        check_adapter_name(adapter_name)  # a safe path component: it becomes save_directory/<name>
         if hasattr(AdapterSite(""), adapter_name):  # methods, attributes and buffers alike
             raise ValueError(f"adapter name {adapter_name!r} collides with an attribute of kronpeft's adapter "
                              f"sites; pick another name (e.g. {adapter_name + '_adapter'!r})")
