@@ -220,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, action="append",
                      help="the text to continue; repeat the flag for several prompts (one model load)")
     gen.add_argument("--max-new-tokens", type=_positive(int), default=64, help="tokens to generate at most")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample at this temperature")
-    gen.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    gen.add_argument("--temperature", type=_number(float, 0, 100), default=0.0,
+                     help="0: greedy; > 0: sample at this temperature, at most 100")
+    gen.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="seed for sampling")
 
     c = sub.add_parser("convert", formatter_class=_Formatter, help="convert a KronA adapter to PEFT LoKr or back",
                        description="--to peft: write a KronA adapter folder as a PEFT LoKr adapter "
@@ -380,8 +381,6 @@ def _cmd_generate(args) -> int:
 
     if args.adapter is None and args.model is None:
         raise UsageError("generate needs --adapter (a trained adapter or merged model) or --model (a base model)")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.adapter is None:
         model, tokenizer = load_base(resolve_model(args.model), 2, False)
     else:
@@ -404,10 +403,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     import torch
     from transformers import TextStreamer
 
-    from .text2text import prompt_ids
-
     model.eval()
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)])
+    ids = torch.tensor([_start_ids(model.config, tokenizer, prompt, max_new_tokens)])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
@@ -416,6 +413,22 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, streamer=streamer, **sampling)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _start_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """The prompt's token ids (an empty prompt starts from the BOS token), checked to leave room for
+    `max_new_tokens` within the model's positions."""
+    from .text2text import prompt_ids
+
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(config, "bos_token_id", None)
+    ids = prompt_ids(tokenizer, prompt) or ([bos] if isinstance(bos, int) else [])
+    if not ids:
+        raise UsageError("--prompt is empty and the model has no BOS token to start from; pass a non-empty --prompt")
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and len(ids) + max_new_tokens > limit:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} with a {len(ids)}-token prompt exceeds the model's "
+                         f"{limit} positions; pass --max-new-tokens {max(limit - len(ids), 0)} or less")
+    return ids
 
 
 def _cmd_convert(args) -> int:

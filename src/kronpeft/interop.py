@@ -144,7 +144,7 @@ def _read_peft_config(peft_dir: Path) -> dict:
         raise FileNotFoundError(f"{path} not found: {peft_dir} is not a PEFT adapter directory")
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(f"{path} is corrupt ({err})") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         ours = isinstance(config, dict) and "adapter" in config

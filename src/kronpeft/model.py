@@ -26,6 +26,7 @@ from .atomic import commit, replacing_dir, sha256, write_tensors
 from .config import AdapterConfig, KronAConfig
 from .injection import SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, detach, find_places, sites
 from .layers import build_adapter
+from .memory import adapter_bytes, check_fits
 from .names import check_adapter_name, check_path
 
 CONFIG_NAME = "adapter_config.json"
@@ -76,10 +77,19 @@ class KronModel(nn.Module):
             self.set_adapter(adapter_name)
         self.register_state_dict_post_hook(_keep_trained_state)
         self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
+        self.register_load_state_dict_post_hook(_remerge_loaded)
 
     def forward(self, *args, **kwargs):
         self._check_usable()
         return self.base_model(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        """Pickle (`torch.save(model)`, multiprocessing) through the base model's class: the per-class
+        subclass `_with_forward_signature` makes cannot be found by name."""
+        base_class = type(self).__dict__.get("_base_class")
+        if base_class is None:
+            return super().__reduce_ex__(protocol)
+        return _rebuild, (type(self).__mro__[1], base_class), self.__getstate__()
 
     def __getattr__(self, name: str):
         try:
@@ -112,6 +122,10 @@ class KronModel(nn.Module):
         _check_saved_modules(model, places, saved)
         if isinstance(config, KronAConfig):  # mergeable: its weight must belong to its layer alone
             _check_untied(model, [p.owner for p in places], f"{type(config).__name__}.target_modules")
+        ref = next(model.parameters())
+        check_fits(adapter_bytes(config, {p.owner: (p.out_features, p.in_features) for p in places}, ref.dtype),
+                   ref.device,
+                   f"the {len(places)} {type(config).__name__} adapters")
         built = []
         for place in places:  # build everything before attaching anything
             owner = model.get_submodule(place.owner)
@@ -198,6 +212,7 @@ class KronModel(nn.Module):
         del self.configs[adapter_name]
         del self.saved_modules[adapter_name]
         self._inference.discard(adapter_name)
+        self._remerge = [name for name in self._remerge if name != adapter_name]  # inside disable_adapter()
         if self.active_adapter == adapter_name:
             self.active_adapter = None
             if self.configs:
@@ -236,6 +251,9 @@ class KronModel(nn.Module):
         unmerging restores it bit-exactly in every dtype (see `_write_merged_weight`).
         """
         adapter_name = self._mergeable(adapter_name)
+        if adapter_name != self.active_adapter:  # merged, it would act under the active one unseen
+            raise ValueError(f"adapter {adapter_name!r} is not the active adapter ({self.active_adapter!r}); merging "
+                             f"it would make both act: call set_adapter({adapter_name!r}) first")
         with torch.no_grad():
             for owner, site in sites(self.base_model):
                 if adapter_name in site and adapter_name not in site.merged and adapter_name not in site.copies:
@@ -244,8 +262,8 @@ class KronModel(nn.Module):
 
     def unmerge_adapter(self, adapter_name: str | None = None):
         """Take a merged adapter out of the weights again (the original weights come back exactly)."""
-        self._check_usable()
         adapter_name = adapter_name or self.active_adapter
+        self._check_name(adapter_name)
         with torch.no_grad():
             for owner, site in sites(self.base_model):
                 if adapter_name in site.merged:
@@ -390,6 +408,11 @@ class KronModel(nn.Module):
                     f"shape {tuple(tensor.shape)} but the model needs {tuple(expected[key].shape)}; "
                     f"load it into the base model it was trained on"
                 )
+            if not tensor.is_floating_point():
+                raise ValueError(
+                    f"adapter in {adapter_dir} is corrupt: {key} is saved as {tensor.dtype}, not a floating-point "
+                    f"dtype (adapter weights are float32/bf16/fp16); save the adapter again"
+                )
             if expected[key].is_meta:
                 raise ValueError(
                     f"cannot load the adapter in {adapter_dir}: {type(self.base_model).__name__} is on the meta "
@@ -487,7 +510,8 @@ def _with_forward_signature(cls: type, base_class: type) -> type:
         forward.__signature__ = inspect.signature(base_class.forward)
         forward.__doc__ = f"`{base_class.__name__}.forward` with the active adapter applied."
         _SIGNATURE_CLASSES[key] = type(cls.__name__, (cls,), {
-            "forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+            "forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "_base_class": base_class})
     return _SIGNATURE_CLASSES[key]
 
 
@@ -504,6 +528,20 @@ def _keep_trained_state(kron_model: "KronModel", state_dict: dict, prefix: str, 
 def _ignore_missing_frozen_keys(kron_model: "KronModel", incompatible_keys):
     """A state dict of the trained tensors alone loads strictly: frozen base keys are not missing."""
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if _is_trained_key(k)]
+
+
+def _remerge_loaded(kron_model: "KronModel", incompatible_keys):
+    """After `load_state_dict`, recompute every merged weight from the adapters just loaded (else it stays
+    the merge of the adapters' old values)."""
+    with torch.no_grad():
+        for owner, site in sites(kron_model.base_model):
+            if site.merged:
+                _write_merged_weight(owner, site)
+
+
+def _rebuild(cls: type, base_class: type) -> "KronModel":
+    """An empty instance of the class `_with_forward_signature(cls, base_class)` (unpickling)."""
+    return nn.Module.__new__(_with_forward_signature(cls, base_class))
 
 
 def _local_adapter_dir(adapter_dir: str | os.PathLike, revision: str | None, token: str | None) -> Path:
@@ -559,7 +597,7 @@ def read_adapter_files(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, 
                                 f"(it needs {CONFIG_NAME} and its weights file, written by save_pretrained)")
     try:
         meta = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(f"{config_path} is corrupt ({err}); save the adapter again") from None
     if isinstance(meta, dict) and "peft_type" in meta:
         raise ValueError(_peft_adapter_message(adapter_dir, meta))
