@@ -42,7 +42,7 @@ def check_truncated(lengths: list[int], max_length: int, tokenizer, pair: bool):
     longest = max(lengths, default=0)
     if longest <= max_length:
         return
-    minimum = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+    minimum = tokenizer.num_special_tokens_to_add(pair=pair) + 1
     raise UsageError(f"--max-length {max_length} is too short: the tokenizer adds "
                      f"{tokenizer.num_special_tokens_to_add(pair=pair)} special tokens to "
                      f"{'a sentence pair' if pair else 'a sentence'} and could not truncate the examples to it "
@@ -97,3 +97,20 @@ def read_finished_metrics(path: Path) -> dict:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_overwritable(out: Path, checkpoint: str, state_file: str, run_file: str):
+    """--overwrite deletes the run's `adapter/` and `checkpoint/` folders whole: refuse when they do not look
+    like a kronpeft run's (a user's own `adapter/` folder in --output-dir is never deleted)."""
+    from .atomic import written_by_us
+
+    adapter, ckpt = out / "adapter", out / checkpoint
+    foreign = []
+    if adapter.exists() and not (adapter / run_file).is_file():
+        foreign.append(f"adapter/ (no {run_file})")
+    if ckpt.exists() and not (ckpt / state_file).is_file() and not all(
+            written_by_us(p.name, state_file, ["trainable", "optimizer"]) for p in ckpt.iterdir()):
+        foreign.append(f"{checkpoint}/ (no {state_file})")
+    if foreign:
+        raise UsageError(f"--overwrite would delete {foreign[0]} in {out}, which kronpeft train did not write; move "
+                         f"it away or choose another --output-dir")

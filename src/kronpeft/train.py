@@ -32,8 +32,8 @@ from .data import get_task, limit, load_split
 from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics, constant_baseline
 from .model import classifier_head, count_parameters
-from .run_checks import (UsageError, check_flags, check_head_labels, check_resume_state, check_truncated,
-                         read_finished_metrics)
+from .run_checks import (UsageError, check_flags, check_head_labels, check_overwritable, check_resume_state,
+                         check_truncated, read_finished_metrics)
 from .text2text import PromptedSet, is_causal_lm
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -404,6 +404,7 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> bool:
             raise UsageError(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a new run")
         return has_ckpt
     if overwrite:
+        check_overwritable(out, CHECKPOINT, STATE_FILE, baselines.RUN_FILE)
         return False
     if finished:
         raise UsageError(f"{out} already holds a finished run (metrics.json); pass --overwrite to replace it, "
