@@ -113,8 +113,8 @@ def test_huge_r_is_refused_before_allocating(tmp_path, capsys, bert_dir, method)
 @pytest.mark.parametrize("method, flags", [("krona", ["--r", "4"]), ("krona", ["--init", "paper"]),
                                            ("lora", ["--a-shape", "4,4"]), ("full", ["--targets", "query"]),
                                            ("lokr", ["--scale", "2"]), ("bottleneck", ["--init", "zero"])])
-def test_a_flag_that_does_not_apply_to_the_method(tmp_path, capsys, method, flags):
-    code = cli.main(["train", "--method", method, "--output-dir", str(tmp_path / "o"), *flags])
+def test_a_flag_that_does_not_apply_to_the_method(tmp_path, capsys, bert_dir, method, flags):
+    code = train(tmp_path / "o", bert_dir, "--method", method, "--max-steps", "1", "--max-length", "16", *flags)
     one_error_line(capsys, code, f"{flags[0]} does not apply to --method {method}", "it applies to")
 
 

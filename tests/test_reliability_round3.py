@@ -101,6 +101,15 @@ def test_deleting_the_merged_adapter_inside_disable_adapter():
     assert torch.equal(outputs(kron.base_model, model_inputs(kron.base_model)), base)
 
 
+def test_switching_adapters_inside_disable_adapter():
+    kron = randomized()
+    kron.add_adapter("b", KronAConfig(modules_to_save=[]))
+    kron.merge_adapter()
+    with kron.disable_adapter():
+        kron.set_adapter("b")
+    assert kron.active_adapters == ["b"] and not kron._is_merged("default")
+
+
 def test_deeply_nested_adapter_config_is_a_clear_error(tmp_path):
     randomized().save_pretrained(tmp_path)
     (tmp_path / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)

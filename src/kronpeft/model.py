@@ -123,9 +123,8 @@ class KronModel(nn.Module):
         if isinstance(config, KronAConfig):  # mergeable: its weight must belong to its layer alone
             _check_untied(model, [p.owner for p in places], f"{type(config).__name__}.target_modules")
         ref = next(model.parameters())
-        check_fits(adapter_bytes(config, {p.owner: (p.out_features, p.in_features) for p in places}, ref.dtype),
-                   ref.device,
-                   f"the {len(places)} {type(config).__name__} adapters")
+        shapes = {p.owner: (p.out_features, p.in_features) for p in places}
+        check_fits(adapter_bytes(config, shapes, ref.dtype), ref.device, f"the {len(places)} {config.method} adapters")
         built = []
         for place in places:  # build everything before attaching anything
             owner = model.get_submodule(place.owner)
@@ -212,7 +211,6 @@ class KronModel(nn.Module):
         del self.configs[adapter_name]
         del self.saved_modules[adapter_name]
         self._inference.discard(adapter_name)
-        self._remerge = [name for name in self._remerge if name != adapter_name]  # inside disable_adapter()
         if self.active_adapter == adapter_name:
             self.active_adapter = None
             if self.configs:
@@ -238,8 +236,9 @@ class KronModel(nn.Module):
             if self._disabled == 0:
                 for _, site in sites(self.base_model):
                     site.enabled = True
-                for name in self._remerge:
-                    self.merge_adapter(name)
+                for name in self._remerge:  # unless deleted or switched away from inside the block
+                    if name == self.active_adapter:
+                        self.merge_adapter(name)
                 self._remerge = []
 
     # -- merging ------------------------------------------------------------------------------------
