@@ -127,3 +127,13 @@ def test_kron_sum_svd_power_iterations_are_exact_on_a_low_rank_sum():
     U, S, Vh = kron_sum_svd(A, B, 2, oversample=3, generator=g)
     torch.testing.assert_close(U @ torch.diag(S) @ Vh, W)
     torch.testing.assert_close(S, torch.linalg.svdvals(W)[:2])
+
+
+def test_to_lora_refuses_an_empty_path_and_its_own_source(tmp_path):
+    model = get_model(make_model("llama"), KronAConfig(target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "a")
+    before = {p: p.read_bytes() for p in (tmp_path / "a").rglob("*")}
+    for out in ("", tmp_path / "a", tmp_path / "a" / "inside"):
+        with pytest.raises(ValueError, match="out_dir"):
+            to_lora(tmp_path / "a", out)
+    assert {p: p.read_bytes() for p in (tmp_path / "a").rglob("*")} == before

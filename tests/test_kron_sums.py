@@ -249,7 +249,7 @@ def test_train_builds_a_kpsvd_sum_and_refuses_rank_for_other_methods(tmp_path, c
     model = baselines.build("krona", make_model("bert"), rank=2, init="kpsvd")
     assert model.peft_config["default"].rank == 2 and model.peft_config["default"].init == "kpsvd"
     assert main(["train", "--method", "lora", "--rank", "2", "--task", "rte", "--output-dir", str(tmp_path)]) == 2
-    assert "kronpeft: error: --rank 2 is the number of Kronecker terms of krona" in capsys.readouterr().err
+    assert "kronpeft: error: --rank does not apply to --method lora (it applies to krona)" in capsys.readouterr().err
 
 
 def test_kpsvd_delete_adapter_gives_the_base_model_back():

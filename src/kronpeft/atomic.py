@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -100,8 +101,8 @@ def remove_leftovers(target: Path):
     (a crash between mkdir and the swap); those of live processes, this one included, stay."""
     prefix = f".{target.name}{TMP_MARK}"
     for path in target.parent.glob(glob.escape(prefix) + "*"):
-        pid = path.name[len(prefix):].removeprefix("old-").split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)) and path.is_dir():
+        ours = re.fullmatch(r"(?:old-)?(\d+)-[0-9a-f]{8}", path.name[len(prefix):])  # tmp_sibling's names only
+        if ours and not _running(int(ours.group(1))) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -157,8 +158,8 @@ def write_tensors(directory: Path, stem: str, tensors: dict[str, torch.Tensor], 
 
 def commit(directory: Path, manifest_name: str, manifest: Callable[[dict[str, str]], dict], written: dict[str, str]):
     """Atomically replace the manifest (`manifest(names)`, `names`: stem -> file name) to name the `written`
-    files, move them to their plain names (second commit), then delete stale `<stem>*.safetensors` files
-    and temporary files left by an earlier crash."""
+    files, move them to their plain names (second commit), then delete the versions and temporary files this
+    or an earlier (crashed) write left: only names `written_by_us` matches, nothing else in the folder."""
     write_json_atomic(directory / manifest_name, manifest(written))
     _fsync_dir(directory)
     final = dict(written)
@@ -176,10 +177,20 @@ def commit(directory: Path, manifest_name: str, manifest: Callable[[dict[str, st
         write_json_atomic(directory / manifest_name, manifest(final))
         _fsync_dir(directory)
     for path in directory.iterdir():
-        stale = path.name.startswith(tuple(final)) and path.name.endswith(".safetensors") \
-            and path.name not in final.values()
-        if stale or TMP_MARK in path.name:
+        if path.name not in final.values() and written_by_us(path.name, manifest_name, list(final)):
             path.unlink(missing_ok=True)
+
+
+def written_by_us(name: str, manifest_name: str, stems: list[str]) -> bool:
+    """Whether `name` is exactly a name this module gives files of a manifest's folder: `<stem>.safetensors`,
+    `<stem>.<8 hex>.safetensors` (a version), or one of those or the manifest with `write_atomic`'s
+    `.tmp-<8 hex>`. Only such files are ever deleted: a user's `adapter_model_backup.safetensors` or
+    `notes.tmp-draft.txt` in the same folder stays."""
+    versions = "|".join(rf"{re.escape(stem)}(?:\.[0-9a-f]{{8}})?\.safetensors" for stem in stems)
+    temporary = rf"(?:{re.escape(TMP_MARK)}[0-9a-f]{{8}})"
+    if re.fullmatch(rf"{re.escape(manifest_name)}{temporary}", name):
+        return True
+    return bool(versions) and re.fullmatch(rf"(?:{versions}){temporary}?", name) is not None
 
 
 def _write_text(path: Path, text: str):

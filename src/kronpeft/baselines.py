@@ -24,6 +24,7 @@ from .choices import DEFAULT_LR, DEFAULT_R, METHODS, OURS, PEFT_METHODS  # noqa:
 from .config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
 from .injection import find_places
 from .kron import kron_shapes
+from .memory import check_fits
 from .model import KronModel, classifier_head, get_model
 
 RUN_FILE = "kronpeft_run.json"
@@ -71,6 +72,10 @@ def _build_peft(method: str, model: nn.Module, *, a_shape, r, targets, task_type
     try:
         places = find_places(model, KronAConfig(target_modules=targets, a_shape=a_shape))
         shapes = {p.owner: kron_shapes(p.out_features, p.in_features, a_shape) for p in places}
+        if method == "lora":  # A (r, in) and B (out, r) per layer, in the base's dtype
+            ref = next(model.parameters())
+            check_fits(sum((p.out_features + p.in_features) * r for p in places) * ref.element_size(), ref.device,
+                       f"the {len(places)} LoRA adapters of rank {r}")
     except ValueError as err:
         raise MethodError(f"cannot build {method}: {err}") from None
     target_modules = list(shapes)
@@ -144,7 +149,7 @@ def read_run(directory: str | os.PathLike) -> dict:
     if path.is_file():
         try:
             run = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise ValueError(f"{path} is corrupt ({err}); train again or pass --model/--task explicitly") from None
         if not isinstance(run, dict) or run.get("kind") not in ("kronpeft", "peft", "model") \
                 or not all(isinstance(run.get(k), (str, type(None))) for k in ("task", "model", "method")):

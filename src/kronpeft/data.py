@@ -206,6 +206,8 @@ def _parse_label(path, line, raw: str, labels: dict[str, int] | None) -> int | f
         score = math.nan
     if not math.isfinite(score):
         raise ValueError(f"{path}: line {line}: cannot parse score {raw!r} as a number")
+    if not 0.0 <= score <= 5.0:
+        raise ValueError(f"{path}: line {line}: score {raw!r} is outside STS-B's range [0, 5]; fix the file")
     return score
 
 

@@ -18,6 +18,7 @@ from .atomic import replacing_dir
 from .injection import SITE_ATTR
 from .kron import kron_svd, kron_sum_linear, kron_sum_norm2, kron_sum_svd
 from .model import WEIGHTS_NAME, read_adapter_files
+from .names import check_apart, check_path
 
 PEFT_PREFIX = "base_model.model."
 _SITE = f".{SITE_ATTR}."
@@ -42,6 +43,8 @@ def to_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, rank: in
     """Write the KronA adapter in `adapter_dir` as a PEFT LoRA adapter of rank `rank` (one `r` for every layer;
     None or more than the largest exact rank: exact) into `out_dir`; returns `(r, per-layer report)`. Task heads
     (`modules_to_save`) are written as PEFT writes them. The probe batch: `probe_size` N(0, 1) inputs per layer."""
+    check_apart(check_path(adapter_dir, "to_lora: adapter_dir"), check_path(out_dir, "to_lora: out_dir"),
+                "adapter_dir", "out_dir")
     meta, state = read_adapter_files(adapter_dir)
     config = meta["adapter"]
     if config.get("method") != "krona":

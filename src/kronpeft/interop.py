@@ -21,6 +21,7 @@ from .config import KronAConfig
 from .injection import SITE_ATTR
 from .kron import kron_shapes
 from .model import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_files, write_adapter
+from .names import check_apart, check_path
 
 PEFT_PREFIX = "base_model.model."
 _SITE = f".{SITE_ATTR}."
@@ -36,6 +37,8 @@ def to_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike):
     from peft import LoKrConfig
     from peft.tuners.lokr.layer import factorization
 
+    check_path(out_dir, "to_peft's out_dir")
+    check_apart(adapter_dir, out_dir, "the adapter folder", "the output folder")
     meta, state = read_adapter_files(adapter_dir)
     config = meta["adapter"]
     if config.get("method") != "krona":
@@ -83,6 +86,8 @@ def from_peft(peft_dir: str | os.PathLike, out_dir: str | os.PathLike, base_mode
     the adapter's `base_model_name_or_path`); kronpeft records it to refuse loading into another model.
     """
     peft_dir = Path(peft_dir)
+    check_path(out_dir, "from_peft's out_dir")
+    check_apart(peft_dir, out_dir, "the adapter folder", "the output folder")
     peft_config = _read_peft_config(peft_dir)
     try:
         state = load_file(peft_dir / WEIGHTS_NAME)
@@ -154,7 +159,7 @@ def _read_peft_config(peft_dir: Path) -> dict:
         raise FileNotFoundError(f"{path} not found: {peft_dir} is not a PEFT adapter directory")
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(f"{path} is corrupt ({err})") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         ours = isinstance(config, dict) and "adapter" in config

@@ -28,7 +28,9 @@ from .config import AdapterConfig, KronAConfig
 from .injection import (SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, dense_weight, detach,
                         find_places, sites)
 from .layers import build_adapter
+from .memory import adapter_bytes, check_fits
 from .mixed import mixed_batch
+from .names import check_adapter_name, check_path
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,6 +81,7 @@ class KronModel(nn.Module):
             self.set_adapter(adapter_name)
         self.register_state_dict_post_hook(_keep_trained_state)
         self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
+        self.register_load_state_dict_post_hook(_remerge_loaded)
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's forward with the active adapter; `adapter_names`: one adapter per example (mixed.py)."""
@@ -96,6 +99,14 @@ class KronModel(nn.Module):
             return call(*args, **kwargs)
         with mixed_batch(self, adapter_names, args, kwargs, expand):
             return call(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        """Pickle (`torch.save(model)`, multiprocessing) through the base model's class: the per-class
+        subclass `_with_forward_signature` makes cannot be found by name."""
+        base_class = type(self).__dict__.get("_base_class")
+        if base_class is None:
+            return super().__reduce_ex__(protocol)
+        return _rebuild, (type(self).__mro__[1], base_class), self.__getstate__()
 
     def __getattr__(self, name: str):
         try:
@@ -128,6 +139,9 @@ class KronModel(nn.Module):
         _check_saved_modules(model, places, saved)
         if isinstance(config, KronAConfig):  # mergeable: its weight must belong to its layer alone
             _check_untied(model, [p.owner for p in places], f"{type(config).__name__}.target_modules")
+        ref = next(model.parameters())
+        shapes = {p.owner: (p.out_features, p.in_features) for p in places}
+        check_fits(adapter_bytes(config, shapes, ref.dtype), ref.device, f"the {len(places)} {config.method} adapters")
         built = []
         for place in places:  # build everything before attaching anything
             owner = model.get_submodule(place.owner)
@@ -242,8 +256,9 @@ class KronModel(nn.Module):
             if self._disabled == 0:
                 for _, site in sites(self.base_model):
                     site.enabled = True
-                for name in self._remerge:
-                    self.merge_adapter(name)
+                for name in self._remerge:  # unless deleted or switched away from inside the block
+                    if name == self.active_adapter:
+                        self.merge_adapter(name)
                 self._remerge = []
 
     # -- merging ------------------------------------------------------------------------------------
@@ -255,6 +270,9 @@ class KronModel(nn.Module):
         unmerging restores it bit-exactly in every dtype (see `_write_merged_weight`).
         """
         adapter_name = self._mergeable(adapter_name)
+        if adapter_name != self.active_adapter:  # merged, it would act under the active one unseen
+            raise ValueError(f"adapter {adapter_name!r} is not the active adapter ({self.active_adapter!r}); merging "
+                             f"it would make both act: call set_adapter({adapter_name!r}) first")
         with torch.no_grad():
             for owner, site in sites(self.base_model):
                 if adapter_name in site and adapter_name not in site.merged and adapter_name not in site.copies:
@@ -263,8 +281,8 @@ class KronModel(nn.Module):
 
     def unmerge_adapter(self, adapter_name: str | None = None):
         """Take a merged adapter out of the weights again (the original weights come back exactly)."""
-        self._check_usable()
         adapter_name = adapter_name or self.active_adapter
+        self._check_name(adapter_name)
         with torch.no_grad():
             for owner, site in sites(self.base_model):
                 if adapter_name in site.merged:
@@ -323,6 +341,7 @@ class KronModel(nn.Module):
         `save_directory/<name>`. Each folder is written crash-safe (see `write_adapter`).
         """
         self._check_usable()
+        check_path(save_directory, "save_pretrained's save_directory")
         names = [adapter_name] if adapter_name is not None else (
             list(self.configs) if selected_adapters is None else list(selected_adapters))
         for name in names:  # check every name before writing anything
@@ -408,6 +427,11 @@ class KronModel(nn.Module):
                     f"shape {tuple(tensor.shape)} but the model needs {tuple(expected[key].shape)}; "
                     f"load it into the base model it was trained on"
                 )
+            if not tensor.is_floating_point():
+                raise ValueError(
+                    f"adapter in {adapter_dir} is corrupt: {key} is saved as {tensor.dtype}, not a floating-point "
+                    f"dtype (adapter weights are float32/bf16/fp16); save the adapter again"
+                )
             if expected[key].is_meta:
                 raise ValueError(
                     f"cannot load the adapter in {adapter_dir}: {type(self.base_model).__name__} is on the meta "
@@ -446,8 +470,7 @@ class KronModel(nn.Module):
             raise RuntimeError(UNLOADED)
 
     def _check_new_name(self, adapter_name):
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without '.'")
+        check_adapter_name(adapter_name)  # a safe path component: it becomes save_directory/<name>
         if hasattr(AdapterSite(""), adapter_name):  # methods, attributes and buffers alike
             raise ValueError(f"adapter name {adapter_name!r} collides with an attribute of kronpeft's adapter "
                              f"sites; pick another name (e.g. {adapter_name + '_adapter'!r})")
@@ -505,7 +528,8 @@ def _with_forward_signature(cls: type, base_class: type) -> type:
         forward.__signature__ = inspect.signature(base_class.forward)
         forward.__doc__ = f"`{base_class.__name__}.forward` with the active adapter applied."
         _SIGNATURE_CLASSES[key] = type(cls.__name__, (cls,), {
-            "forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+            "forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "_base_class": base_class})
     return _SIGNATURE_CLASSES[key]
 
 
@@ -522,6 +546,20 @@ def _keep_trained_state(kron_model: "KronModel", state_dict: dict, prefix: str, 
 def _ignore_missing_frozen_keys(kron_model: "KronModel", incompatible_keys):
     """A state dict of the trained tensors alone loads strictly: frozen base keys are not missing."""
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if _is_trained_key(k)]
+
+
+def _remerge_loaded(kron_model: "KronModel", incompatible_keys):
+    """After `load_state_dict`, recompute every merged weight from the adapters just loaded (else it stays
+    the merge of the adapters' old values)."""
+    with torch.no_grad():
+        for owner, site in sites(kron_model.base_model):
+            if site.merged:
+                _write_merged_weight(owner, site)
+
+
+def _rebuild(cls: type, base_class: type) -> "KronModel":
+    """An empty instance of the class `_with_forward_signature(cls, base_class)` (unpickling)."""
+    return nn.Module.__new__(_with_forward_signature(cls, base_class))
 
 
 def _local_adapter_dir(adapter_dir: str | os.PathLike, revision: str | None, token: str | None) -> Path:
@@ -579,7 +617,7 @@ def read_adapter_files(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, 
                                 f"(it needs {CONFIG_NAME} and its weights file, written by save_pretrained)")
     try:
         meta = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(f"{config_path} is corrupt ({err}); save the adapter again") from None
     if isinstance(meta, dict) and "peft_type" in meta:
         raise ValueError(_peft_adapter_message(adapter_dir, meta))

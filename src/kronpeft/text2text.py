@@ -66,7 +66,7 @@ def stsb_text(score: float) -> str:
 
 def parse_stsb(text: str) -> float:
     """The first number in a generation, clipped to [0, 5]; `STSB_UNPARSED` when there is none."""
-    found = re.search(r"\d+(?:\.\d+)?", text)
+    found = re.search(r"-?\d+(?:\.\d+)?", text)  # the sign too: "-1" is below the range (0), not 1
     return min(max(float(found.group()), 0.0), 5.0) if found else STSB_UNPARSED
 
 

@@ -35,6 +35,8 @@ from .feedback import batches, loading
 from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics, constant_baseline
 from .model import classifier_head, count_parameters
+from .run_checks import (check_flags, check_head_labels, check_overwritable, check_resume_state,
+                         check_truncated, read_finished_metrics)
 from .text2text import PromptedSet, is_causal_lm
 
 _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -130,6 +132,7 @@ def load_base(model_path: str, num_labels: int, regression: bool, no_dropout: bo
         config = AutoConfig.from_pretrained(source, **gguf)
         tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         check_max_length(max_length, config, tokenizer, model_path)
+        check_head_labels(config, num_labels, model_path)
         if is_causal_lm(config):
             with loading(model_path):
                 model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32, **extra)
@@ -216,6 +219,7 @@ class Encoded:
         a = [e.text_a for e in examples]
         b = [e.text_b for e in examples] if examples[0].text_b is not None else None
         self.features = tokenizer(a, b, truncation=True, max_length=max_length)
+        check_truncated([len(ids) for ids in self.features["input_ids"]], max_length, tokenizer, b is not None)
         self.labels = [float(e.label) if regression else int(e.label) for e in examples]
         self.regression = regression
         self.tokenizer = tokenizer
@@ -334,8 +338,8 @@ def read_checkpoint_state(directory: Path) -> dict:
     path = directory / STATE_FILE
     try:
         meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{path} is unreadable ({err}); start over with --overwrite") from None
+    except (OSError, ValueError, RecursionError) as err:
+        raise UsageError(f"{path} is unreadable ({str(err)[:80]}); start over with --overwrite") from None
     shape = {"step": int, "evals": list, "train_seconds": (int, float), "args": dict, "param_groups": list,
              "scheduler": dict}
     wrong = [k for k, kind in shape.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
@@ -407,6 +411,7 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> bool:
             raise UsageError(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a new run")
         return has_ckpt
     if overwrite:
+        check_overwritable(out, CHECKPOINT, STATE_FILE, baselines.RUN_FILE)
         return False
     if finished:
         raise UsageError(f"{out} already holds a finished run (metrics.json); pass --overwrite to replace it, "
@@ -476,6 +481,7 @@ def run(args) -> dict | None:
                          f"pick a multiple of {world}")
     if args.method not in baselines.METHODS:
         raise UsageError(f"unknown method {args.method!r}; choose one of: {', '.join(baselines.METHODS)}")
+    check_flags(args)
     try:
         spec = get_task(args.task)
     except ValueError as err:
@@ -488,7 +494,7 @@ def run(args) -> dict | None:
     out = Path(args.output_dir)
     resuming = check_output_dir(out, args.overwrite, args.resume)
     if args.resume and not resuming:  # finished run, nothing left to do
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = read_finished_metrics(out / "metrics.json")
         if main:
             print(f"{out} already holds a finished run; nothing to resume", file=sys.stderr)
         return metrics
@@ -539,6 +545,8 @@ def run(args) -> dict | None:
                          f"lower --batch-size or raise --max-train-samples")
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     eval_every = args.eval_every or steps_per_epoch
+    if resuming:
+        check_resume_state(saved_state, total_steps, spec.main_metric, out / CHECKPOINT / STATE_FILE)
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -723,7 +731,7 @@ def _log_step(line: str) -> float:
     """The step of a log.jsonl line; infinity for a line a crash cut short (it is dropped)."""
     try:
         step = json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return math.inf
     return step if isinstance(step, int) else math.inf
 
