@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from .atomic import commit, replacing_dir, sha256, write_tensors
 from .config import AdapterConfig, KronAConfig
 from .injection import SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, detach, find_places, sites
+from . import sharding
 from .layers import build_adapter
 
 CONFIG_NAME = "adapter_config.json"
@@ -307,6 +308,13 @@ class KronModel(nn.Module):
             list(self.configs) if selected_adapters is None else list(selected_adapters))
         for name in names:  # check every name before writing anything
             self._check_name(name)
+        states = {name: self.adapter_state_dict(name) for name in names}
+        sharded = sharding.is_sharded(t for state in states.values() for t in state.values())
+        if sharded:  # FSDP2: every process gathers (a collective); the main process alone writes
+            states = {name: sharding.gather_full(state) for name, state in states.items()}
+            if not sharding.is_main_process():
+                sharding.barrier()
+                return
         for name in names:
             meta = {
                 "format_version": FORMAT_VERSION,
@@ -317,7 +325,9 @@ class KronModel(nn.Module):
             }
             alone = adapter_name is not None or name == "default"
             directory = Path(save_directory) if alone else Path(save_directory) / name
-            write_adapter(directory, meta, self.adapter_state_dict(name))
+            write_adapter(directory, meta, states[name])
+        if sharded:
+            sharding.barrier()
 
     def _conv1d_modules(self, adapter_name: str) -> list[str]:
         """Adapted layers that are GPT-2 `Conv1D`s (weight `(in, out)`), which PEFT's LoKr cannot adapt."""
@@ -445,7 +455,7 @@ class KronModel(nn.Module):
     def _mergeable(self, adapter_name: str | None) -> str:
         adapter_name = adapter_name or self.active_adapter
         self._check_name(adapter_name)
-        for _, site in sites(self.base_model):
+        for owner, site in sites(self.base_model):
             if adapter_name in site and adapter_name not in site.copies and not site[adapter_name].mergeable:
                 method = self.configs[adapter_name].method
                 raise ValueError(
@@ -453,6 +463,10 @@ class KronModel(nn.Module):
                     f"or spans a whole feed-forward block, so no single weight matrix equals it. "
                     f"Only KronA (an update of one linear layer) merges; run this adapter unmerged."
                 )
+            if adapter_name in site and adapter_name not in site.copies and adapter_name not in site.merged:
+                reason = sharding.unmergeable_weight(site.owner_name, owner.weight)
+                if reason:
+                    raise ValueError(f"cannot merge adapter {adapter_name!r}: {reason}")
         return adapter_name
 
 

@@ -1,0 +1,48 @@
+"""FSDP2 (`fully_shard` on a gloo CPU mesh of 2 processes) trains like one process, and the adapter
+it saves equals the unsharded one (issue 27)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from scale_worker import train_tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+WORKER = Path(__file__).with_name("scale_worker.py")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def torchrun(*args: str):
+    """`scale_worker.py <args>` under torchrun, 2 processes of one thread each; must exit 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(WORKER), *args], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def assert_same_run(one: Path, two: Path, losses_one: list[float]):
+    losses_two = json.loads((two / "losses.json").read_text())
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+    assert losses_one[-1] < losses_one[0]  # it trained
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (one, two))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key  # the full tensor, not a shard
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert any(a[k].abs().max() > 0 for k in a if k.endswith(".B") or ".up." in k)
+
+
+def test_fsdp2_two_processes_equal_one(tmp_path):
+    methods = ["krona", "kronab"]
+    torchrun("fsdp2", str(tmp_path / "two"), *methods)
+    for method in methods:
+        losses = train_tiny(method, tmp_path / "one" / method)
+        assert_same_run(tmp_path / "one" / method, tmp_path / "two" / method, losses)
+    # a sharded weight is refused by merge_adapter, naming the fix (the unsharded model merges)
+    error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()
+    assert "sharded over processes (FSDP2 DTensor)" in error and "merge_and_unload" in error
+    assert not (tmp_path / "one" / "krona" / "merge_error.txt").exists()
