@@ -87,3 +87,69 @@ def test_int4_refuses_a_width_the_group_size_does_not_divide():
                                          r"not a multiple of the int4 group size 32; use int8"):
         quantize_base(base, "int4")
     assert {n: type(p) for n, p in base.named_parameters()} == before  # nothing half-converted
+
+
+def bnb_decoder(kind: str):
+    """`tiny_decoder()` with its backbone linears swapped for bitsandbytes' (what transformers'
+    `BitsAndBytesConfig` loading does), on its CPU backend."""
+    import bitsandbytes.nn as bnb
+
+    base = tiny_decoder()
+    for layer in base.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in [(n, m) for n, m in parent.named_children() if isinstance(m, torch.nn.Linear)]:
+                if kind == "8bit":
+                    new = bnb.Linear8bitLt(linear.in_features, linear.out_features, bias=False, has_fp16_weights=False)
+                else:
+                    new = bnb.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                         compute_dtype=torch.float32, quant_type="nf4")
+                new.load_state_dict(linear.state_dict())
+                setattr(parent, name, new.to("cpu"))  # .to() quantizes
+    return base
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_a_bitsandbytes_base_trains_fp32_adapters(kind):
+    base = bnb_decoder(kind)
+    assert not base.model.layers[0].mlp.down_proj.weight.dtype.is_floating_point  # int8 / packed uint8
+    model = get_model(base, KronAConfig(target_modules="all-linear"))
+    trained = [p for n, p in model.named_parameters() if n in adapter_names(model)]
+    assert trained and all(p.dtype == torch.float32 for p in trained)  # not the int8/uint8 of the weight
+    optimizer = torch.optim.AdamW(trained, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match=r"down_proj\.weight is quantized|q_proj\.weight is quantized"):
+        model.merge_adapter()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None,
+                    reason="optimum-quanto not installed")
+@pytest.mark.parametrize("kind", ["qint8", "qint4"])
+def test_an_optimum_quanto_base_trains(kind):
+    from optimum import quanto
+
+    base = tiny_decoder()
+    quanto.quantize(base.model, weights=getattr(quanto, kind))
+    quanto.freeze(base.model)
+    model = get_model(base, KronAConfig(target_modules="all-linear"))
+    before = base_logits(model)
+    trained = [p for n, p in model.named_parameters() if n in adapter_names(model)]
+    optimizer = torch.optim.AdamW(trained, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(base_logits(model), before)
+    with pytest.raises(ValueError, match="is quantized"):
+        model.merge_adapter()

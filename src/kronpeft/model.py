@@ -116,7 +116,7 @@ class KronModel(nn.Module):
         for place in places:  # build everything before attaching anything
             owner = model.get_submodule(place.owner)
             ref = next(owner.parameters())
-            dtype = ref.dtype
+            dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32  # an int-packed weight (bitsandbytes)
             if self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
                 dtype = torch.float32
             try:
