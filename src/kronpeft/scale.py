@@ -48,3 +48,28 @@ def quantize_base(model: nn.Module, kind: str, group_size: int = INT4_GROUP_SIZE
     chosen = set(map(id, linears.values()))
     quantize_(model, config, filter_fn=lambda module, fqn: id(module) in chosen)
     return list(linears)
+
+
+def prepare_base(base: nn.Module, args):
+    """`kronpeft train --quantize`: quantize the base before the adapters are built (they stay fp32)."""
+    from .train import UsageError
+
+    kind = getattr(args, "quantize", None)
+    if kind is None:
+        return
+    if args.method == "full":
+        raise UsageError(f"--quantize {kind} freezes a quantized base, but --method full trains every weight; "
+                         f"pick an adapter method or drop --quantize")
+    try:
+        quantize_base(base, kind)
+    except ValueError as err:
+        raise UsageError(f"--{err}") from None
+
+
+def prepare_model(model: nn.Module, args):
+    """`kronpeft train --gradient-checkpointing`: transformers' non-reentrant activation checkpointing."""
+    if getattr(args, "gradient_checkpointing", False):  # transformers >= 5 renamed it activation checkpointing
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
