@@ -33,7 +33,8 @@ def batches(steps: int = STEPS):
 
 
 def shard(model, engine: str):
-    """`engine`: "fsdp2" (`fully_shard` per decoder layer, then the root), "fsdp1" (use_orig_params=True)."""
+    """`engine`: "fsdp2" (`fully_shard` per decoder layer, then the root) or "fsdp1" (a unit per decoder
+    layer, `use_orig_params=True`: the default False refuses a unit mixing frozen and trained tensors)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if engine == "fsdp2":
@@ -43,6 +44,13 @@ def shard(model, engine: str):
         for layer in model.base_model.model.layers:
             fully_shard(layer, mesh=mesh)
         return fully_shard(model, mesh=mesh)
+    if engine == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        layer_class = type(model.base_model.model.layers[0])
+        return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({layer_class}),
+                                        use_orig_params=True, device_id=torch.device("cpu"))
     raise ValueError(engine)
 
 
@@ -68,9 +76,10 @@ def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS)
             dist.all_reduce(mean)
             mean /= world
         losses.append(mean.item())
-    model.save_pretrained(out / "adapter")
+    kron_model = model.module if engine == "fsdp1" else model  # FSDP1 wraps; FSDP2 changes the class in place
+    kron_model.save_pretrained(out / "adapter")
     try:
-        model.merge_adapter()
+        kron_model.merge_adapter()
     except ValueError as err:
         if rank == 0:
             (out / "merge_error.txt").write_text(str(err))

@@ -1,5 +1,5 @@
-"""FSDP2 (`fully_shard` on a gloo CPU mesh of 2 processes) trains like one process, and the adapter
-it saves equals the unsharded one (issue 27)."""
+"""FSDP2 (`fully_shard`) and FSDP1 on a gloo CPU mesh of 2 processes train like one process, and the
+adapter they save equals the unsharded one (issue 27)."""
 import json
 import os
 import subprocess
@@ -46,3 +46,13 @@ def test_fsdp2_two_processes_equal_one(tmp_path):
     error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()
     assert "sharded over processes (FSDP2 DTensor)" in error and "merge_and_unload" in error
     assert not (tmp_path / "one" / "krona" / "merge_error.txt").exists()
+
+
+def test_fsdp1_two_processes_equal_one(tmp_path):
+    """FSDP1 (`use_orig_params=True`): outside forward, each process's adapter tensors are views of its
+    shard (often empty); save_pretrained gathers them (summon_full_params) instead of writing `[0]`-shaped tensors."""
+    torchrun("fsdp1", str(tmp_path / "two"), "krona")
+    losses = train_tiny("krona", tmp_path / "one" / "krona")
+    assert_same_run(tmp_path / "one" / "krona", tmp_path / "two" / "krona", losses)
+    error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()  # refused, before changing anything
+    assert "holds only this process's part of the weight" in error and "merge_and_unload" in error

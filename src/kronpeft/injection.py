@@ -26,10 +26,10 @@ ALL_LINEAR = "all-linear"
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """`(out_features, in_features)` of an `nn.Linear` or a GPT-2 `Conv1D` (weight `(in, out)`)."""
+    """`(out_features, in_features)` of an `nn.Linear` or a GPT-2 `Conv1D` (weight `(in, out)`), from the
+    module's attributes, never its weight's shape (a ZeRO-3 / FSDP1 partitioned weight is a shard or empty)."""
     if isinstance(module, Conv1D):
-        in_features, out_features = module.weight.shape
-        return out_features, in_features
+        return module.nf, module.nx
     return module.out_features, module.in_features
 
 

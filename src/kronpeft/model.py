@@ -24,7 +24,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .atomic import commit, replacing_dir, sha256, write_tensors
 from .config import AdapterConfig, KronAConfig
-from .injection import SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, detach, find_places, sites
+from .injection import (SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, detach, find_places,
+                        linear_shape, sites)
 from . import sharding
 from .layers import build_adapter
 
@@ -308,8 +309,9 @@ class KronModel(nn.Module):
             list(self.configs) if selected_adapters is None else list(selected_adapters))
         for name in names:  # check every name before writing anything
             self._check_name(name)
-        states = {name: self.adapter_state_dict(name) for name in names}
-        sharded = sharding.is_sharded(t for state in states.values() for t in state.values())
+        with sharding.full_params(self.base_model) as fsdp1:  # FSDP1: the full tensors, copied
+            states = {name: {k: t.clone() for k, t in self.adapter_state_dict(name).items()} for name in names}
+        sharded = fsdp1 or sharding.is_sharded(t for state in states.values() for t in state.values())
         if sharded:  # FSDP2: every process gathers (a collective); the main process alone writes
             states = {name: sharding.gather_full(state) for name, state in states.items()}
             if not sharding.is_main_process():
@@ -464,7 +466,8 @@ class KronModel(nn.Module):
                     f"Only KronA (an update of one linear layer) merges; run this adapter unmerged."
                 )
             if adapter_name in site and adapter_name not in site.copies and adapter_name not in site.merged:
-                reason = sharding.unmergeable_weight(site.owner_name, owner.weight)
+                shape = linear_shape(owner)[::-1] if isinstance(owner, Conv1D) else linear_shape(owner)
+                reason = sharding.unmergeable_weight(site.owner_name, owner.weight, shape)
                 if reason:
                     raise ValueError(f"cannot merge adapter {adapter_name!r}: {reason}")
         return adapter_name

@@ -8,6 +8,8 @@ must call it, in the same order). torchao / bitsandbytes quantize a weight into 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -28,6 +30,20 @@ def gather_full(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: t.full_tensor() if isinstance(t, DTensor) else t for key, t in state.items()}
 
 
+@contextlib.contextmanager
+def full_params(module: torch.nn.Module):
+    """Inside the block, FSDP1 units within `module` hold their full parameters (`summon_full_params`, a
+    collective); yields whether there were any. FSDP2 and unsharded modules pass through unchanged."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    units = [m for m in module.modules() if isinstance(m, FSDP)]
+    outermost = [u for u in units if not any(u is not o and any(u is m for m in o.modules()) for o in units)]
+    with contextlib.ExitStack() as stack:
+        for unit in outermost:
+            stack.enter_context(FSDP.summon_full_params(unit, writeback=False, recurse=True))
+        yield bool(outermost)
+
+
 def is_main_process() -> bool:
     """Rank 0 of the default process group, or the only process."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -38,8 +54,14 @@ def barrier():
         dist.barrier()
 
 
-def unmergeable_weight(module_name: str, weight: torch.Tensor) -> str | None:
-    """Why `weight` (of `module_name`) cannot take a merged delta in place, or None when it can."""
+def unmergeable_weight(module_name: str, weight: torch.Tensor, shape: tuple[int, int]) -> str | None:
+    """Why `weight` (of `module_name`, whose full weight has `shape`) cannot take a merged delta in place,
+    or None when it can."""
+    if tuple(weight.shape) != tuple(shape) and not isinstance(weight, DTensor):
+        return (f"{module_name}.weight holds only this process's part of the weight (shape {tuple(weight.shape)}, "
+                f"not {tuple(shape)}: FSDP1 or DeepSpeed ZeRO-3 partition it). Save the adapter (save_pretrained "
+                f"gathers it under FSDP1), then merge it into an unsharded base (KronModel.from_pretrained(base, "
+                f"adapter_dir).merge_and_unload(), or `kronpeft merge`)")
     if isinstance(weight, DTensor):
         return (f"{module_name}.weight is sharded over processes (FSDP2 DTensor); merging would change one shard "
                 f"at a time. Save the adapter (save_pretrained gathers it), then merge it into an unsharded base "
