@@ -61,22 +61,32 @@ def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS)
     model = get_model(tiny_decoder(), METHODS[method]())
     model.train()
     rank, world = (dist.get_rank(), dist.get_world_size()) if engine != "none" else (0, 1)
-    if engine != "none":
-        model = shard(model, engine)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    if engine == "zero3":  # DeepSpeed wraps the optimizer and runs backward and step itself
+        import deepspeed
+
+        config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,  # threshold 0: partition even tiny tensors
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+        model, optimizer = deepspeed.initialize(model=model, optimizer=optimizer, config=config)[:2]
+    elif engine != "none":
+        model = shard(model, engine)
     losses = []
     for ids in batches(steps):
         local = ids.chunk(world)[rank]
         loss = model(input_ids=local, labels=local).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        if engine == "zero3":
+            model.backward(loss)
+            model.step()
+        else:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
         mean = loss.detach().clone()
         if world > 1:
             dist.all_reduce(mean)
             mean /= world
         losses.append(mean.item())
-    kron_model = model.module if engine == "fsdp1" else model  # FSDP1 wraps; FSDP2 changes the class in place
+    kron_model = model.module if engine in ("fsdp1", "zero3") else model  # they wrap; FSDP2 changes the class
     kron_model.save_pretrained(out / "adapter")
     try:
         kron_model.merge_adapter()

@@ -1,5 +1,6 @@
 """FSDP2 (`fully_shard`) and FSDP1 on a gloo CPU mesh of 2 processes train like one process, and the
 adapter they save equals the unsharded one (issue 27)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -56,3 +57,14 @@ def test_fsdp1_two_processes_equal_one(tmp_path):
     assert_same_run(tmp_path / "one" / "krona", tmp_path / "two" / "krona", losses)
     error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()  # refused, before changing anything
     assert "holds only this process's part of the weight" in error and "merge_and_unload" in error
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_deepspeed_zero3_two_processes_equal_one(tmp_path):
+    """DeepSpeed ZeRO-3 on its CPU accelerator (gloo): every parameter, the adapters' too, is partitioned
+    (empty on each process outside forward); save_pretrained gathers the adapters (GatheredParameters)."""
+    torchrun("zero3", str(tmp_path / "two"), "krona")
+    losses = train_tiny("krona", tmp_path / "one" / "krona")
+    assert_same_run(tmp_path / "one" / "krona", tmp_path / "two" / "krona", losses)
+    error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()
+    assert "partitioned by DeepSpeed ZeRO-3" in error and "merge_and_unload" in error

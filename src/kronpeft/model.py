@@ -467,7 +467,8 @@ class KronModel(nn.Module):
                 )
             if adapter_name in site and adapter_name not in site.copies and adapter_name not in site.merged:
                 shape = linear_shape(owner)[::-1] if isinstance(owner, Conv1D) else linear_shape(owner)
-                reason = sharding.unmergeable_weight(site.owner_name, owner.weight, shape)
+                reason = (sharding.partitioned_adapter(site.owner_name, site[adapter_name])
+                          or sharding.unmergeable_weight(site.owner_name, owner.weight, shape))
                 if reason:
                     raise ValueError(f"cannot merge adapter {adapter_name!r}: {reason}")
         return adapter_name

@@ -32,16 +32,22 @@ def gather_full(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def full_params(module: torch.nn.Module):
-    """Inside the block, FSDP1 units within `module` hold their full parameters (`summon_full_params`, a
-    collective); yields whether there were any. FSDP2 and unsharded modules pass through unchanged."""
+    """Inside the block, FSDP1 units within `module` hold their full parameters (`summon_full_params`), and
+    so do the adapters' ZeRO-3 partitioned parameters (`GatheredParameters`): collectives. Yields whether
+    anything was gathered; FSDP2 and unsharded modules pass through unchanged."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     units = [m for m in module.modules() if isinstance(m, FSDP)]
     outermost = [u for u in units if not any(u is not o and any(u is m for m in o.modules()) for o in units)]
+    zero3 = [p for n, p in module.named_parameters() if hasattr(p, "ds_id") and ".kronpeft." in f".{n}"]
     with contextlib.ExitStack() as stack:
         for unit in outermost:
             stack.enter_context(FSDP.summon_full_params(unit, writeback=False, recurse=True))
-        yield bool(outermost)
+        if zero3:  # DeepSpeed ZeRO-3 partitions every parameter: gather the adapters' alone
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+        yield bool(outermost or zero3)
 
 
 def is_main_process() -> bool:
@@ -57,6 +63,10 @@ def barrier():
 def unmergeable_weight(module_name: str, weight: torch.Tensor, shape: tuple[int, int]) -> str | None:
     """Why `weight` (of `module_name`, whose full weight has `shape`) cannot take a merged delta in place,
     or None when it can."""
+    if hasattr(weight, "ds_id"):
+        return (f"{module_name}.weight is partitioned by DeepSpeed ZeRO-3. Save the adapter (save_pretrained "
+                f"gathers it), then merge it into an unsharded base (KronModel.from_pretrained(base, "
+                f"adapter_dir).merge_and_unload(), or `kronpeft merge`)")
     if tuple(weight.shape) != tuple(shape) and not isinstance(weight, DTensor):
         return (f"{module_name}.weight holds only this process's part of the weight (shape {tuple(weight.shape)}, "
                 f"not {tuple(shape)}: FSDP1 or DeepSpeed ZeRO-3 partition it). Save the adapter (save_pretrained "
@@ -73,4 +83,14 @@ def unmergeable_weight(module_name: str, weight: torch.Tensor, shape: tuple[int,
                 f"(dequantizing, merging and re-quantizing would add a rounding error the size of the quantization "
                 f"step). Run the adapter unmerged, or load the base unquantized to merge "
                 f"(KronModel.from_pretrained(base, adapter_dir).merge_and_unload(), or `kronpeft merge`)")
+    return None
+
+
+def partitioned_adapter(module_name: str, adapter: torch.nn.Module) -> str | None:
+    """Why the adapter at `module_name` cannot compute its delta here (ZeRO-3 holds a part of its
+    tensors on each process), or None when it can."""
+    if any(hasattr(p, "ds_id") for p in adapter.parameters()):
+        return (f"the adapter at {module_name} is partitioned by DeepSpeed ZeRO-3. Save it (save_pretrained "
+                f"gathers it), then merge it into an unsharded base (KronModel.from_pretrained(base, "
+                f"adapter_dir).merge_and_unload(), or `kronpeft merge`)")
     return None
