@@ -1,5 +1,5 @@
 """A few training steps of a tiny Llama-shaped decoder with a kronpeft adapter, in one process
-(plain) or in each of several `torchrun` processes (FSDP2 `fully_shard` / FSDP1 on gloo).
+(plain) or in each of several `torchrun` processes on gloo (FSDP2 `fully_shard`, FSDP1, DeepSpeed ZeRO-3).
 
 `python scale_worker.py <engine> <out> <method>...` under torchrun writes `<out>/<method>/losses.json`
 and the adapter (`<out>/<method>/adapter`); tests/test_scale_fsdp.py compares both with `train_tiny(..., "none")`.
@@ -62,11 +62,11 @@ def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS)
     model.train()
     rank, world = (dist.get_rank(), dist.get_world_size()) if engine != "none" else (0, 1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    if engine == "zero3":  # DeepSpeed wraps the optimizer and runs backward and step itself
+    if engine in ("zero2", "zero3"):  # DeepSpeed wraps the optimizer and runs backward and step itself
         import deepspeed
 
-        config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,  # threshold 0: partition even tiny tensors
-                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+        zero = {"stage": int(engine[-1]), "stage3_param_persistence_threshold": 0}  # 0: partition tiny tensors too
+        config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "zero_optimization": zero}
         model, optimizer = deepspeed.initialize(model=model, optimizer=optimizer, config=config)[:2]
     elif engine != "none":
         model = shard(model, engine)
@@ -74,7 +74,7 @@ def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS)
     for ids in batches(steps):
         local = ids.chunk(world)[rank]
         loss = model(input_ids=local, labels=local).loss
-        if engine == "zero3":
+        if engine.startswith("zero"):
             model.backward(loss)
             model.step()
         else:
@@ -86,7 +86,7 @@ def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS)
             dist.all_reduce(mean)
             mean /= world
         losses.append(mean.item())
-    kron_model = model.module if engine in ("fsdp1", "zero3") else model  # they wrap; FSDP2 changes the class
+    kron_model = model.module if engine in ("fsdp1", "zero2", "zero3") else model  # they wrap; FSDP2 changes the class
     kron_model.save_pretrained(out / "adapter")
     try:
         kron_model.merge_adapter()

@@ -92,5 +92,6 @@ def test_torch_compile_gives_eager_losses_gradients_and_outputs_without_recompil
     with torch.no_grad():
         for seed in (2, 3):
             ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(seed))
-            torch.testing.assert_close(compiled(input_ids=ids).logits, eager(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+            expected = eager(input_ids=ids).logits
+            torch.testing.assert_close(compiled(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs[-1] + 1  # one inference graph for both inputs
