@@ -61,15 +61,15 @@ def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS)
     model = get_model(tiny_decoder(), METHODS[method]())
     model.train()
     rank, world = (dist.get_rank(), dist.get_world_size()) if engine != "none" else (0, 1)
+    if engine.startswith("fsdp"):  # before the optimizer is built: sharding replaces the parameters
+        model = shard(model, engine)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    if engine in ("zero2", "zero3"):  # DeepSpeed wraps the optimizer and runs backward and step itself
+    if engine.startswith("zero"):  # DeepSpeed wraps the optimizer and runs backward and step itself
         import deepspeed
 
         zero = {"stage": int(engine[-1]), "stage3_param_persistence_threshold": 0}  # 0: partition tiny tensors too
         config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "zero_optimization": zero}
         model, optimizer = deepspeed.initialize(model=model, optimizer=optimizer, config=config)[:2]
-    elif engine != "none":
-        model = shard(model, engine)
     losses = []
     for ids in batches(steps):
         local = ids.chunk(world)[rank]
