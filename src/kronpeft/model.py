@@ -309,10 +309,10 @@ class KronModel(nn.Module):
             list(self.configs) if selected_adapters is None else list(selected_adapters))
         for name in names:  # check every name before writing anything
             self._check_name(name)
-        with sharding.full_params(self.base_model) as fsdp1:  # FSDP1: the full tensors, copied
+        with sharding.full_params(self.base_model) as gathered:  # FSDP1, ZeRO-3: the full tensors, copied
             states = {name: {k: t.clone() for k, t in self.adapter_state_dict(name).items()} for name in names}
-        sharded = fsdp1 or sharding.is_sharded(t for state in states.values() for t in state.values())
-        if sharded:  # FSDP2: every process gathers (a collective); the main process alone writes
+        sharded = gathered or sharding.is_sharded(t for state in states.values() for t in state.values())
+        if sharded:  # every process gathers (collectives; FSDP2 here); the main process alone writes
             states = {name: sharding.gather_full(state) for name, state in states.items()}
             if not sharding.is_main_process():
                 sharding.barrier()
