@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                    help="autocast the forward pass (accelerate's mixed_precision); adapter weights stay fp32. "
                         "fp16 needs a CUDA GPU; see docs/performance.md for what bf16 gives on CPU")
+    g.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="load the frozen base's linear layers weight-only quantized (torchao; int4 needs input "
+                        "widths divisible by 32); the adapters stay fp32. See docs/scale.md")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (less memory, ~1/3 more compute)")
     # test hooks: stop as if interrupted after step N; make the loss NaN at step N
     t.add_argument("--stop-after", type=_positive(int), default=None, help=argparse.SUPPRESS)
     t.add_argument("--inject-nan-at", type=_positive(int), default=None, help=argparse.SUPPRESS)

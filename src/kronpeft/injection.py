@@ -27,10 +27,10 @@ ALL_LINEAR = "all-linear"
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """`(out_features, in_features)` of an `nn.Linear` or a GPT-2 `Conv1D` (weight `(in, out)`)."""
+    """`(out_features, in_features)` of an `nn.Linear` or a GPT-2 `Conv1D` (weight `(in, out)`), from the
+    module's attributes, never its weight's shape (a ZeRO-3 / FSDP1 partitioned weight is a shard or empty)."""
     if isinstance(module, Conv1D):
-        in_features, out_features = module.weight.shape
-        return out_features, in_features
+        return module.nf, module.nx
     return module.out_features, module.in_features
 
 
@@ -42,7 +42,12 @@ def dense_weight(module: nn.Module) -> "torch.Tensor":
         kind = "on the meta device" if weight.is_meta else f"{type(weight).__name__} of dtype {weight.dtype}"
         raise ValueError(f"init='kpsvd' needs the layer's dense float weight, but it is {kind} (quantized, "
                          f"sharded or not loaded); load the base model unquantized on one device, or use init='zero'")
-    return weight.detach().T if isinstance(module, Conv1D) else weight.detach()
+    dense = weight.detach().T if isinstance(module, Conv1D) else weight.detach()
+    if tuple(dense.shape) != linear_shape(module):
+        raise ValueError(f"init='kpsvd' needs the layer's whole {linear_shape(module)} weight, but it holds a "
+                         f"{tuple(dense.shape)} part (partitioned by FSDP1 / ZeRO-3); build the adapter before "
+                         f"sharding, or use init='zero'")
+    return dense
 
 
 class AdapterSite(nn.ModuleDict):

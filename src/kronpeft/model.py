@@ -25,8 +25,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .atomic import commit, replacing_dir, sha256, write_tensors
 from .config import AdapterConfig, KronAConfig
+from . import sharding
 from .injection import (SITE_ATTR, AdapterSite, Place, attach, base_modules, copy_module, dense_weight, detach,
-                        find_places, sites)
+                        find_places, linear_shape, sites)
 from .layers import build_adapter
 from .memory import adapter_bytes, check_fits
 from .mixed import mixed_batch
@@ -146,7 +147,7 @@ class KronModel(nn.Module):
         for place in places:  # build everything before attaching anything
             owner = model.get_submodule(place.owner)
             ref = next(owner.parameters())
-            dtype = ref.dtype
+            dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32  # an int-packed weight (bitsandbytes)
             if self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
                 dtype = torch.float32
             try:
@@ -346,6 +347,14 @@ class KronModel(nn.Module):
             list(self.configs) if selected_adapters is None else list(selected_adapters))
         for name in names:  # check every name before writing anything
             self._check_name(name)
+        with sharding.full_params(self.base_model) as gathered:  # FSDP1, ZeRO-3: the full tensors, copied
+            states = {name: {k: t.clone() for k, t in self.adapter_state_dict(name).items()} for name in names}
+        sharded = gathered or sharding.is_sharded(t for state in states.values() for t in state.values())
+        if sharded:  # every process gathers (collectives; FSDP2 here); the main process alone writes
+            states = {name: sharding.gather_full(state) for name, state in states.items()}
+            if not sharding.is_main_process():
+                sharding.barrier()
+                return
         for name in names:
             meta = {
                 "format_version": FORMAT_VERSION,
@@ -356,7 +365,9 @@ class KronModel(nn.Module):
             }
             alone = adapter_name is not None or name == "default"
             directory = Path(save_directory) if alone else Path(save_directory) / name
-            write_adapter(directory, meta, self.adapter_state_dict(name))
+            write_adapter(directory, meta, states[name])
+        if sharded:
+            sharding.barrier()
 
     def _conv1d_modules(self, adapter_name: str) -> list[str]:
         """Adapted layers that are GPT-2 `Conv1D`s (weight `(in, out)`), which PEFT's LoKr cannot adapt."""
@@ -488,7 +499,7 @@ class KronModel(nn.Module):
     def _mergeable(self, adapter_name: str | None) -> str:
         adapter_name = adapter_name or self.active_adapter
         self._check_name(adapter_name)
-        for _, site in sites(self.base_model):
+        for owner, site in sites(self.base_model):
             if adapter_name in site and adapter_name not in site.copies and not site[adapter_name].mergeable:
                 method = self.configs[adapter_name].method
                 raise ValueError(
@@ -496,6 +507,12 @@ class KronModel(nn.Module):
                     f"or spans a whole feed-forward block, so no single weight matrix equals it. "
                     f"Only KronA (an update of one linear layer) merges; run this adapter unmerged."
                 )
+            if adapter_name in site and adapter_name not in site.copies and adapter_name not in site.merged:
+                shape = linear_shape(owner)[::-1] if isinstance(owner, Conv1D) else linear_shape(owner)
+                reason = (sharding.partitioned_adapter(site.owner_name, site[adapter_name])
+                          or sharding.unmergeable_weight(site.owner_name, owner.weight, shape))
+                if reason:
+                    raise ValueError(f"cannot merge adapter {adapter_name!r}: {reason}")
         return adapter_name
 
 

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import baselines, feedback, tracking
+from . import baselines, feedback, scale, tracking
 from .atomic import commit, sha256, write_atomic, write_json_atomic, write_tensors
 from .choices import DEFAULT_MODEL
 from .data import get_task, limit, load_split
@@ -526,6 +526,7 @@ def run(args) -> dict | None:
             raise UsageError(f"--label-mean-bias: {args.model} answers in text (a decoder LM) and has no "
                              f"regression head; drop the flag")
         start_at_label_mean(base, [float(e.label) for e in train_examples])
+    scale.prepare_base(base, args)  # --quantize (before the adapters are built: they stay fp32)
     try:
         model = baselines.build(args.method, base, a_shape=args.a_shape, scale=args.scale, r=args.r,
                                 targets=args.targets or (ALL_LINEAR if text_to_text else None),
@@ -533,6 +534,7 @@ def run(args) -> dict | None:
                                 rank=getattr(args, "rank", 1))
     except baselines.MethodError as err:
         raise UsageError(f"{err} (fix --a-shape/--r/--targets)") from None
+    scale.prepare_model(model, args)  # --gradient-checkpointing
     trainable, total = count_parameters(model)
     head = head_parameters(base)
     train_set = encode(tokenizer, spec, train_examples, args.max_length, text_to_text)

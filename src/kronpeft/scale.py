@@ -1,0 +1,75 @@
+"""Training at scale, runner side: a weight-only quantized frozen base (torchao), gradient
+checkpointing and FSDP through `accelerate` for `kronpeft train` (docs/scale.md).
+
+The adapters stay in full precision beside the quantized base: kronpeft's hooks add `adapter(x, y)`
+to the output of the (quantized) layer and never touch its weight, so nothing here is adapter-specific.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+QUANTIZE = ("int8", "int4")
+INT4_GROUP_SIZE = 32  # int4 scales per group of 32 input columns: the input width must divide by it
+
+
+def backbone_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The `nn.Linear` layers of `model`'s backbone (`base_model_prefix`): not the output head or classifier."""
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    root, stem = (backbone, prefix + ".") if isinstance(backbone, nn.Module) else (model, "")
+    return {stem + n: m for n, m in root.named_modules() if type(m) is nn.Linear}
+
+
+def quantize_base(model: nn.Module, kind: str, group_size: int = INT4_GROUP_SIZE) -> list[str]:
+    """Quantize the backbone's linear weights in place with torchao, weight-only: `"int8"` (per output
+    row) or `"int4"` (per group of `group_size` input columns). Checks every layer before changing any;
+    returns the quantized layers' names."""
+    if kind not in QUANTIZE:
+        raise ValueError(f"quantize {kind!r}: choose one of {', '.join(QUANTIZE)}")
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError(f"quantize {kind}: needs torchao; install it with pip install 'kronpeft[quant]' "
+                         f"(or pip install torchao)")
+    linears = backbone_linears(model)
+    if not linears:
+        raise ValueError(f"quantize {kind}: {type(model).__name__} has no nn.Linear layer in its backbone to quantize")
+    if kind == "int4":
+        odd = [(n, m.in_features) for n, m in linears.items() if m.in_features % group_size]
+        if odd:
+            raise ValueError(f"quantize int4: {odd[0][0]} has {odd[0][1]} input features, not a multiple of the "
+                             f"int4 group size {group_size}; use int8 for this model")
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    config = Int8WeightOnlyConfig() if kind == "int8" else IntxWeightOnlyConfig(
+        weight_dtype=torch.int4, granularity=PerGroup(group_size))
+    chosen = set(map(id, linears.values()))
+    quantize_(model, config, filter_fn=lambda module, fqn: id(module) in chosen)
+    return list(linears)
+
+
+def prepare_base(base: nn.Module, args):
+    """`kronpeft train --quantize`: quantize the base before the adapters are built (they stay fp32)."""
+    from .train import UsageError
+
+    kind = getattr(args, "quantize", None)
+    if kind is None:
+        return
+    if args.method == "full":
+        raise UsageError(f"--quantize {kind} freezes a quantized base, but --method full trains every weight; "
+                         f"pick an adapter method or drop --quantize")
+    try:
+        quantize_base(base, kind)
+    except ValueError as err:
+        raise UsageError(f"--{err}") from None
+
+
+def prepare_model(model: nn.Module, args):
+    """`kronpeft train --gradient-checkpointing`: transformers' non-reentrant activation checkpointing."""
+    if getattr(args, "gradient_checkpointing", False):  # transformers >= 5 renamed it activation checkpointing
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

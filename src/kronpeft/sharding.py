@@ -1,0 +1,96 @@
+"""Adapters on a sharded or quantized base: gather a sharded adapter's full tensors for saving, and
+refuse to merge into a weight that is not a plain floating-point tensor.
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`) turns every parameter, the adapters' included, into a
+`DTensor` holding one shard per process; `full_tensor()` all-gathers it (a collective: every process
+must call it, in the same order). torchao / bitsandbytes quantize a weight into a tensor subclass
+(or an integer tensor) that a Kronecker delta cannot be added to in place.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.4
+    from torch.distributed._tensor import DTensor
+
+
+def is_sharded(tensors) -> bool:
+    """True when any of `tensors` is a `DTensor` (FSDP2 shards it over processes)."""
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def gather_full(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every `DTensor` replaced by its full (all-gathered) tensor, in key order.
+    Collective when anything is sharded: call it on every process."""
+    return {key: t.full_tensor() if isinstance(t, DTensor) else t for key, t in state.items()}
+
+
+@contextlib.contextmanager
+def full_params(module: torch.nn.Module):
+    """Inside the block, FSDP1 units within `module` hold their full parameters (`summon_full_params`), and
+    so do the adapters' ZeRO-3 partitioned parameters (`GatheredParameters`): collectives. Yields whether
+    anything was gathered; FSDP2 and unsharded modules pass through unchanged."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    units = [m for m in module.modules() if isinstance(m, FSDP)]
+    outermost = [u for u in units if not any(u is not o and any(u is m for m in o.modules()) for o in units)]
+    zero3 = [p for n, p in module.named_parameters() if hasattr(p, "ds_id") and ".kronpeft." in f".{n}"]
+    with contextlib.ExitStack() as stack:
+        for unit in outermost:
+            stack.enter_context(FSDP.summon_full_params(unit, writeback=False, recurse=True))
+        if zero3:  # DeepSpeed ZeRO-3 partitions every parameter: gather the adapters' alone
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+        yield bool(outermost or zero3)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the default process group, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def unmergeable_weight(module_name: str, weight: torch.Tensor, shape: tuple[int, int]) -> str | None:
+    """Why `weight` (of `module_name`, whose full weight has `shape`) cannot take a merged delta in place,
+    or None when it can."""
+    if hasattr(weight, "ds_id"):
+        return (f"{module_name}.weight is partitioned by DeepSpeed ZeRO-3. Save the adapter (save_pretrained "
+                f"gathers it), then merge it into an unsharded base (KronModel.from_pretrained(base, "
+                f"adapter_dir).merge_and_unload(), or `kronpeft merge`)")
+    if tuple(weight.shape) != tuple(shape) and not isinstance(weight, DTensor):
+        return (f"{module_name}.weight holds only this process's part of the weight (shape {tuple(weight.shape)}, "
+                f"not {tuple(shape)}: FSDP1 or DeepSpeed ZeRO-3 partition it). Save the adapter (save_pretrained "
+                f"gathers it under FSDP1), then merge it into an unsharded base (KronModel.from_pretrained(base, "
+                f"adapter_dir).merge_and_unload(), or `kronpeft merge`)")
+    if isinstance(weight, DTensor):
+        return (f"{module_name}.weight is sharded over processes (FSDP2 DTensor); merging would change one shard "
+                f"at a time. Save the adapter (save_pretrained gathers it), then merge it into an unsharded base "
+                f"(KronModel.from_pretrained(base, adapter_dir).merge_and_unload(), or `kronpeft merge`)")
+    plain = type(weight) in (torch.Tensor, torch.nn.Parameter) and type(weight.data) is torch.Tensor
+    if not plain or not weight.dtype.is_floating_point:
+        kind = type(weight.data).__name__ if type(weight.data) is not torch.Tensor else str(weight.dtype)
+        return (f"{module_name}.weight is quantized ({kind}); adding the adapter's delta into it is not defined "
+                f"(dequantizing, merging and re-quantizing would add a rounding error the size of the quantization "
+                f"step). Run the adapter unmerged, or load the base unquantized to merge "
+                f"(KronModel.from_pretrained(base, adapter_dir).merge_and_unload(), or `kronpeft merge`)")
+    return None
+
+
+def partitioned_adapter(module_name: str, adapter: torch.nn.Module) -> str | None:
+    """Why the adapter at `module_name` cannot compute its delta here (ZeRO-3 holds a part of its
+    tensors on each process), or None when it can."""
+    if any(hasattr(p, "ds_id") for p in adapter.parameters()):
+        return (f"the adapter at {module_name} is partitioned by DeepSpeed ZeRO-3. Save it (save_pretrained "
+                f"gathers it), then merge it into an unsharded base (KronModel.from_pretrained(base, "
+                f"adapter_dir).merge_and_unload(), or `kronpeft merge`)")
+    return None

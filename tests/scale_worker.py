@@ -1,0 +1,107 @@
+"""A few training steps of a tiny Llama-shaped decoder with a kronpeft adapter, in one process
+(plain) or in each of several `torchrun` processes on gloo (FSDP2 `fully_shard`, FSDP1, DeepSpeed ZeRO-3).
+
+`python scale_worker.py <engine> <out> <method>...` under torchrun writes `<out>/<method>/losses.json`
+and the adapter (`<out>/<method>/adapter`); tests/test_scale_fsdp.py compares both with `train_tiny(..., "none")`.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers as T
+
+from kronpeft import AdaKronConfig, KronABConfig, KronAConfig, get_model
+
+METHODS = {"krona": lambda: KronAConfig(target_modules="all-linear"), "kronab": lambda: KronABConfig(),
+           "adakron": lambda: AdaKronConfig(r=8, positions=("ffn", "attn"), init="paper")}
+GLOBAL_BATCH, LENGTH, STEPS = 4, 8, 3
+
+
+def tiny_decoder(seed: int = 0):
+    torch.manual_seed(seed)
+    return T.LlamaForCausalLM(T.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=100, pad_token_id=0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False))
+
+
+def batches(steps: int = STEPS):
+    """The same global batch every step, so that the loss falls."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 100, (GLOBAL_BATCH, LENGTH), generator=g)] * steps
+
+
+def shard(model, engine: str):
+    """`engine`: "fsdp2" (`fully_shard` per decoder layer, then the root) or "fsdp1" (a unit per decoder
+    layer, `use_orig_params=True`: the default False refuses a unit mixing frozen and trained tensors)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if engine == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in model.base_model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    if engine == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        layer_class = type(model.base_model.model.layers[0])
+        return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({layer_class}),
+                                        use_orig_params=True, device_id=torch.device("cpu"))
+    raise ValueError(engine)
+
+
+def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS) -> list[float]:
+    """Train `steps` AdamW steps, each process on its part of the global batch, save the adapter to
+    `out/adapter`, then try to merge it (the error, if any, goes to `out/merge_error.txt`); returns
+    the global mean loss per step."""
+    model = get_model(tiny_decoder(), METHODS[method]())
+    model.train()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if engine != "none" else (0, 1)
+    if engine.startswith("fsdp"):  # before the optimizer is built: sharding replaces the parameters
+        model = shard(model, engine)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    if engine.startswith("zero"):  # DeepSpeed wraps the optimizer and runs backward and step itself
+        import deepspeed
+
+        zero = {"stage": int(engine[-1]), "stage3_param_persistence_threshold": 0}  # 0: partition tiny tensors too
+        config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "zero_optimization": zero}
+        model, optimizer = deepspeed.initialize(model=model, optimizer=optimizer, config=config)[:2]
+    losses = []
+    for ids in batches(steps):
+        local = ids.chunk(world)[rank]
+        loss = model(input_ids=local, labels=local).loss
+        if engine.startswith("zero"):
+            model.backward(loss)
+            model.step()
+        else:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        mean = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        losses.append(mean.item())
+    kron_model = model.module if engine in ("fsdp1", "zero2", "zero3") else model  # they wrap; FSDP2 changes the class
+    kron_model.save_pretrained(out / "adapter")
+    try:
+        kron_model.merge_adapter()
+    except ValueError as err:
+        if rank == 0:
+            (out / "merge_error.txt").write_text(str(err))
+    return losses
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    engine, out, methods = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    dist.init_process_group("gloo")
+    for method in methods:
+        losses = train_tiny(method, out / method, engine)
+        if dist.get_rank() == 0:
+            (out / method / "losses.json").write_text(json.dumps(losses))
+    dist.destroy_process_group()

@@ -1,0 +1,74 @@
+"""FSDP2 (`fully_shard`) and FSDP1 on a gloo CPU mesh of 2 processes train like one process, and the
+adapter they save equals the unsharded one (issue 27)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from scale_worker import train_tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+WORKER = Path(__file__).with_name("scale_worker.py")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def torchrun(*args: str):
+    """`scale_worker.py <args>` under torchrun, 2 processes of one thread each; must exit 0."""
+    path = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(WORKER), *args], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def assert_same_run(one: Path, two: Path, losses_one: list[float]):
+    losses_two = json.loads((two / "losses.json").read_text())
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+    assert losses_one[-1] < losses_one[0]  # it trained
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (one, two))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key  # the full tensor, not a shard
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert any(a[k].abs().max() > 0 for k in a if k.endswith(".B") or ".up." in k)
+
+
+def test_fsdp2_two_processes_equal_one(tmp_path):
+    methods = ["krona", "kronab"]
+    torchrun("fsdp2", str(tmp_path / "two"), *methods)
+    for method in methods:
+        losses = train_tiny(method, tmp_path / "one" / method)
+        assert_same_run(tmp_path / "one" / method, tmp_path / "two" / method, losses)
+    # a sharded weight is refused by merge_adapter, naming the fix (the unsharded model merges)
+    error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()
+    assert "sharded over processes (FSDP2 DTensor)" in error and "merge_and_unload" in error
+    assert not (tmp_path / "one" / "krona" / "merge_error.txt").exists()
+
+
+def test_fsdp1_two_processes_equal_one(tmp_path):
+    """FSDP1 (`use_orig_params=True`): outside forward, each process's adapter tensors are views of its
+    shard (often empty); save_pretrained gathers them (summon_full_params) instead of writing `[0]`-shaped tensors."""
+    torchrun("fsdp1", str(tmp_path / "two"), "krona")
+    losses = train_tiny("krona", tmp_path / "one" / "krona")
+    assert_same_run(tmp_path / "one" / "krona", tmp_path / "two" / "krona", losses)
+    error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()  # refused, before changing anything
+    assert "holds only this process's part of the weight" in error and "merge_and_unload" in error
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_two_processes_equal_one(tmp_path, stage):
+    """DeepSpeed ZeRO-2/3 on its CPU accelerator (gloo). ZeRO-3 partitions every parameter, the adapters'
+    too (empty on each process outside forward): save_pretrained gathers them (GatheredParameters)
+    and merging is refused; ZeRO-2 keeps whole parameters (it partitions optimizer state and gradients)."""
+    torchrun(f"zero{stage}", str(tmp_path / "two"), "krona")
+    losses = train_tiny("krona", tmp_path / "one" / "krona")
+    assert_same_run(tmp_path / "one" / "krona", tmp_path / "two" / "krona", losses)
+    if stage == 3:
+        error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()
+        assert "partitioned by DeepSpeed ZeRO-3" in error and "merge_and_unload" in error
