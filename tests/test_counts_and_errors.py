@@ -101,7 +101,7 @@ def test_config_json_round_trip(config):
     (lambda: BottleneckConfig(positions=("ffn", "embeddings")),
      r"BottleneckConfig.positions = .*non-empty list of distinct entries"),
     (lambda: BottleneckConfig(activation="swish"), r"BottleneckConfig.activation = 'swish'.*one of"),
-    (lambda: AdapterConfig.from_dict({"method": "krona", "rank": 4}), r"unknown field\(s\) \['rank'\]"),
+    (lambda: AdapterConfig.from_dict({"method": "krona", "rnak": 4}), r"unknown field\(s\) \['rnak'\]"),
     (lambda: AdapterConfig.from_dict({"method": "lora"}), "unknown adapter method 'lora'"),
 ])
 def test_bad_configs_are_refused(make, message):
