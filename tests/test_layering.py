@@ -6,7 +6,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "kronpeft"
 LIBRARY = {"__init__", "kron", "config", "layers", "presets", "injection", "model", "hub", "atomic", "interop",
            "trainer_callback"}
-RUNNER = {"__main__", "cli", "train", "data", "metrics", "text2text", "baselines", "study", "report", "plots"}
+RUNNER = {"__main__", "cli", "train", "data", "metrics", "text2text", "baselines", "study", "report", "plots",
+          "selection"}
 
 
 def kronpeft_imports(path: Path) -> set[str]:

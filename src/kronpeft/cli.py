@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-mean-bias", action="store_true",
                    help="regression tasks (stsb): start the head's output bias at the training labels' mean, so the "
                         "model's first prediction is the mean score, not 0")
+    g.add_argument("--selection-split", type=_number(int, 0, 2**32 - 1), default=None, metavar="SEED",
+                   help="train on 90%% of the training set and choose the best epoch on the other 10%% (drawn with "
+                        "SEED, the same for every method and --seed); dev then chooses nothing (docs/results.md)")
     g.add_argument("--group-by-length", action="store_true",
                    help="batch training examples of similar length together (as transformers' group_by_length): "
                         "less padding, faster epochs; the batch order stays a function of --seed")

@@ -1,0 +1,114 @@
+"""The study's selection protocol on the runner side: grid settings, run identity, the rate chosen on the
+selection split, every seed at every rate, reused rows of another grid, and predictions kept with a checksum."""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kronpeft import study
+from kronpeft.selection import load_predictions, save_predictions
+from kronpeft.train import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+GRID = """
+[study]
+name = "p"
+tasks = ["mrpc"]
+seeds = [0, 1, 2]
+extend_edges = false
+{study}
+
+[train]
+epochs = 5
+
+[[method]]
+name = "krona"
+method = "krona"
+lrs = [1e-3, 1e-2]
+{method}
+"""
+
+
+def load(tmp_path, study_extra="", method_extra=""):
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID.format(study=study_extra, method=method_extra))
+    return study.load_grid(path)
+
+
+def test_the_selection_protocol_adds_its_split_seed_to_every_run_and_old_keys_stay(tmp_path):
+    old = load(tmp_path)
+    run = study.Run("mrpc", old.methods[0], 1e-3, 1, "seed")
+    assert "selection_split" not in run.flags(old) and old.protocol == "dev"
+    key = hashlib.sha256(json.dumps({"name": "krona", **run.flags(old)}, sort_keys=True).encode()).hexdigest()[:16]
+    assert run.key(old) == key  # the first round's identity: unchanged
+    new = load(tmp_path, 'protocol = "selection"\nsplit_seed = 7')
+    run = study.Run("mrpc", new.methods[0], 1e-3, 1, "seed")
+    assert run.flags(new)["selection_split"] == 7 and run.key(new) != key
+    mixed = load(tmp_path, 'protocol = "selection"', 'protocol = "dev"')  # a method may keep the old protocol
+    assert study.Run("mrpc", mixed.methods[0], 1e-3, 1, "seed").key(mixed) == key
+
+
+@pytest.mark.parametrize("extra, word", [('protocol = "test"', "protocol"), ("split_seed = -1", "split_seed"),
+                                         ('every_seed_every_rate = "yes"', "every_seed_every_rate"),
+                                         ("reuse = 5", "reuse")])
+def test_bad_protocol_settings_are_refused_by_name(tmp_path, extra, word):
+    with pytest.raises(UsageError, match=word):
+        load(tmp_path, extra)
+
+
+def test_the_rate_is_chosen_on_the_selection_split_not_on_dev(tmp_path):
+    rows = [{"lr": 1e-3, "score": 0.9, "selection_score": 0.6, "protocol": "selection"},
+            {"lr": 1e-2, "score": 0.7, "selection_score": 0.8, "protocol": "selection"}]
+    assert study.best_lr(rows) == 1e-2
+    assert study.best_lr([{**r, "protocol": "dev"} for r in rows]) == 1e-3
+    assert study.best_lr([{k: v for k, v in r.items() if k != "protocol"} for r in rows]) == 1e-3  # old rows
+
+
+def test_every_seed_at_every_rate_and_rows_reused_from_another_grid(tmp_path):
+    grid = load(tmp_path, 'every_seed_every_rate = true\nreuse = ["first"]')
+    todo, waiting = study.plan(grid, [])
+    assert not waiting and {(r.lr, r.seed, r.stage) for r in todo} == {
+        (lr, s, "sweep") for lr in (1e-3, 1e-2) for s in (0, 1, 2)}
+    theirs = {"grid": "first", "key": todo[0].key(grid)}
+    other = {"grid": "unrelated", "key": todo[1].key(grid)}
+    rows = [r for r in (theirs, other) if grid.holds(r)]
+    assert study.plan(grid, rows)[0] == todo[1:]
+
+
+def test_the_bias_grid_reuses_the_first_rounds_runs_exactly():
+    bias = study.load_grid(REPO / "benchmarks/study/selection-bias-mrpc.toml")
+    first = study.load_grid(REPO / "benchmarks/study/glue-minilm.toml")
+    for name in ("krona", "lora-r1"):
+        mine = next(e for e in bias.methods if e.name == name)
+        theirs = next(e for e in first.methods if e.name == name)
+        assert study.Run("mrpc", mine, 5e-3, 1, "sweep").key(bias) == study.Run("mrpc", theirs, 5e-3, 1, "seed").key(first)
+    sel = next(e for e in bias.methods if e.name == "krona-sel")
+    assert study.Run("mrpc", sel, 5e-3, 1, "sweep").flags(bias)["selection_split"] == 0
+
+
+def test_a_finished_run_keeps_its_predictions_beside_the_results_with_their_checksum(tmp_path, monkeypatch):
+    grid = load(tmp_path, 'protocol = "selection"')
+    grid.runs_dir = tmp_path / "runs"
+    run = study.Run("mrpc", grid.methods[0], 1e-3, 0, "sweep")
+    out = grid.runs_dir / "x"
+    out.mkdir(parents=True)
+    metrics = {"main_metric": "f1", "chosen_on": "f1_selection", "best": {"f1": 0.8, "f1_selection": 0.7},
+               "final": {"f1": 0.79}, "best_step": 10, "trainable_params": 1, "total_params": 2, "train_seconds": 1,
+               "peak_memory_mb": 1, "steps": 20, "evals": [{"epoch": 1, "f1": 0.8, "f1_selection": 0.7}]}
+
+    def fake_child(argv, env, log, keep_fds=()):
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        save_predictions(out / "predictions.npz", {"dev": np.array([1, 0, 1])}, {"dev": [1, 1, 1]})
+        return 0, 1.0
+
+    monkeypatch.setattr(study, "run_child", fake_child)
+    row = study._train(grid, run, out, run.flags(grid), ["train"], 1, 1, {}, -1)
+    assert row["protocol"] == "selection" and row["score"] == 0.8 and row["selection_score"] == 0.7
+    assert row["selection_curve"] == [[1, 0.7]]
+    kept = grid.results.parent / row["predictions"]
+    assert kept == tmp_path / "predictions" / "p" / f"{run.key(grid)}.npz"
+    assert row["predictions_sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
+    assert load_predictions(kept)["dev"].tolist() == [1, 0, 1]
