@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Render the results page (table, learning rates, plots) from a grid's "
                                    "results file alone.")
     r.add_argument("grid", help="grid file whose results to render")
-    r.add_argument("--out", default="docs/results.md", help="Markdown page to write (plots go to <its folder>/img)")
+    r.add_argument("--out", default=None, help="Markdown page to write (plots go to <its folder>/img); default the "
+                                               "grid's [study] page, else <grid file>.md beside the grid file")
+    r.add_argument("--overwrite", action="store_true", help="replace --out even if `kronpeft report` did not write it")
 
     gen = sub.add_parser("generate", formatter_class=_Formatter,
                          help="continue a prompt with a decoder LM, an adapter on it, or a merged model",
@@ -249,12 +251,16 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .report import render
+    from .report import is_report_page, render
     from .study import load_grid
 
-    grid, out = load_grid(args.grid), Path(args.out)
+    grid = load_grid(args.grid)
+    out = Path(args.out) if args.out is not None else grid.page or grid.path.with_suffix(".md")
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; pass the Markdown page to write, e.g. {out / 'results.md'}")
+    if out.exists() and not args.overwrite and not is_report_page(out):
+        raise UsageError(f"{out} exists and was not written by `kronpeft report`; pass --overwrite to replace it, "
+                         f"or another --out")
     try:
         page = render(grid, out)  # makes out's folder and its img/
     except OSError as err:

@@ -440,13 +440,27 @@ def plot_times(ratios: dict, reference: str, path: Path, task_order: list[str]):
     save_png(fig, path, dpi=120)
 
 
+PAGE_MARK = "<!-- written by `kronpeft report`: re-rendered in place; edit the grid, notes or results instead -->"
+
+
+def is_report_page(path: Path) -> bool:
+    """`path` is a page `kronpeft report` wrote (its first line is PAGE_MARK; pages from before the mark
+    say "Rendered by `kronpeft report" on their third line), so it may be re-rendered without --overwrite."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = [f.readline() for _ in range(3)]
+    except OSError:
+        return False
+    return head[0].strip() == PAGE_MARK or head[2].startswith("Rendered by `kronpeft report ")
+
+
 def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     """Write `out` (Markdown) and its plots in `out.parent / "img"`; returns `out`."""
     rows, stale = current_rows(grid, read_results(grid.results))
     summary = summarise(grid, rows)
     img = out.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {grid.title or 'Study ' + grid.name}", "",
+    lines = [PAGE_MARK, f"# {grid.title or 'Study ' + grid.name}", "",
              f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(rows)} runs) alone"
              + (f"; {stale} row(s) recorded under earlier settings of this grid are not shown." if stale else "."), ""]
     if not rows:

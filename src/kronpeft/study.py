@@ -89,6 +89,7 @@ class Grid:
     split_seed: int = 0  # the selection split's seed (one for the whole grid)
     reuse: tuple[str, ...] = ()  # other grids whose rows count here when their key (flags) matches a run's
     every_seed_every_rate: bool = False  # run every seed at every rate (no seed stage): measures the selection
+    page: Path | None = None  # where `kronpeft report` writes by default (else <grid file>.md)
 
     def protocol_of(self, entry: MethodEntry) -> str:
         return entry.protocol or self.protocol
@@ -115,6 +116,59 @@ def _no_run_flags(table: dict, field: str):
                          f"seeds); set only training flags there (epochs, batch_size, max_length, ...)")
 
 
+_TEXT, _FLAG, _LATER = (str,), (bool,), (object,)  # _LATER: load_grid checks it with a message of its own
+GRID_KEYS = {  # table -> {key: the types it may hold}; anything else in a grid file is an error naming it
+    "study": {"name": _TEXT, "title": _TEXT, "model": _TEXT, "results": _TEXT, "tasks": _LATER, "seeds": _LATER,
+              "sweep_seed": (int,), "extend_edges": _FLAG, "edge_factor": _LATER, "notes": _TEXT,
+              "runs_dir": _TEXT, "page": _TEXT, "protocol": _TEXT, "split_seed": _LATER, "reuse": _LATER,
+              "every_seed_every_rate": _FLAG},
+    "method": {"name": _TEXT, "method": _TEXT, "family": _TEXT, "lrs": _LATER, "tasks": _LATER, "args": (dict,),
+               "protocol": _TEXT},
+    "claim": {"text": _TEXT, "better": _TEXT, "worse": _TEXT},
+}
+FLAG_VALUE = (str, int, float, bool, list)  # a `kronpeft train` flag's value in [train], [task.X] or args
+
+
+def check_shape(raw: dict, where: str):
+    """Refuse unknown tables and keys and values of the wrong type (a typo must not be silently ignored)."""
+    unknown = sorted(set(raw) - {"study", "train", "task", "method", "claim"})
+    if unknown:
+        raise UsageError(f"{where}: unknown table [{unknown[0]}]; a grid has [study], [train], [task.<name>], "
+                         f"[[method]] and [[claim]]")
+    tables = [("study", "[study]", raw.get("study", {}))]
+    tables += [("method", f"[[method]] #{i + 1}", m) for i, m in enumerate(_array(raw, "method", where))]
+    tables += [("claim", f"[[claim]] #{i + 1}", c) for i, c in enumerate(_array(raw, "claim", where))]
+    for kind, label, table in tables:
+        if not isinstance(table, dict):
+            raise UsageError(f"{where}: {label} must be a table")
+        for key, value in table.items():
+            kinds = GRID_KEYS[kind].get(key)
+            if kinds is None:
+                raise UsageError(f"{where}: {label} has unknown key {key!r}; known: {', '.join(GRID_KEYS[kind])}")
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds and kinds != _LATER):
+                names = " or ".join("true/false" if k is bool else {"str": "a string"}.get(k.__name__, k.__name__)
+                                    for k in kinds)
+                raise UsageError(f"{where}: {label} {key} must be {names}, got {value!r}")
+    if not isinstance(raw.get("task", {}), dict):
+        raise UsageError(f"{where}: task must be tables [task.<name>] of flags one task overrides")
+    flag_tables = [("[train]", raw.get("train", {}))] + [(f"[task.{t}]", v) for t, v in raw.get("task", {}).items()]
+    flag_tables += [(f"[[method]] #{i + 1} args", m.get("args", {})) for i, m in enumerate(raw.get("method", []))]
+    for label, table in flag_tables:
+        if not isinstance(table, dict):
+            raise UsageError(f"{where}: {label} must be a table of `kronpeft train` flags")
+        wrong = [k for k, v in table.items() if not isinstance(v, FLAG_VALUE)]
+        if wrong:
+            raise UsageError(f"{where}: {label} {wrong[0]} = {table[wrong[0]]!r} is no flag value (a string, "
+                             f"number, true/false or list)")
+
+
+def _array(raw: dict, name: str, where: str) -> list:
+    value = raw.get(name, [])
+    if not isinstance(value, list):
+        raise UsageError(f"{where}: [{name}] must be an array of tables, written [[{name}]]")
+    return value
+
+
 def load_grid(path: str | os.PathLike) -> Grid:
     """Parse and check a grid file; every problem is a UsageError naming the file and the field."""
     path = Path(path)
@@ -124,8 +178,9 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raise UsageError(f"grid file {path} not found; pass a .toml grid such as benchmarks/study/glue-minilm.toml")
     except tomllib.TOMLDecodeError as err:
         raise UsageError(f"grid file {path} is not valid TOML ({err})") from None
-    study = raw.get("study", {})
     where = f"grid {path}"
+    check_shape(raw, where)
+    study = raw.get("study", {})
     for key in ("name", "tasks", "seeds"):
         if key not in study:
             raise UsageError(f"{where}: [study] needs {key!r}")
@@ -180,6 +235,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 runs_dir=Path(study.get("runs_dir", f"runs/study/{study['name']}")),
                 notes=path.parent / study["notes"] if "notes" in study else None, title=study.get("title"),
                 claims=claims, protocol=_protocol(study, "dev", f"{where}: [study]"),
+                page=path.parent / study["page"] if "page" in study else None,
                 split_seed=_whole(study.get("split_seed", 0), f"{where}: [study] split_seed"),
                 reuse=_list(study["reuse"], (str,), "grid names", f"{where}: [study] reuse") if "reuse" in study else (),
                 every_seed_every_rate=_flag(study.get("every_seed_every_rate", False),
@@ -488,7 +544,9 @@ def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> di
         fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(claim)
+        print(f"kronpeft study: skip {run.label()}: another runner is training it", file=sys.stderr, flush=True)
         return "busy"
+    print(f"kronpeft study: start {run.label()} ({run.stage})", file=sys.stderr, flush=True)  # only once it holds it
     try:
         return _train(grid, run, out, flags, cmd, threads, parallel, host, claim)
     finally:
@@ -713,7 +771,6 @@ def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | No
             todo = [r for r in todo if r.key(grid) not in busy | failed]
             while todo and len(in_flight) < parallel and (max_runs is None or launched < max_runs):
                 run = todo.pop(0)
-                print(f"kronpeft study: start {run.label()} ({run.stage})", file=sys.stderr, flush=True)
                 in_flight[pool.submit(run_one, grid, run, threads, parallel, host)] = run
                 launched += 1
             if not in_flight:
