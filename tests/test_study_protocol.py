@@ -112,3 +112,23 @@ def test_a_finished_run_keeps_its_predictions_beside_the_results_with_their_chec
     assert kept == tmp_path / "predictions" / "p" / f"{run.key(grid)}.npz"
     assert row["predictions_sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
     assert load_predictions(kept)["dev"].tolist() == [1, 0, 1]
+
+
+def test_the_table_flags_collapsed_seeds_and_shows_medians(tmp_path, monkeypatch):
+    from kronpeft import report
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    grid = load(tmp_path)
+    entry = grid.methods[0]
+    rows = []
+    for lr, seed, score in ((1e-3, 0, 0.85), (1e-2, 0, 0.80), (1e-3, 1, 0.812), (1e-3, 2, 0.87)):
+        run = study.Run("mrpc", entry, lr, seed, "sweep" if seed == 0 else "seed")
+        rows.append({"key": run.key(grid), "grid": "p", "task": "mrpc", "name": "krona", "method": "krona",
+                     "family": "krona", "lr": lr, "seed": seed, "stage": run.stage, "score": score,
+                     "main_metric": "f1", "majority_baseline": 0.812, "trainable_params": 10, "head_params": 0,
+                     "total_params": 100, "train_seconds": 1.0, "wall_seconds": 2.0, "steps": 1, "threads": 1,
+                     "flags": run.flags(grid), "cpu": "test"})
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = report.render(grid, tmp_path / "page.md").read_text()
+    # seeds 85.0, 81.2 (MRPC majority-class F1: collapsed), 87.0: mean 84.4, median 85.0, one ‡
+    assert "| krona | 10 | 11.111 | 84.4 ± 2.9 [85.0]‡ | 84.4 |" in page  # sd sqrt((0.6² + 3.2² + 2.6²) / 2) = 2.9

@@ -81,3 +81,41 @@ def collapsed(score: float, main_metric: str, majority: float | None, task_score
 
 def median(scores: Sequence[float]) -> float:
     return float(statistics.median(scores))
+
+
+# -- the report's use of them ---------------------------------------------------------------------------
+
+def by_seed(rows: list[dict]) -> dict[int, dict]:
+    return {r["seed"]: r for r in rows}
+
+
+def paired_cells(better: list[list[dict]], worse: list[list[dict]]) -> tuple[float, float]:
+    """Paired test of a claim over one or more tasks (lists of rows per task, at the chosen rates): per seed
+    that every cell ran, the mean over tasks of better - worse; (mean difference, two-sided p)."""
+    b, w = [by_seed(rows) for rows in better], [by_seed(rows) for rows in worse]
+    seeds = sorted(set.intersection(*(set(c) for c in b + w)))
+    return paired_test([statistics.fmean(c[s]["score"] for c in b) for s in seeds],
+                       [statistics.fmean(c[s]["score"] for c in w) for s in seeds])
+
+
+def bootstrap_cells(task: str, main_metric: str, better: list[dict], worse: list[dict], folder,
+                    resamples: int = 1000) -> float | None:
+    """Paired bootstrap p of a claim on one task from the rows' kept dev predictions (`folder`: where the
+    results file is); None unless every paired seed has predictions on both sides."""
+    from pathlib import Path
+
+    from .metrics import compute_metrics
+    from .selection import load_predictions
+
+    b, w = by_seed(better), by_seed(worse)
+    seeds = sorted(set(b) & set(w))
+    if not seeds or any(not r.get("predictions") for s in seeds for r in (b[s], w[s])):
+        return None
+    try:
+        loaded = {id(r): load_predictions(Path(folder) / r["predictions"]) for s in seeds for r in (b[s], w[s])}
+    except (OSError, ValueError):
+        return None
+    labels = loaded[id(b[seeds[0]])]["dev_labels"]
+    score = lambda preds, gold: compute_metrics(task, preds, gold)[main_metric]  # noqa: E731
+    return paired_bootstrap(score, [loaded[id(b[s])]["dev"] for s in seeds], [loaded[id(w[s])]["dev"] for s in seeds],
+                            labels, resamples)[2]

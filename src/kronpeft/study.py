@@ -618,6 +618,7 @@ def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads
     main = m["main_metric"]
     chosen_on = m.get("chosen_on", main)
     protocol = {"protocol": grid.protocol_of(run.entry), "chosen_on": chosen_on,
+                "majority_baseline": (m.get("majority_baseline") or {}).get(main),
                 "selection_score": m["best"].get(f"{main}_{SELECTION}"),
                 **keep_predictions(out, grid.results, grid.name, run.key(grid))}
     return {**protocol,
