@@ -132,3 +132,17 @@ def test_the_table_flags_collapsed_seeds_and_shows_medians(tmp_path, monkeypatch
     page = report.render(grid, tmp_path / "page.md").read_text()
     # seeds 85.0, 81.2 (MRPC majority-class F1: collapsed), 87.0: mean 84.4, median 85.0, one ‡
     assert "| krona | 10 | 11.111 | 84.4 ± 2.9 [85.0]‡ | 84.4 |" in page  # sd sqrt((0.6² + 3.2² + 2.6²) / 2) = 2.9
+
+
+def test_score_vs_lr_axis_is_not_stretched_by_a_collapsed_run_and_the_forest_lists_every_claim(tmp_path, monkeypatch):
+    from kronpeft import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi: (figures.append(fig), Path(path))[1])
+    panels = {"mrpc": {"krona": [(1e-3, 0.85), (1e-2, 0.812)], "lora": [(1e-3, 0.86), (5e-3, 0.84)]}}
+    plots.plot_score_vs_lr(panels, {"mrpc": 0.812}, tmp_path / "lr.png")
+    low, _ = figures[0].axes[0].get_ylim()
+    assert 81.2 < low < 84.0  # the lowest score above the majority-class line sets the floor, not 81.2
+    plots.plot_forest([("a: mrpc", 0.02, (0.01, 0.03)), ("a: average", -0.01, None)], tmp_path / "f.png")
+    labels = [t.get_text() for t in figures[1].axes[0].get_yticklabels()]
+    assert labels == ["a: average", "a: mrpc"]  # first claim on top

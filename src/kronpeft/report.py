@@ -16,7 +16,7 @@ from scipy.stats import t as student_t
 from scipy.stats import ttest_ind
 
 from .atomic import write_atomic
-from .plots import save_png
+from .plots import plot_forest, plot_score_vs_lr, save_png
 from .stats import bootstrap_cells, collapsed, holm, paired_cells
 from .study import Grid, argv, best_lr, cpu_seconds, current_rows, plan, read_results
 
@@ -100,6 +100,30 @@ def table(grid: Grid, summary: dict) -> list[str]:
     return lines
 
 
+def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) -> list[str]:
+    """The forest plot of the claims and score against learning rate per task (Markdown lines)."""
+    lines = []
+    if forest:
+        path = plot_forest(forest, img / f"{grid.name}-claims.png")
+        lines += [f"![every claim: difference and 95 % interval]({path.relative_to(out.parent)})", ""]
+    panels, floors = {}, {}
+    for (task, name), s in summary.items():
+        panels.setdefault(task, {})[name] = sorted(s["sweep"].items())
+    for task in panels:
+        rows = [r for (t, _), s in summary.items() if t == task for r in s["rows"]]
+        scores = [r["score"] for r in rows]
+        pearson = rows and rows[0].get("main_metric") == "pearson"
+        floors[task] = 0.5 * statistics.median(scores) if pearson else majority_score(grid, task, rows)
+    if panels:
+        order = [t for t in grid.tasks if t in panels]
+        path = plot_score_vs_lr({t: panels[t] for t in order}, floors, img / f"{grid.name}-score-vs-lr.png")
+        lines += ["## Score against learning rate", "", "Each method's sweep (seed "
+                  f"{grid.sweep_seed}); dashed: the collapse line (the majority-class score; STS-B: half the "
+                  "median Pearson); runs below the axis sit on its edge as triangles.", "",
+                  f"![score against learning rate]({path.relative_to(out.parent)})", ""]
+    return lines
+
+
 def majority_score(grid: Grid, task: str, rows: list[dict]) -> float | None:
     """The dev score of always predicting the majority class: as recorded in a row, else from the dev data
     ([train] data_dir or $GLUE_DIR), else None (then no classification run is flagged)."""
@@ -179,9 +203,10 @@ def _claim_row(text: str, where: str, diff: float | None, ci, p, verdict: str, p
             f"{fmt(p)} | {fmt(paired)} | {fmt(holm_p)} | {fmt(boot)} | {verdict} |")
 
 
-def claims_table(grid: Grid, summary: dict) -> list[str]:
+def claims_table(grid: Grid, summary: dict, forest: list | None = None) -> list[str]:
     """One row per claim and task, and per claim its average over tasks; Holm's correction runs over the
-    paired p of every row (the whole table is one family)."""
+    paired p of every row (the whole table is one family). `forest`, when given, receives (label,
+    difference, interval) of every row that has a difference, for the forest plot."""
     entries = []  # (text, where, diff, ci, Welch p, verdict, paired p, bootstrap p)
     methods = {e.name: e for e in grid.methods}
     for claim in grid.claims:
@@ -210,6 +235,8 @@ def claims_table(grid: Grid, summary: dict) -> list[str]:
                                                           [w["scores"] for _, w in pairs]),
                             paired_cells([b["rows"] for b, _ in pairs], [w["rows"] for _, w in pairs])[1], None))
     adjusted = holm([e[6] for e in entries])
+    if forest is not None:
+        forest += [(f"{e[0].split(' (`')[0]}: {e[1]}", e[2], e[3]) for e in entries if e[2] is not None]
     return ["| claim | task | better − worse (×100) | 95 % CI | Welch p | paired p | paired p, Holm | bootstrap p "
             "| verdict |", "|---|---|---:|---:|---:|---:|---:|---:|---|",
             *(_claim_row(*e[:6], e[6], h, e[7]) for e, h in zip(entries, adjusted))]
@@ -518,6 +545,7 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
                   "rate on the sweep seed. ‡: one per collapsed seed (at or below the majority-class score; on "
                   "STS-B a Pearson below half the median of the task's runs):", ""]
         lines += table(grid, summary)
+        forest = []
         plot1 = img / f"{grid.name}-score-vs-params.png"
         plot_score_vs_params(grid, summary, plot1)
         lines += ["", f"![score vs trainable parameters]({plot1.relative_to(out.parent)})", "",
@@ -538,7 +566,8 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
                      "tasks. *paired p, Holm*: Holm's correction over every row of this table (one family); a "
                      "verdict that does not survive it says so. *bootstrap p*: a paired bootstrap over dev "
                      "examples (1,000 resamples) from the runs' kept predictions, where both cells have them.", "",
-                     *claims_table(grid, summary), ""] if grid.claims else []),
+                     *claims_table(grid, summary, forest), ""] if grid.claims else []),
+                  *_extra_plots(grid, summary, forest, out, img),
                   "## Learning rates", "", "The winner in bold; each sweep value with its seed-"
                   f"{grid.sweep_seed} dev score. ↑ / ↓: the winner is the highest / lowest rate swept, so the "
                   "best rate may lie beyond the sweep" + ("." if grid.extend_edges else " (this grid does not "
