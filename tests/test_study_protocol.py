@@ -76,6 +76,12 @@ def test_every_seed_at_every_rate_and_rows_reused_from_another_grid(tmp_path):
     other = {"grid": "unrelated", "key": todo[1].key(grid)}
     rows = [r for r in (theirs, other) if grid.holds(r)]
     assert study.plan(grid, rows)[0] == todo[1:]
+    run = todo[0]
+    row = {"grid": "first", "key": run.key(grid), "task": "mrpc", "name": "krona", "lr": run.lr, "seed": run.seed}
+    elsewhere = {**row, "task": "rte", "key": study.Run("rte", run.entry, run.lr, run.seed, "").key(grid)}
+    unmatched = {**row, "key": "0" * 16, "seed": 2}
+    # the reused grid's matching run counts; its other tasks and runs are neither shown nor "stale"
+    assert study.current_rows(grid, [row, elsewhere, unmatched]) == ([row], 0)
 
 
 def test_the_bias_grid_reuses_the_first_rounds_runs_exactly():

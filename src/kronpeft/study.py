@@ -345,10 +345,16 @@ def current_rows(grid: Grid, rows: list[dict]) -> tuple[list[dict], int]:
     """The rows of `grid` recorded with its present settings, and how many of its rows were recorded
     with earlier ones (a flag or method edited since: their key no longer matches)."""
     entries = {e.name: e for e in grid.methods}
-    mine = [r for r in rows if grid.holds(r)]
-    fresh = [r for r in mine if r["name"] in entries
-             and Run(r["task"], entries[r["name"]], r["lr"], r["seed"], "").key(grid) == r["key"]]
-    return fresh, len(mine) - len(fresh)
+
+    def current(row):
+        entry = entries.get(row["name"])
+        return entry is not None and row["task"] in entry.tasks and \
+            Run(row["task"], entry, row["lr"], row["seed"], "").key(grid) == row["key"]
+
+    mine = [r for r in rows if r.get("grid") == grid.name]
+    reused = [r for r in rows if r.get("grid") in grid.reuse and current(r)]  # only the runs this grid has
+    fresh = [r for r in mine if current(r)]
+    return fresh + reused, len(mine) - len(fresh)
 
 
 def best_lr(rows: list[dict]) -> float:
