@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "kronpeft"
 LIBRARY = {"__init__", "kron", "config", "layers", "presets", "injection", "model", "hub", "atomic", "interop",
            "budget", "export", "mixed", "trainer_callback", "choices", "names", "memory", "sharding"}
 RUNNER = {"__main__", "cli", "train", "data", "metrics", "text2text", "baselines", "study", "report", "plots",
-          "errors", "feedback", "tracking", "run_checks", "scale"}
+          "errors", "feedback", "tracking", "run_checks", "scale", "selection", "mpnet", "stats", "gridcheck"}
 
 
 def kronpeft_imports(path: Path) -> set[str]:

@@ -52,6 +52,7 @@ args = { r = 8 }
 @pytest.fixture
 def grid(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the grid's run folders (runs/study/t) land here, not in the repository
+    monkeypatch.delenv("GLUE_DIR", raising=False)  # no majority-class score: these fake scores flag nothing
     path = tmp_path / "grid.toml"
     path.write_text(GRID)
     return study.load_grid(path)
@@ -291,6 +292,7 @@ def test_a_cell_waiting_for_its_edge_extension_is_not_final(tmp_path, monkeypatc
     """Seeds run at a sweep winner that sits at the edge do not make the cell final while the extension is
     to come: the table says so, the claim waits, the count of complete cells leaves it out."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GLUE_DIR", raising=False)
     path = tmp_path / "grid.toml"
     path.write_text(GRID.replace("extend_edges = false", "edge_factor = 2.0")
                     + '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r8"\n')
@@ -306,8 +308,9 @@ def test_a_cell_waiting_for_its_edge_extension_is_not_final(tmp_path, monkeypatc
     out = tmp_path / "results.md"
     assert main(["report", str(path), "--out", str(out)]) == 0
     page = out.read_text()
-    assert "| lora-r8 | 1,000 | 0.100 | 87.0 ± 2.6 (sweep not finished) |" in page  # 1e-3 lowest: 5e-4 to come
-    assert "| mrpc | -1.7 | -7.9 to +4.5 | 0.39 | waiting (sweep not finished) |" in page
+    assert "| lora-r8 | 1,000 | 0.100 | 87.0 ± 2.6 [86.0] (sweep not finished) |" in page  # 1e-3 lowest: 5e-4 next
+    # paired by seed: -5, 0, 0 points: t = -1 with 2 df, p = 1 - 1 / sqrt 3 = 0.42
+    assert "| mrpc | -1.7 | -7.9 to +4.5 | 0.39 | 0.42 | 0.42 | — | waiting (sweep not finished) |" in page
     assert "Cells complete at 3 seeds: 1 of 3;" in page
     extension = study.Run("mrpc", lora, 5e-4, 0, "sweep")
     with grid.results.open("a") as f:
@@ -315,7 +318,8 @@ def test_a_cell_waiting_for_its_edge_extension_is_not_final(tmp_path, monkeypatc
     assert main(["report", str(path), "--out", str(out)]) == 0
     page = out.read_text()
     assert "sweep not finished" not in page and "Cells complete at 3 seeds: 2 of 3;" in page
-    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | -1.7 | -7.9 to +4.5 | 0.39 | within noise |" in page
+    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | -1.7 | -7.9 to +4.5 | 0.39 | 0.42 | 0.42 | — | within " \
+        "noise |" in page
 
 
 def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
@@ -345,7 +349,7 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
     assert main(["report", str(grid.path), "--out", str(out)]) == 0
     page = out.read_text()
     assert "(13 runs) alone; 1 row(s) recorded under earlier settings of this grid are not shown." in page
-    assert "| krona | 9,984 | 0.998 | 85.0 ± 2.0 | 65.0 ± 1.0 | 75.0 |" in page
+    assert "| krona | 9,984 | 0.998 | 85.0 ± 2.0 [85.0] | 65.0 ± 1.0 [65.0] | 75.0 |" in page
     assert "| lora-r8 | 73,728 | 7.373 | 85.0 ± 7.1 (2/3 seeds) | — | — |" in page
     assert "**0.003** (0.001: 80.0, 0.003: 85.0, 0.01: 82.0)" in page  # inside its sweep: no edge mark
     assert "**0.001** ↓ (0.001: 90.0, 0.003: " in page  # lora-r8's winner is its lowest rate
@@ -803,7 +807,8 @@ def test_checked_in_grids_load_and_plan(path, monkeypatch, capsys):
     assert main(["study", str(path), "--dry-run"]) == 0
 
 
-def test_claims_get_a_verdict_only_with_every_seed(tmp_path):
+def test_claims_get_a_verdict_only_with_every_seed(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)  # no majority-class score: no collapse flags
     path = tmp_path / "claims.toml"
     path.write_text(GRID + '\n[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r8"\n')
     grid = study.load_grid(path)
@@ -817,7 +822,7 @@ def test_claims_get_a_verdict_only_with_every_seed(tmp_path):
     out = tmp_path / "results.md"
     report.render(grid, out)
     assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +" in out.read_text()
-    assert "| mrpc | +9.0 | — | — | waiting (2/3 and 1/3 seeds) |" in out.read_text()  # one seed: no spread yet
+    assert "| mrpc | +9.0 | — | — | — | — | — | waiting (2/3 and 1/3 seeds) |" in out.read_text()  # one seed: no spread
     assert "| lora-r8 | 1,000 | 0.100 | 75.0 (1/3 seeds) |" in out.read_text()
     assert "| mrpc | krona | 0.003 | 85.0 | 83.0 | — |" in out.read_text()  # every seed, missing ones marked
     assert "| mrpc | lora-r8 | 0.003 | 75.0 | — | — |" in out.read_text()
@@ -826,8 +831,10 @@ def test_claims_get_a_verdict_only_with_every_seed(tmp_path):
     report.render(grid, out)
     # 85.0 ± 2.0 vs 75.0 ± 1.0 over 3 seeds: difference 10.0, SE sqrt(2.0²/3 + 1.0²/3) = 1.29, Welch's
     # df (4/3 + 1/3)² / ((4/3)²/2 + (1/3)²/2) = 2.94, t(0.975, 2.94) = 3.22: 10.0 ± 4.2
-    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +10.0 | +5.8 to +14.2 | 0.0048 | holds |" \
-        in out.read_text()
+    # paired by seed: differences 10, 9, 11 points, t = 0.10 / (0.01 / sqrt 3) = sqrt 300 with 2 df, two-sided
+    # p = 1 - t / sqrt(t^2 + 2) = 0.0033; one claim row, so Holm leaves it; no predictions, no bootstrap
+    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +10.0 | +5.8 to +14.2 | 0.0048 | 0.0033 | 0.0033 | — " \
+        "| holds |" in out.read_text()
     assert "| mrpc | lora-r8 | 0.003 | 75.0 | 74.0 | 76.0 |" in out.read_text()
     assert report.claim_verdict([0.80, 0.82, 0.81], [0.81, 0.80, 0.83], 3)[3] == "within noise"
     assert report.claim_verdict([0.70, 0.71, 0.69], [0.80, 0.81, 0.79], 3)[3] == "reversed"
@@ -838,7 +845,8 @@ def test_claims_get_a_verdict_only_with_every_seed(tmp_path):
     assert diff < -2 * se and ci[0] < 0 < ci[1] and p > 0.05 and verdict == "within noise"
 
 
-def test_a_claim_on_several_tasks_is_also_tested_on_their_average(tmp_path):
+def test_a_claim_on_several_tasks_is_also_tested_on_their_average(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)  # no majority-class score: no collapse flags
     path = tmp_path / "avg.toml"
     path.write_text(GRID.replace('tasks = ["mrpc"]\n', "")
                     + '\n[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r8"\n')
@@ -852,14 +860,18 @@ def test_a_claim_on_several_tasks_is_also_tested_on_their_average(tmp_path):
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows + [
         fake_row(grid, r, seeds[(r.task, r.entry.name)][r.seed]) for r in later if r.task == "mrpc"]))
     report.render(grid, out)
-    assert "| average of 2 tasks | — | — | — | waiting (1/2 tasks complete) |" in out.read_text()
+    assert "| average of 2 tasks | — | — | — | — | — | — | waiting (1/2 tasks complete) |" in out.read_text()
     rows += [fake_row(grid, r, seeds[(r.task, r.entry.name)][r.seed]) for r in later]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report.render(grid, out)
     # averages 72.5 vs 66.5; SE sqrt((2.0² + 1.0² + 2.0² + 1.0²) / 3) / 2 = 0.913, Welch-Satterthwaite df
     # 5.88, t(0.975, 5.88) = 2.459: +6.0 ± 2.24
-    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | average of 2 tasks | +6.0 | +3.8 to +8.2 | 0.00064 | holds |" \
-        in out.read_text()
+    # paired: per seed the mean over tasks of the differences, (10 + 2) / 2, (9 + 5) / 2, (11 - 1) / 2 = 6, 7, 5:
+    # t = sqrt 108, p = 1 - t / sqrt(t^2 + 2) = 0.0091. Holm over the 3 rows (mrpc 0.0033, rte 0.37, average
+    # 0.0091): 0.0033 x 3, then 0.0091 x 2 = 0.018, then 0.37
+    assert "| KronA beats LoRA (`krona` vs `lora-r8`) | average of 2 tasks | +6.0 | +3.8 to +8.2 | 0.00064 | 0.0091 " \
+        "| 0.018 | — | holds |" in out.read_text()
+    assert "| rte | +2.0 | -2.2 to +6.2 | 0.22 | 0.37 | 0.37 | — | within noise |" in out.read_text()  # paired: 2, 5, -1
     text = out.read_text()
     assert text.index("| rte | +2.0 |") < text.index("| average of 2 tasks | +6.0")  # after the tasks' rows
 

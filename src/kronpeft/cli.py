@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-mean-bias", action="store_true",
                    help="regression tasks (stsb): start the head's output bias at the training labels' mean, so the "
                         "model's first prediction is the mean score, not 0")
+    g.add_argument("--selection-split", type=_number(int, 0, 2**32 - 1), default=None, metavar="SEED",
+                   help="train on 90%% of the training set and choose the best epoch on the other 10%% (drawn with "
+                        "SEED, the same for every method and --seed); dev then chooses nothing (docs/results.md)")
     g.add_argument("--group-by-length", action="store_true",
                    help="batch training examples of similar length together (as transformers' group_by_length): "
                         "less padding, faster epochs; the batch order stays a function of --seed")
@@ -243,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Render the results page (table, learning rates, plots) from a grid's "
                                    "results file alone.")
     r.add_argument("grid", help="grid file whose results to render")
-    r.add_argument("--out", type=_path, default="docs/results.md",
-                   help="Markdown page to write (plots go to <its folder>/img)")
+    r.add_argument("--out", type=_path, default=None, help="Markdown page to write (plots go to <its folder>/img); default the "
+                                               "grid's [study] page, else <grid file>.md beside the grid file")
+    r.add_argument("--overwrite", action="store_true", help="replace --out even if `kronpeft report` did not write it")
 
     gen = sub.add_parser("generate", formatter_class=_Formatter,
                          help="continue a prompt with a decoder LM, an adapter on it, or a merged model",
@@ -301,12 +305,16 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .report import render
+    from .report import is_report_page, render
     from .study import load_grid
 
-    grid, out = load_grid(args.grid), Path(args.out)
+    grid = load_grid(args.grid)
+    out = Path(args.out) if args.out is not None else grid.page or grid.path.with_suffix(".md")
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; pass the Markdown page to write, e.g. {out / 'results.md'}")
+    if out.exists() and not args.overwrite and not is_report_page(out):
+        raise UsageError(f"{out} exists and was not written by `kronpeft report`; pass --overwrite to replace it, "
+                         f"or another --out")
     try:
         page = render(grid, out)  # makes out's folder and its img/
     except OSError as err:

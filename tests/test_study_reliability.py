@@ -1,0 +1,119 @@
+"""Issue 24 items 5, 9, 18 and 22 (study/report part): `report` overwrites only its own pages and writes
+beside the grid by default; grid typos and wrong types are errors naming the key; a second runner does not
+announce a run another runner holds."""
+import fcntl
+import json
+import os
+
+import pytest
+
+from kronpeft import study
+from kronpeft.cli import main
+from kronpeft.report import PAGE_MARK
+
+GRID = """
+[study]
+name = "r"
+tasks = ["mrpc"]
+seeds = [0]
+{extra}
+
+[train]
+epochs = 1
+
+[[method]]
+name = "krona"
+method = "krona"
+lrs = [1e-3]
+{method}
+"""
+
+
+def write_grid(tmp_path, extra="", method=""):
+    path = tmp_path / "g.toml"
+    path.write_text(GRID.format(extra=extra, method=method))
+    return path
+
+
+def last_error(capsys):
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_report_refuses_a_file_it_did_not_write_unless_overwrite(here, capsys):
+    grid = write_grid(here)
+    out = here / "notes.md"
+    out.write_text("# my notes\n\nhand-written\n")
+    assert main(["report", str(grid), "--out", str(out)]) == 2
+    assert "--overwrite" in last_error(capsys) and out.read_text() == "# my notes\n\nhand-written\n"
+    assert main(["report", str(grid), "--out", str(out), "--overwrite"]) == 0
+    assert out.read_text().splitlines()[0] == PAGE_MARK
+    assert main(["report", str(grid), "--out", str(out)]) == 0  # its own page: re-rendered
+    old = here / "old.md"  # a page from before the mark
+    old.write_text("# Results\n\nRendered by `kronpeft report g.toml` from `results.jsonl` (0 runs) alone.\n")
+    assert main(["report", str(grid), "--out", str(old)]) == 0
+
+
+def test_report_without_out_writes_beside_its_grid_never_docs_results(here):
+    (here / "docs").mkdir()
+    (here / "docs" / "results.md").write_text("another grid's page\n")
+    grid = write_grid(here)
+    assert main(["report", str(grid)]) == 0
+    assert (here / "g.md").read_text().splitlines()[0] == PAGE_MARK
+    assert (here / "docs" / "results.md").read_text() == "another grid's page\n"
+    grid = write_grid(here, 'page = "pages/main.md"')
+    assert main(["report", str(grid)]) == 0 and (here / "pages" / "main.md").is_file()
+
+
+@pytest.mark.parametrize("extra, method, word", [
+    ("[trian]\nepochs = 2", "", "[trian]"),
+    ('extend_edges = "false"', "", "extend_edges"),
+    ("model = 5", "", "model"),
+    ("sede = 3", "", "'sede'"),
+    ("", "args = 4", "args"),
+    ("", 'name2 = "x"', "'name2'"),
+    ("", 'family = ["lora"]', "family"),
+])
+def test_grid_typos_and_wrong_types_are_errors_naming_the_key(here, capsys, extra, method, word):
+    if extra.startswith("[trian]"):
+        path = here / "g.toml"
+        path.write_text(GRID.format(extra="", method="") + "\n" + extra + "\n")
+    else:
+        path = write_grid(here, extra, method)
+    assert main(["study", str(path), "--dry-run"]) == 2
+    assert word in last_error(capsys)
+
+
+def test_a_method_name_that_is_a_list_is_an_error_naming_it(here, capsys):
+    path = here / "g.toml"
+    path.write_text(GRID.format(extra="", method="").replace('name = "krona"', 'name = ["bn"]'))
+    assert main(["study", str(path), "--dry-run"]) == 2
+    error = last_error(capsys)
+    assert "name" in error and "['bn']" in error
+
+
+def test_a_second_runner_does_not_announce_a_run_another_runner_holds(here, capsys, monkeypatch):
+    grid = study.load_grid(write_grid(here))
+    run = study.plan(grid, [])[0][0]
+    out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
+    out.mkdir(parents=True)
+    held = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    monkeypatch.setattr(study, "_train", lambda *a: pytest.fail("trained a run another runner holds"))
+    monkeypatch.setattr(study, "machine", lambda: {})
+    try:
+        assert study.run_grid(grid) == 0
+    finally:
+        os.close(held)
+    err = capsys.readouterr().err
+    assert "start" not in err and "another runner" in err
+    monkeypatch.setattr(study, "_train", lambda grid_, run_, *a: {"key": run_.key(grid_), "grid": "r", "task": "mrpc",
+                                                                   "name": "krona", "lr": 1e-3, "seed": 0, "score": 0.5, "stage": "sweep",
+                                                                   "main_metric": "f1", "wall_seconds": 1.0})
+    assert study.run_grid(grid) == 1 and "start mrpc/krona" in capsys.readouterr().err
+    assert json.loads(grid.results.read_text())["score"] == 0.5
