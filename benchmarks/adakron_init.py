@@ -12,10 +12,10 @@ import argparse
 import torch
 
 from kronpeft import AdaKronConfig, get_model
-from kronpeft.data import load_split
+from kronpeft.runner.data import load_split
 from kronpeft.injection import sites
-from kronpeft.text2text import is_causal_lm
-from kronpeft.train import load_base, resolve_model
+from kronpeft.runner.text2text import is_causal_lm
+from kronpeft.runner.train import load_base, resolve_model
 
 
 def main(argv=None):

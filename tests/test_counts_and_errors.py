@@ -65,7 +65,7 @@ def t5_classifier():
 def test_peft_baselines_train_the_same_head_as_kronpeft(make, method):
     """PEFT's SEQ_CLS default trains the modules whose names end in `classifier`/`score`: T5's
     `classification_head` would stay random and frozen without modules_to_save."""
-    from kronpeft import baselines
+    from kronpeft.runner import baselines
 
     def head_trained(model):
         return sorted({n.split("base_model.model.")[-1].split(".modules_to_save")[0].split(".kronpeft")[0]

@@ -1,4 +1,4 @@
-"""Tests for kronpeft.data: the task registry, the GLUE TSV reader, bbc-news and limit()."""
+"""Tests for kronpeft.runner.data: the task registry, the GLUE TSV reader, bbc-news and limit()."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kronpeft import data
-from kronpeft.data import TASKS, Example, get_task, limit, load_split
+from kronpeft.runner import data
+from kronpeft.runner.data import TASKS, Example, get_task, limit, load_split
 
 # The real GLUE files: $GLUE_DIR, or ../shared/data/glue beside the repository.
 GLUE_DIR = Path(os.environ.get("GLUE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")

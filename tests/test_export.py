@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import CONFIGS, make_model, model_inputs, outputs, randomize_adapters
 from kronpeft import KronAConfig, get_model
-from kronpeft.cli import main
+from kronpeft.runner.cli import main
 from kronpeft.export import to_lora
 from kronpeft.kron import kron_sum_svd, kron_svd
 

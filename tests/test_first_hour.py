@@ -11,7 +11,7 @@ import pytest
 
 import kronpeft
 from conftest import GLUE_DIR, needs_glue, needs_minilm
-from kronpeft.cli import build_parser, generate_text, main
+from kronpeft.runner.cli import build_parser, generate_text, main
 
 SRC = Path(kronpeft.__file__).resolve().parents[1]  # the kronpeft under test, also in the subprocesses
 
@@ -22,7 +22,7 @@ def _python(code: str) -> str:
 
 
 def test_help_and_version_load_no_torch():
-    out = _python("import sys\nfrom kronpeft.cli import main\n"
+    out = _python("import sys\nfrom kronpeft.runner.cli import main\n"
                   "for argv in (['--help'], ['train', '--help'], ['--version']):\n"
                   "    assert main(argv) == 0\n"
                   "print('loaded:', sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
@@ -102,8 +102,8 @@ def test_evaluation_shows_a_bar_at_a_terminal(monkeypatch, capsys):
     import torch
 
     from conftest import make_model
-    from kronpeft import feedback
-    from kronpeft.train import predict
+    from kronpeft.runner import feedback
+    from kronpeft.runner.train import predict
 
     monkeypatch.setattr(feedback, "show_bars", lambda: True)
     predict(make_model("bert"), _Dev(), batch_size=2, device=torch.device("cpu"))
@@ -119,7 +119,7 @@ def _metrics(final, baseline, metric="accuracy"):
 
 
 def test_a_run_at_the_majority_class_score_warns_with_causes():
-    from kronpeft.feedback import learned_nothing_warning
+    from kronpeft.runner.feedback import learned_nothing_warning
 
     warning = learned_nothing_warning(_metrics(0.5263, 0.5263))
     assert warning.startswith("kronpeft: warning:") and "majority-class" in warning
@@ -129,7 +129,7 @@ def test_a_run_at_the_majority_class_score_warns_with_causes():
 
 
 def test_train_prints_the_warning_after_its_summary(monkeypatch, tmp_path, capsys):
-    from kronpeft import train
+    from kronpeft.runner import train
 
     metrics = {**_metrics(0.6, 0.6), "task": "rte", "model": "m", "trainable_params": 1, "total_params": 2,
                "best": {"accuracy": 0.6}, "best_step": 2, "train_seconds": 1.0, "peak_memory_mb": 1.0}
@@ -151,7 +151,7 @@ def rte_run(tmp_path_factory):
 
     if not (GLUE_DIR / "RTE" / "train.tsv").is_file():
         pytest.skip(f"no GLUE data at {GLUE_DIR}")
-    from kronpeft import feedback
+    from kronpeft.runner import feedback
 
     out, err = tmp_path_factory.mktemp("rte") / "run", io.StringIO()
     with contextlib.redirect_stderr(err), pytest.MonkeyPatch.context() as patch:
@@ -177,7 +177,7 @@ def test_eval_reuses_the_data_folder_the_run_recorded(rte_run, monkeypatch, caps
 
 
 def test_missing_glue_names_the_cli_extra(monkeypatch):
-    from kronpeft.data import load_split
+    from kronpeft.runner.data import load_split
 
     monkeypatch.delenv("GLUE_DIR", raising=False)
     monkeypatch.setitem(sys.modules, "datasets", None)  # as in the default install: no `datasets`
@@ -218,7 +218,7 @@ def test_trainer_save_model_without_callback_names_the_fix(tmp_path):
 
 
 def test_trainer_callback_warns_about_a_rate_far_below_the_methods(tmp_path):
-    from kronpeft.trainer_callback import KronSaveCallback
+    from kronpeft.integrations.trainer import KronSaveCallback
 
     _, trainer = _tiny_trainer(tmp_path / "default-rate", callbacks=[KronSaveCallback()])
     with pytest.warns(UserWarning, match=r"learning_rate=5e-05\) is far below .* krona .*learning_rate=0.005"):
@@ -253,7 +253,7 @@ def instruct_folder(tmp_path, minilm_path):
 
 
 def _prompts_generated(monkeypatch, argv):
-    from kronpeft import cli
+    from kronpeft.runner import cli
 
     seen = []
 
@@ -303,7 +303,7 @@ def test_generate_refuses_a_chat_template_the_tokenizer_lacks(tmp_path, minilm_p
 
 def test_a_missing_cli_dependency_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "scipy.stats", None)  # as after `pip install kronpeft` without [cli]
-    for name in ("kronpeft.report", "kronpeft.study", "kronpeft.metrics"):
+    for name in ("kronpeft.runner.report", "kronpeft.runner.study", "kronpeft.runner.metrics"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     assert main(["report", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "r.md")]) == 2
     err = capsys.readouterr().err
@@ -338,8 +338,8 @@ def test_report_to_tensorboard_receives_the_log(tmp_path):
 
 
 def test_report_to_refuses_an_unknown_or_missing_tracker(tmp_path, capsys):
-    from kronpeft.tracking import accelerator_options
-    from kronpeft.errors import UsageError
+    from kronpeft.runner.tracking import accelerator_options
+    from kronpeft.runner.errors import UsageError
 
     with pytest.raises(UsageError, match="--report-to tensorbored: unknown tracker"):
         accelerator_options(["tensorbored"], tmp_path)

@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_model, model_inputs, outputs
 from kronpeft import KronAConfig, KronModel, get_model
-from kronpeft.cli import main
+from kronpeft.runner.cli import main
 from kronpeft.interop import from_peft, to_peft
 
 

@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import make_model, model_inputs, outputs, randomize_adapters
-from kronpeft import KronAConfig, KronModel, baselines, get_model
+from kronpeft import KronAConfig, KronModel, get_model
+from kronpeft.runner import baselines
 from kronpeft.budget import match_budget
-from kronpeft.cli import main
+from kronpeft.runner.cli import main
 from kronpeft.interop import to_peft
 from kronpeft.kron import kron_sum_linear, kron_sum_matrix, kron_sum_norm2, nearest_kron_sum, rearrange
 from kronpeft.layers import KronDelta

@@ -1,4 +1,4 @@
-"""Tests for kronpeft.metrics against values worked out by hand."""
+"""Tests for kronpeft.runner.metrics against values worked out by hand."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from kronpeft.data import TASKS
-from kronpeft.metrics import compute_metrics, main_metric
+from kronpeft.runner.data import TASKS
+from kronpeft.runner.metrics import compute_metrics, main_metric
 
 
 def test_keys_follow_the_task_registry():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kronpeft import mpnet
-from kronpeft.train import UsageError, resolve_model
+from kronpeft.runner import mpnet
+from kronpeft.runner.train import UsageError, resolve_model
 
 
 def _installed() -> bool:

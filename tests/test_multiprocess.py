@@ -7,7 +7,7 @@ from conftest import GLUE_DIR as GLUE
 from conftest import needs_glue, needs_minilm, run_two_processes
 from safetensors.torch import load_file
 
-from kronpeft import cli
+from kronpeft.runner import cli
 
 # conftest.py's one_thread: one torch thread, restored after
 pytestmark = [needs_glue, needs_minilm, pytest.mark.usefixtures("one_thread")]

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from kronpeft import cli
-from kronpeft.metrics import constant_baseline
+from kronpeft.runner import cli
+from kronpeft.runner.metrics import constant_baseline
 from test_cli import GLUE, assert_usage_error, train
 
 pytestmark = pytest.mark.skipif(not (GLUE / "RTE" / "train.tsv").is_file(), reason=f"no GLUE data in {GLUE}")
@@ -32,7 +32,7 @@ def fresh_accelerate_state():
 
 
 def test_summary_shows_majority_baseline_and_merge_names_labels(tmp_path, capsys, fresh_accelerate_state):
-    from kronpeft.data import limit, load_split
+    from kronpeft.runner.data import limit, load_split
 
     assert train(tmp_path / "run", "--mixed-precision", "bf16") == 0
     printed = capsys.readouterr().out
@@ -58,7 +58,7 @@ def test_fp16_on_cpu_is_refused(tmp_path, capsys):
 def test_short_loss_curves_get_markers(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from kronpeft.plots import MARKERS_UP_TO, plot_curves
+    from kronpeft.runner.plots import MARKERS_UP_TO, plot_curves
 
     markers = []
     real_savefig = Figure.savefig

@@ -13,7 +13,7 @@ from conftest import make_model, model_inputs, outputs
 
 import kronpeft.atomic as atomic
 from kronpeft import BottleneckConfig, KronAConfig, KronModel, get_model
-from kronpeft.train import load_checkpoint, save_checkpoint
+from kronpeft.runner.train import load_checkpoint, save_checkpoint
 
 
 class Crash(BaseException):
@@ -230,7 +230,7 @@ def test_a_later_write_removes_what_dead_writers_left_and_spares_live_ones(tmp_p
 
 
 def trained(method, seed):
-    from kronpeft import baselines
+    from kronpeft.runner import baselines
 
     model = baselines.build(method, make_model("bert"))
     torch.manual_seed(seed)
@@ -247,7 +247,7 @@ def test_best_adapter_of_a_run_survives_a_crash_at_every_step(tmp_path, monkeypa
     for PEFT adapters and whole models as for kronpeft's own."""
     from transformers import AutoModelForSequenceClassification
 
-    from kronpeft import baselines
+    from kronpeft.runner import baselines
 
     def load(folder):
         if method == "full":

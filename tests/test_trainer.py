@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 
 from conftest import make_model
 from kronpeft import KronAConfig, KronModel, get_model
-from kronpeft.trainer_callback import KronSaveCallback
+from kronpeft.integrations.trainer import KronSaveCallback
 
 GLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
 
@@ -29,7 +29,7 @@ def _adapter_tensors(model: KronModel) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def sst2(minilm_path):
     """64 train and 32 dev SST-2 sentences, tokenised, with the raw `sentence` column left in."""
-    from kronpeft.data import limit, load_split
+    from kronpeft.runner.data import limit, load_split
 
     if not (GLUE / "SST-2" / "train.tsv").is_file():
         pytest.skip(f"GLUE data not found in {GLUE}")

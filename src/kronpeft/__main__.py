@@ -1,7 +1,6 @@
 """`python -m kronpeft ...` is `kronpeft ...`."""
 import sys
 
-from .cli import main
-
 if __name__ == "__main__":
+    from .runner.cli import main
     sys.exit(main())

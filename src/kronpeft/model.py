@@ -668,7 +668,7 @@ def read_adapter_files(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, 
 def _trainer_folder_message(adapter_dir: Path) -> str:
     return (f"{adapter_dir} holds transformers.Trainer's model.safetensors but no {CONFIG_NAME}: Trainer saves a "
             f"KronModel's trained tensors only. Give the Trainer callbacks=[KronSaveCallback()] (from "
-            f"kronpeft.trainer_callback; then trainer.save_model() and every checkpoint write the adapter) or call "
+            f"kronpeft.integrations.trainer; then trainer.save_model() and every checkpoint write the adapter) or call "
             f"model.save_pretrained(folder) after training; to rescue this folder, rebuild the model with "
             f"get_model(base, <the same config>) and call model.load_state_dict(safetensors.torch.load_file("
             f"'{adapter_dir / 'model.safetensors'}'))")

@@ -105,7 +105,7 @@ def _is_number(value) -> bool:
 def check_overwritable(out: Path, checkpoint: str, state_file: str, run_file: str):
     """--overwrite deletes the run's `adapter/` and `checkpoint/` folders whole: refuse when they do not look
     like a kronpeft run's (a user's own `adapter/` folder in --output-dir is never deleted)."""
-    from .atomic import written_by_us
+    from ..atomic import written_by_us
 
     adapter, ckpt = out / "adapter", out / checkpoint
     foreign = []

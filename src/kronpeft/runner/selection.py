@@ -52,7 +52,7 @@ def split_train(examples: Sequence, seed: int, fraction: float = SELECTION_FRACT
 def save_predictions(path: Path, predictions: dict[str, np.ndarray], labels: dict[str, list]):
     """Write `{split: predictions}` and `{split: labels}` (arrays `<split>` and `<split>_labels`) to a
     compressed .npz, atomically (a crash leaves the previous file or the new one)."""
-    from .atomic import write_atomic
+    from ..atomic import write_atomic
 
     arrays = {}
     for split, preds in predictions.items():
@@ -82,7 +82,7 @@ def keep_predictions(run_dir: Path, results: Path, grid: str, key: str) -> dict:
     """Copy a finished run's predictions file beside the study's results file, to
     `predictions/<grid>/<key>.npz`, atomically; the row's fields naming it (path relative to the results
     file's folder, and sha256), or {} when the run wrote none."""
-    from .atomic import sha256, write_atomic
+    from ..atomic import sha256, write_atomic
 
     source = run_dir / PREDICTIONS
     if not source.is_file():

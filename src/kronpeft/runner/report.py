@@ -15,7 +15,7 @@ from pathlib import Path
 from scipy.stats import t as student_t
 from scipy.stats import ttest_ind
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
 from .plots import plot_forest, plot_score_vs_lr, save_png
 from .stats import bootstrap_cells, collapsed, holm, paired_cells
 from .study import Grid, argv, best_lr, cpu_seconds, current_rows, plan, read_results

@@ -26,15 +26,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ..atomic import commit, sha256, write_atomic, write_json_atomic, write_tensors
+from ..choices import DEFAULT_MODEL
+from ..injection import ALL_LINEAR, SITE_ATTR
+from ..model import classifier_head, count_parameters
 from . import baselines, feedback, scale, tracking
-from .atomic import commit, sha256, write_atomic, write_json_atomic, write_tensors
-from .choices import DEFAULT_MODEL
 from .data import get_task, limit, load_split
 from .errors import UsageError
 from .feedback import batches, loading
-from .injection import ALL_LINEAR, SITE_ATTR
 from .metrics import compute_metrics, constant_baseline
-from .model import classifier_head, count_parameters
 from .mpnet import MPNET_NAMES, mpnet_folder
 from .run_checks import (check_flags, check_head_labels, check_overwritable, check_resume_state,
                          check_truncated, read_finished_metrics)

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import replacing_dir, write_json_atomic
-from .choices import DEFAULT_LR, DEFAULT_R, METHODS, OURS, PEFT_METHODS  # noqa: F401 (still importable here)
-from .config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
-from .injection import find_places
-from .kron import kron_shapes
-from .memory import check_fits
-from .model import KronModel, classifier_head, get_model
+from ..atomic import replacing_dir, write_json_atomic
+from ..choices import DEFAULT_LR, DEFAULT_R, METHODS, OURS, PEFT_METHODS  # noqa: F401 (still importable here)
+from ..config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
+from ..injection import find_places
+from ..kron import kron_shapes
+from ..memory import check_fits
+from ..model import KronModel, classifier_head, get_model
 
 RUN_FILE = "kronpeft_run.json"
 

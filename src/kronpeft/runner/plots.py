@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
 
 MARKERS_UP_TO = 50  # loss curves with at most this many logged points get a marker per point
 

@@ -1,0 +1,1 @@
+"""Library side: kronpeft inside other libraries' APIs (`integrations.trainer`: `transformers.Trainer`)."""
