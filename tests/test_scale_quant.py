@@ -89,6 +89,19 @@ def test_int4_refuses_a_width_the_group_size_does_not_divide():
     assert {n: type(p) for n, p in base.named_parameters()} == before  # nothing half-converted
 
 
+def train_steps(model, trained: list, steps: int) -> list[float]:
+    """`steps` AdamW steps (lr 1e-2) of the `trained` parameters on the LM loss of IDS; the losses."""
+    optimizer = torch.optim.AdamW(trained, lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def bnb_decoder(kind: str):
     """`tiny_decoder()` with its backbone linears swapped for bitsandbytes' (what transformers'
     `BitsAndBytesConfig` loading does), on its CPU backend."""
@@ -116,14 +129,7 @@ def test_a_bitsandbytes_base_trains_fp32_adapters(kind):
     model = get_model(base, KronAConfig(target_modules="all-linear"))
     trained = [p for n, p in model.named_parameters() if n in adapter_names(model)]
     assert trained and all(p.dtype == torch.float32 for p in trained)  # not the int8/uint8 of the weight
-    optimizer = torch.optim.AdamW(trained, lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, trained, steps=3)
     assert losses[-1] < losses[0]
     with pytest.raises(ValueError, match=r"down_proj\.weight is quantized|q_proj\.weight is quantized"):
         model.merge_adapter()
@@ -141,14 +147,7 @@ def test_an_optimum_quanto_base_trains(kind):
     model = get_model(base, KronAConfig(target_modules="all-linear"))
     before = base_logits(model)
     trained = [p for n, p in model.named_parameters() if n in adapter_names(model)]
-    optimizer = torch.optim.AdamW(trained, lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, trained, steps=3)
     assert losses[-1] < losses[0]
     assert torch.equal(base_logits(model), before)
     with pytest.raises(ValueError, match="is quantized"):
