@@ -67,11 +67,6 @@ def unmergeable_weight(module_name: str, weight: torch.Tensor, shape: tuple[int,
         return (f"{module_name}.weight is partitioned by DeepSpeed ZeRO-3. Save the adapter (save_pretrained "
                 f"gathers it), then merge it into an unsharded base (KronModel.from_pretrained(base, "
                 f"adapter_dir).merge_and_unload(), or `kronpeft merge`)")
-    if tuple(weight.shape) != tuple(shape) and not isinstance(weight, DTensor):
-        return (f"{module_name}.weight holds only this process's part of the weight (shape {tuple(weight.shape)}, "
-                f"not {tuple(shape)}: FSDP1 or DeepSpeed ZeRO-3 partition it). Save the adapter (save_pretrained "
-                f"gathers it under FSDP1), then merge it into an unsharded base (KronModel.from_pretrained(base, "
-                f"adapter_dir).merge_and_unload(), or `kronpeft merge`)")
     if isinstance(weight, DTensor):
         return (f"{module_name}.weight is sharded over processes (FSDP2 DTensor); merging would change one shard "
                 f"at a time. Save the adapter (save_pretrained gathers it), then merge it into an unsharded base "
@@ -83,6 +78,11 @@ def unmergeable_weight(module_name: str, weight: torch.Tensor, shape: tuple[int,
                 f"(dequantizing, merging and re-quantizing would add a rounding error the size of the quantization "
                 f"step). Run the adapter unmerged, or load the base unquantized to merge "
                 f"(KronModel.from_pretrained(base, adapter_dir).merge_and_unload(), or `kronpeft merge`)")
+    if tuple(weight.shape) != tuple(shape):
+        return (f"{module_name}.weight holds only this process's part of the weight (shape {tuple(weight.shape)}, "
+                f"not {tuple(shape)}: FSDP1 or DeepSpeed ZeRO-3 partition it). Save the adapter (save_pretrained "
+                f"gathers it under FSDP1), then merge it into an unsharded base (KronModel.from_pretrained(base, "
+                f"adapter_dir).merge_and_unload(), or `kronpeft merge`)")
     return None
 
 
