@@ -242,7 +242,8 @@ def test_concurrent_appends_never_corrupt_or_duplicate(tmp_path):
         p.join()
     lines = path.read_text().splitlines()
     assert len(lines) == 160 and all(json.loads(l)["pad"] == "x" * 5000 for l in lines)
-    assert not study_results.append_row(path, {"key": "0-0", "task": "mrpc", "name": "x", "lr": 1e-3, "seed": 0, "score": 0.9})
+    assert not study_results.append_row(path, {"key": "0-0", "task": "mrpc", "name": "x", "lr": 1e-3, "seed": 0,
+                                               "score": 0.9})
     assert len(path.read_text().splitlines()) == 160
 
 

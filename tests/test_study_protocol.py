@@ -93,7 +93,8 @@ def test_the_bias_grid_reuses_the_first_rounds_runs_exactly():
     for name in ("krona", "lora-r1"):
         mine = next(e for e in bias.methods if e.name == name)
         theirs = next(e for e in first.methods if e.name == name)
-        assert study_grid.Run("mrpc", mine, 5e-3, 1, "sweep").key(bias) == study_grid.Run("mrpc", theirs, 5e-3, 1, "seed").key(first)
+        assert (study_grid.Run("mrpc", mine, 5e-3, 1, "sweep").key(bias)
+                == study_grid.Run("mrpc", theirs, 5e-3, 1, "seed").key(first))
     sel = next(e for e in bias.methods if e.name == "krona-sel")
     assert study_grid.Run("mrpc", sel, 5e-3, 1, "sweep").flags(bias)["selection_split"] == 0
 

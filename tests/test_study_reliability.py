@@ -114,8 +114,8 @@ def test_a_second_runner_does_not_announce_a_run_another_runner_holds(here, caps
         os.close(held)
     err = capsys.readouterr().err
     assert "start" not in err and "another runner" in err
-    monkeypatch.setattr(study_execute, "_train", lambda grid_, run_, *a: {"key": run_.key(grid_), "grid": "r", "task": "mrpc",
-                                                                   "name": "krona", "lr": 1e-3, "seed": 0, "score": 0.5, "stage": "sweep",
-                                                                   "main_metric": "f1", "wall_seconds": 1.0})
+    monkeypatch.setattr(study_execute, "_train", lambda grid_, run_, *a: {
+        "key": run_.key(grid_), "grid": "r", "task": "mrpc", "name": "krona", "lr": 1e-3, "seed": 0, "score": 0.5,
+        "stage": "sweep", "main_metric": "f1", "wall_seconds": 1.0})
     assert study_execute.run_grid(grid) == 1 and "start mrpc/krona" in capsys.readouterr().err
     assert json.loads(grid.results.read_text())["score"] == 0.5

@@ -10,6 +10,7 @@ from .grid import Grid, Run
 from .plan import maybe_needed, plan
 from .results import cpu_seconds, machine, read_results
 
+
 def _train_size(task: str, data_dir: str | None) -> tuple[int, float] | None:
     """(training examples, mean characters per example) of a task, None when its data is not at hand."""
     from ..data import load_split

@@ -19,6 +19,7 @@ from .grid import Grid, Run, argv
 from .plan import plan, runs_left
 from .results import _git_commit, _warn, append_row, machine, read_results
 
+
 def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> dict | str | None:
     """Train one run in a subprocess (resuming its checkpoint if any) and build its results row;
     None when it failed, "busy" when another runner holds it."""

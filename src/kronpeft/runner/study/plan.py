@@ -6,6 +6,7 @@ from ..selection import choice_score
 from .grid import Grid, MethodEntry, Run
 from .results import read_results
 
+
 def best_lr(rows: list[dict]) -> float:
     """The learning rate whose sweep run scored highest, on the split its protocol chooses on (ties: the
     smaller rate)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .grid import Grid, Run
 
+
 def read_results(path: Path, warn=None) -> list[dict]:
     """Rows of a results file; a malformed line is reported (file:line) and skipped, never fatal."""
     rows = []
