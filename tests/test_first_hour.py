@@ -303,7 +303,8 @@ def test_generate_refuses_a_chat_template_the_tokenizer_lacks(tmp_path, minilm_p
 
 def test_a_missing_cli_dependency_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "scipy.stats", None)  # as after `pip install kronpeft` without [cli]
-    for name in ("kronpeft.runner.report", "kronpeft.runner.study", "kronpeft.runner.metrics"):
+    packages = ("kronpeft.runner.report", "kronpeft.runner.study")  # and their modules: each is imported again
+    for name in [m for m in sys.modules if m.startswith(packages)] + [*packages, "kronpeft.runner.metrics"]:
         monkeypatch.delitem(sys.modules, name, raising=False)
     assert main(["report", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "r.md")]) == 2
     err = capsys.readouterr().err

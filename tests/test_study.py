@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from kronpeft.runner import report, study
+from kronpeft.runner.errors import UsageError
+from kronpeft.runner.report import figures as report_figures
+from kronpeft.runner.report import page as report_page
+from kronpeft.runner.report import stats as report_stats
+from kronpeft.runner.study import estimate as study_estimate
+from kronpeft.runner.study import execute as study_execute
+from kronpeft.runner.study import grid as study_grid
+from kronpeft.runner.study import plan as study_plan
+from kronpeft.runner.study import results as study_results
 from kronpeft.runner.cli import build_parser, main
 
 GRID = """
@@ -55,7 +63,7 @@ def grid(tmp_path, monkeypatch):
     monkeypatch.delenv("GLUE_DIR", raising=False)  # no majority-class score: these fake scores flag nothing
     path = tmp_path / "grid.toml"
     path.write_text(GRID)
-    return study.load_grid(path)
+    return study_grid.load_grid(path)
 
 
 def fake_row(grid, run, score, train_seconds=10.0, params=1000):
@@ -68,7 +76,7 @@ def fake_row(grid, run, score, train_seconds=10.0, params=1000):
 
 
 def test_plan_sweeps_first_then_seeds_at_the_best_rate(grid):
-    todo, waiting = study.plan(grid, [])
+    todo, waiting = study_plan.plan(grid, [])
     assert [r.label() for r in todo] == [
         "mrpc/krona/lr0.001/seed0", "mrpc/krona/lr0.003/seed0", "mrpc/krona/lr0.01/seed0",
         "mrpc/lora-r8/lr0.001/seed0", "mrpc/lora-r8/lr0.003/seed0",
@@ -76,41 +84,41 @@ def test_plan_sweeps_first_then_seeds_at_the_best_rate(grid):
     cells = ("mrpc/krona", "mrpc/lora-r8", "rte/krona")
     assert [r.label() for r in waiting] == [f"{c}/lr?/seed{s}" for c in cells for s in (1, 2)]  # rate: not chosen
     rows = [fake_row(grid, r, score) for r, score in zip(todo[:3], (0.80, 0.85, 0.82))]
-    todo, _ = study.plan(grid, rows)
+    todo, _ = study_plan.plan(grid, rows)
     seeds = [r for r in todo if r.stage == "seed"]
     assert [(r.task, r.entry.name, r.lr, r.seed) for r in seeds] == [("mrpc", "krona", 0.003, s) for s in (1, 2)]
 
 
 def test_runs_left_counts_sweeps_and_the_seeds_waiting_for_them(grid):
-    assert study.runs_left(grid) == (8 + 3 * 2, 0)  # 8 sweep runs; 2 more seeds for each of 3 (task, method) cells
-    todo, _ = study.plan(grid, [])
+    assert study_plan.runs_left(grid) == (8 + 3 * 2, 0)  # 8 sweep runs; 2 more seeds for each of 3 (task, method) cells
+    todo, _ = study_plan.plan(grid, [])
     rows = [fake_row(grid, r, score) for r, score in zip(todo[:3], (0.80, 0.85, 0.82))]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert study.runs_left(grid) == (14 - 3, 0)
+    assert study_plan.runs_left(grid) == (14 - 3, 0)
 
 
 def test_runs_left_with_edge_extensions_separates_what_may_not_run(grid, capsys, monkeypatch):
     """A two-rate sweep always gets its extension (the winner sits on an edge); a three-rate sweep only
     maybe; seeds already run at a cell's present best run again only if the pending extension wins."""
     grid.path.write_text(grid.path.read_text().replace("extend_edges = false", "edge_factor = 2"))
-    grid = study.load_grid(grid.path)
-    todo, _ = study.plan(grid, [])
+    grid = study_grid.load_grid(grid.path)
+    todo, _ = study_plan.plan(grid, [])
     krona = todo[:3]  # mrpc/krona 1e-3, 3e-3, 1e-2: 1e-2 wins, at the edge
     rows = [fake_row(grid, r, score) for r, score in zip(krona, (0.80, 0.82, 0.85))]
-    rows += [fake_row(grid, study.Run("mrpc", krona[0].entry, 0.01, s, "seed"), 0.84) for s in (1, 2)]
-    todo, waiting = study.plan(grid, rows)
+    rows += [fake_row(grid, study_grid.Run("mrpc", krona[0].entry, 0.01, s, "seed"), 0.84) for s in (1, 2)]
+    todo, waiting = study_plan.plan(grid, rows)
     assert [r.label() for r in todo] == ["mrpc/krona/lr0.02/seed0", "mrpc/lora-r8/lr0.001/seed0",
                                          "mrpc/lora-r8/lr0.003/seed0", "rte/krona/lr0.001/seed0",
                                          "rte/krona/lr0.003/seed0", "rte/krona/lr0.01/seed0"]
-    maybe = study.maybe_needed(grid, rows, waiting)
+    maybe = study_plan.maybe_needed(grid, rows, waiting)
     assert [(r.label(), r.stage) for r in maybe] == [
         ("mrpc/krona/lr?/seed1", "seed"), ("mrpc/krona/lr?/seed2", "seed"), ("rte/krona/lr?/seed0", "sweep")]
     assert [r.label() for r in waiting if r not in maybe] == [
         "mrpc/lora-r8/lr?/seed0", "mrpc/lora-r8/lr?/seed1", "mrpc/lora-r8/lr?/seed2",
         "rte/krona/lr?/seed1", "rte/krona/lr?/seed2"]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert study.runs_left(grid) == (6 + 5, 3)
-    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
+    assert study_plan.runs_left(grid) == (6 + 5, 3)
+    monkeypatch.setattr(study_estimate, "_train_size", lambda task, data_dir: None)
     assert main(["study", str(grid.path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "later  mrpc/krona/lr?/seed1 (only if the edge extension beats the rate this seed ran at)" in out
@@ -122,13 +130,13 @@ def test_runs_left_with_edge_extensions_separates_what_may_not_run(grid, capsys,
 
 def test_a_winner_at_the_edge_extends_the_sweep_by_one_value(grid):
     grid.extend_edges = True
-    todo, _ = study.plan(grid, [])
+    todo, _ = study_plan.plan(grid, [])
     rows = [fake_row(grid, r, score) for r, score in zip(todo[:3], (0.80, 0.82, 0.85))]  # 1e-2 wins: edge
-    todo, _ = study.plan(grid, rows)
+    todo, _ = study_plan.plan(grid, rows)
     mrpc_krona = [r for r in todo if r.task == "mrpc" and r.entry.name == "krona"]
     assert [(r.lr, r.stage) for r in mrpc_krona] == [(0.0333, "sweep")]  # 1e-2 * (1e-2 / 3e-3), 3 digits
     rows.append(fake_row(grid, mrpc_krona[0], 0.84))  # the extension loses: seeds run at 1e-2
-    todo, _ = study.plan(grid, rows)
+    todo, _ = study_plan.plan(grid, rows)
     assert {(r.lr, r.seed) for r in todo if r.task == "mrpc" and r.entry.name == "krona"} == {(0.01, 1), (0.01, 2)}
 
 
@@ -136,18 +144,18 @@ def test_edge_factor_sets_the_extension_and_a_winning_extension_moves_the_seeds(
     """With `edge_factor` the extension is the edge times (or over) it; seeds already run at the old winner
     stay recorded, and when the extension wins the seeds run again at the new rate."""
     grid.extend_edges, grid.edge_factor = True, 2.0
-    todo, _ = study.plan(grid, [])
+    todo, _ = study_plan.plan(grid, [])
     rows = [fake_row(grid, r, score) for r, score in zip(todo[3:5], (0.90, 0.80))]  # lora-r8: 1e-3, lowest
-    todo, _ = study.plan(grid, rows)
+    todo, _ = study_plan.plan(grid, rows)
     lora = [r for r in todo if r.task == "mrpc" and r.entry.name == "lora-r8"]
     assert [(r.lr, r.stage) for r in lora] == [(0.0005, "sweep")]  # 1e-3 / 2
-    top = study.Run("mrpc", lora[0].entry, 0.003, 0, "sweep")
+    top = study_grid.Run("mrpc", lora[0].entry, 0.003, 0, "sweep")
     rows[1] = fake_row(grid, top, 0.95)  # now 3e-3, the top, wins: 3e-3 * 2
-    assert [r.lr for r in study.plan(grid, rows)[0] if r.entry.name == "lora-r8"] == [0.006]
+    assert [r.lr for r in study_plan.plan(grid, rows)[0] if r.entry.name == "lora-r8"] == [0.006]
     rows[1] = fake_row(grid, top, 0.80)
-    rows += [fake_row(grid, study.Run("mrpc", lora[0].entry, 0.001, s, "seed"), 0.9) for s in (1, 2)]
+    rows += [fake_row(grid, study_grid.Run("mrpc", lora[0].entry, 0.001, s, "seed"), 0.9) for s in (1, 2)]
     rows.append(fake_row(grid, lora[0], 0.93))  # the extension wins: seeds 1, 2 again, at 5e-4
-    todo, waiting = study.plan(grid, rows)
+    todo, waiting = study_plan.plan(grid, rows)
     assert {(r.lr, r.seed) for r in todo if r.entry.name == "lora-r8"} == {(0.0005, 1), (0.0005, 2)}
     assert not [r for r in waiting if r.entry.name == "lora-r8"]
 
@@ -155,8 +163,8 @@ def test_edge_factor_sets_the_extension_and_a_winning_extension_moves_the_seeds(
 @pytest.mark.parametrize("toml", ["1", "0.5", '"2"', "true", "inf"])
 def test_edge_factor_must_be_a_number_above_one(grid, toml):
     grid.path.write_text(grid.path.read_text().replace("extend_edges = false", f"edge_factor = {toml}"))
-    with pytest.raises(study.UsageError, match="edge_factor must be a number above 1"):
-        study.load_grid(grid.path)
+    with pytest.raises(UsageError, match="edge_factor must be a number above 1"):
+        study_grid.load_grid(grid.path)
 
 
 def test_runner_skips_recorded_runs_and_resumes_after_an_interruption(grid, monkeypatch):
@@ -168,52 +176,52 @@ def test_runner_skips_recorded_runs_and_resumes_after_an_interruption(grid, monk
             raise KeyboardInterrupt  # the session ends mid-grid
         return fake_row(grid_, run, 0.5 + 0.01 * len(calls))
 
-    monkeypatch.setattr(study, "run_one", fake_run_one)
-    monkeypatch.setattr(study, "machine", lambda: {})
+    monkeypatch.setattr(study_execute, "run_one", fake_run_one)
+    monkeypatch.setattr(study_execute, "machine", lambda: {})
     with pytest.raises(KeyboardInterrupt):
-        study.run_grid(grid, parallel=1)
+        study_execute.run_grid(grid, parallel=1)
     first = list(calls)
-    assert len(study.read_results(grid.results)) == 2
+    assert len(study_results.read_results(grid.results)) == 2
     calls.clear()
-    monkeypatch.setattr(study, "run_one", lambda g, run, *a: (calls.append(run.label()), fake_row(g, run, 0.6))[1])
-    recorded = study.run_grid(grid, parallel=2)
+    monkeypatch.setattr(study_execute, "run_one", lambda g, run, *a: (calls.append(run.label()), fake_row(g, run, 0.6))[1])
+    recorded = study_execute.run_grid(grid, parallel=2)
     assert not set(first[:2]) & set(calls), "recorded runs must not run again"
     assert first[2] in calls, "the interrupted run runs again"
-    rows = study.read_results(grid.results)
+    rows = study_results.read_results(grid.results)
     assert len(rows) == len({r["key"] for r in rows}) == 2 + recorded
-    assert study.plan(grid, rows)[0] == []  # grid complete: 3 + 2 + 3 sweeps and 2 seeds for each of 3 pairs
+    assert study_plan.plan(grid, rows)[0] == []  # grid complete: 3 + 2 + 3 sweeps and 2 seeds for each of 3 pairs
     assert len(rows) == 8 + 6
 
 
 def _append_many(path, worker, n):
     for i in range(n):
-        study.append_row(path, {"key": f"{worker}-{i}", "task": "mrpc", "name": "x", "lr": 1e-3, "seed": i,
+        study_results.append_row(path, {"key": f"{worker}-{i}", "task": "mrpc", "name": "x", "lr": 1e-3, "seed": i,
                                 "score": 0.5, "pad": "x" * 5000})
 
 
 def test_task_and_method_filters(grid, monkeypatch):
     ran = []
-    monkeypatch.setattr(study, "run_one", lambda g, run, *a: (ran.append(run.label()), fake_row(g, run, 0.5))[1])
-    monkeypatch.setattr(study, "machine", lambda: {})
-    study.run_grid(study.select(grid, ["mrpc"], ["lora-r8"]))
+    monkeypatch.setattr(study_execute, "run_one", lambda g, run, *a: (ran.append(run.label()), fake_row(g, run, 0.5))[1])
+    monkeypatch.setattr(study_execute, "machine", lambda: {})
+    study_execute.run_grid(study_grid.select(grid, ["mrpc"], ["lora-r8"]))
     assert ran == ["mrpc/lora-r8/lr0.001/seed0", "mrpc/lora-r8/lr0.003/seed0",
                    "mrpc/lora-r8/lr0.001/seed1", "mrpc/lora-r8/lr0.001/seed2"]
-    keys = {r.label(): r.key(grid) for r in study.plan(grid, [])[0]}  # a run's identity ignores the selection
-    assert all(keys[r.label()] == r.key(grid) for r in study.plan(study.select(grid, ["rte"]), [])[0])
+    keys = {r.label(): r.key(grid) for r in study_plan.plan(grid, [])[0]}  # a run's identity ignores the selection
+    assert all(keys[r.label()] == r.key(grid) for r in study_plan.plan(study_grid.select(grid, ["rte"]), [])[0])
 
 
 def test_an_unwritable_results_file_is_refused_before_any_run(tmp_path, capsys, monkeypatch):
     (tmp_path / "a-file").write_text("")
     path = tmp_path / "g.toml"
     path.write_text(GRID.replace('results = "results.jsonl"', 'results = "a-file/results.jsonl"'))
-    monkeypatch.setattr(study, "run_one", lambda *a: pytest.fail("started a run whose row could not be recorded"))
+    monkeypatch.setattr(study_execute, "run_one", lambda *a: pytest.fail("started a run whose row could not be recorded"))
     assert main(["study", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot write its results file" in err[0] and "[study] results" in err[0]
 
 
 def test_task_and_method_filters_in_the_cli(grid, capsys, monkeypatch):
-    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
+    monkeypatch.setattr(study_estimate, "_train_size", lambda task, data_dir: None)
     assert main(["study", str(grid.path), "--dry-run", "--tasks", "rte"]) == 0
     listed = [l.split()[1] for l in capsys.readouterr().out.splitlines() if l.startswith("sweep")]
     assert listed == ["rte/krona/lr0.001/seed0", "rte/krona/lr0.003/seed0", "rte/krona/lr0.01/seed0"]
@@ -234,46 +242,47 @@ def test_concurrent_appends_never_corrupt_or_duplicate(tmp_path):
         p.join()
     lines = path.read_text().splitlines()
     assert len(lines) == 160 and all(json.loads(l)["pad"] == "x" * 5000 for l in lines)
-    assert not study.append_row(path, {"key": "0-0", "task": "mrpc", "name": "x", "lr": 1e-3, "seed": 0, "score": 0.9})
+    assert not study_results.append_row(path, {"key": "0-0", "task": "mrpc", "name": "x", "lr": 1e-3, "seed": 0,
+                                               "score": 0.9})
     assert len(path.read_text().splitlines()) == 160
 
 
 def test_two_grids_holding_the_same_run_each_record_it_and_the_runner_never_loops(grid, monkeypatch):
     """A key is a run's flags, so a second grid may define a run another grid already recorded: each grid
     gets its row. A row the file refuses is not launched again by the same runner."""
-    run = study.plan(grid, [])[0][0]
+    run = study_plan.plan(grid, [])[0][0]
     row = fake_row(grid, run, 0.8)
-    assert study.append_row(grid.results, {**row, "grid": "another-grid"})
-    assert study.append_row(grid.results, row)  # the same key, this grid: recorded too
-    assert not study.append_row(grid.results, row)
-    assert run.key(grid) in {r["key"] for r in study.read_results(grid.results) if r["grid"] == grid.name}
+    assert study_results.append_row(grid.results, {**row, "grid": "another-grid"})
+    assert study_results.append_row(grid.results, row)  # the same key, this grid: recorded too
+    assert not study_results.append_row(grid.results, row)
+    assert run.key(grid) in {r["key"] for r in study_results.read_results(grid.results) if r["grid"] == grid.name}
     launched = []
-    monkeypatch.setattr(study, "run_one", lambda g, r, *a: (launched.append(r.label()), fake_row(g, r, 0.5))[1])
-    monkeypatch.setattr(study, "machine", dict)
-    monkeypatch.setattr(study, "append_row", lambda path, row: False)  # e.g. another runner was first
-    assert study.run_grid(study.select(grid, ["mrpc"], ["lora-r8"])) == 0
+    monkeypatch.setattr(study_execute, "run_one", lambda g, r, *a: (launched.append(r.label()), fake_row(g, r, 0.5))[1])
+    monkeypatch.setattr(study_execute, "machine", dict)
+    monkeypatch.setattr(study_execute, "append_row", lambda path, row: False)  # e.g. another runner was first
+    assert study_execute.run_grid(study_grid.select(grid, ["mrpc"], ["lora-r8"])) == 0
     assert launched == ["mrpc/lora-r8/lr0.001/seed0", "mrpc/lora-r8/lr0.003/seed0"]  # once each
 
 
 def test_a_second_runner_leaves_a_claimed_run_alone(grid, tmp_path, monkeypatch):
     grid.runs_dir = tmp_path / "runs"
-    run = study.plan(grid, [])[0][0]
+    run = study_plan.plan(grid, [])[0][0]
     out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
     out.mkdir(parents=True)
     held = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(held, fcntl.LOCK_EX)
-    monkeypatch.setattr(study, "_train", lambda *a: pytest.fail("trained a run another runner holds"))
+    monkeypatch.setattr(study_execute, "_train", lambda *a: pytest.fail("trained a run another runner holds"))
     try:
-        assert study.run_one(grid, run, 1, 1, {}) == "busy"
+        assert study_execute.run_one(grid, run, 1, 1, {}) == "busy"
     finally:
         os.close(held)
 
 
 def test_malformed_rows_are_reported_with_their_line_and_skipped(grid, capsys):
-    good = fake_row(grid, study.plan(grid, [])[0][0], 0.8)
+    good = fake_row(grid, study_plan.plan(grid, [])[0][0], 0.8)
     grid.results.write_text(json.dumps(good) + "\n" + '{"key": "x", "task": "mrpc"\n' + "[1, 2]\n"
                             + json.dumps({**good, "key": "y", "score": "high"}) + "\n")
-    rows = study.read_results(grid.results)
+    rows = study_results.read_results(grid.results)
     assert [r["key"] for r in rows] == [good["key"]]
     err = capsys.readouterr().err
     for line in (2, 3, 4):
@@ -284,8 +293,8 @@ def test_malformed_rows_are_reported_with_their_line_and_skipped(grid, capsys):
 def test_a_crash_mid_line_does_not_swallow_the_next_row(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"key": "a", "task": "m", "name": "x", "lr": 1, "seed": 0, "score": 1}\n{"key": "b", "ta')
-    study.append_row(path, {"key": "c", "task": "m", "name": "x", "lr": 1, "seed": 0, "score": 1})
-    assert [r["key"] for r in study.read_results(path, warn=lambda m: None)] == ["a", "c"]
+    study_results.append_row(path, {"key": "c", "task": "m", "name": "x", "lr": 1, "seed": 0, "score": 1})
+    assert [r["key"] for r in study_results.read_results(path, warn=lambda m: None)] == ["a", "c"]
 
 
 def test_a_cell_waiting_for_its_edge_extension_is_not_final(tmp_path, monkeypatch):
@@ -296,13 +305,13 @@ def test_a_cell_waiting_for_its_edge_extension_is_not_final(tmp_path, monkeypatc
     path = tmp_path / "grid.toml"
     path.write_text(GRID.replace("extend_edges = false", "edge_factor = 2.0")
                     + '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r8"\n')
-    grid = study.load_grid(path)
+    grid = study_grid.load_grid(path)
     krona, lora = grid.methods
-    rows = [fake_row(grid, study.Run("mrpc", krona, lr, 0, "sweep"), score)
+    rows = [fake_row(grid, study_grid.Run("mrpc", krona, lr, 0, "sweep"), score)
             for lr, score in ((1e-3, 0.80), (3e-3, 0.85), (1e-2, 0.82))]  # inside the sweep: no extension
-    rows += [fake_row(grid, study.Run("mrpc", lora, lr, 0, "sweep"), score)
+    rows += [fake_row(grid, study_grid.Run("mrpc", lora, lr, 0, "sweep"), score)
              for lr, score in ((1e-3, 0.90), (3e-3, 0.80))]
-    rows += [fake_row(grid, study.Run("mrpc", e, lr, seed, "seed"), 0.84 + seed / 100)
+    rows += [fake_row(grid, study_grid.Run("mrpc", e, lr, seed, "seed"), 0.84 + seed / 100)
              for e, lr in ((krona, 3e-3), (lora, 1e-3)) for seed in (1, 2)]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "results.md"
@@ -312,7 +321,7 @@ def test_a_cell_waiting_for_its_edge_extension_is_not_final(tmp_path, monkeypatc
     # paired by seed: -5, 0, 0 points: t = -1 with 2 df, p = 1 - 1 / sqrt 3 = 0.42
     assert "| mrpc | -1.7 | -7.9 to +4.5 | 0.39 | 0.42 | 0.42 | — | waiting (sweep not finished) |" in page
     assert "Cells complete at 3 seeds: 1 of 3;" in page
-    extension = study.Run("mrpc", lora, 5e-4, 0, "sweep")
+    extension = study_grid.Run("mrpc", lora, 5e-4, 0, "sweep")
     with grid.results.open("a") as f:
         f.write(json.dumps(fake_row(grid, extension, 0.70)) + "\n")  # it loses: the cell is final
     assert main(["report", str(path), "--out", str(out)]) == 0
@@ -323,7 +332,7 @@ def test_a_cell_waiting_for_its_edge_extension_is_not_final(tmp_path, monkeypatc
 
 
 def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
-    todo, _ = study.plan(grid, [])
+    todo, _ = study_plan.plan(grid, [])
     rows = []
     # mrpc/krona: lr 3e-3 wins the sweep (0.85); seeds 1, 2 score 0.83 and 0.87 -> 85.0 ± 2.0 over 3 seeds
     for run, score in zip(todo[:3], (0.80, 0.85, 0.82)):
@@ -333,7 +342,7 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
         rows.append(fake_row(grid, run, score, train_seconds=20.0, params=73728))
     for run, score in zip(todo[5:8], (0.60, 0.65, 0.62)):
         rows.append(fake_row(grid, run, score, train_seconds=30.0, params=9984))
-    todo, _ = study.plan(grid, rows)
+    todo, _ = study_plan.plan(grid, rows)
     extra = {("mrpc", "krona", 1): 0.83, ("mrpc", "krona", 2): 0.87, ("mrpc", "lora-r8", 1): 0.80,
              ("rte", "krona", 1): 0.66, ("rte", "krona", 2): 0.64}
     rows += [fake_row(grid, r, extra[(r.task, r.entry.name, r.seed)], train_seconds=30.0 if r.entry.name == "krona"
@@ -371,7 +380,7 @@ def test_report_renders_known_means_and_stds_and_the_plots(grid, tmp_path):
 
 def test_a_sweep_whose_rates_all_tie_is_marked_as_choosing_nothing(grid, tmp_path):
     """Every rate at the majority class: the rule picks the smallest, which is no edge to look beyond."""
-    todo, _ = study.plan(grid, [])
+    todo, _ = study_plan.plan(grid, [])
     rows = [fake_row(grid, r, 0.5 if r.entry.name == "krona" else {0.001: 0.9}.get(r.lr, 0.8))
             for r in todo if r.task == "mrpc"]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -385,29 +394,29 @@ def test_a_sweep_whose_rates_all_tie_is_marked_as_choosing_nothing(grid, tmp_pat
 def test_one_rate_for_every_task_loses_least_on_average_not_the_most_wins(grid, tmp_path):
     """KronA wins at 1e-2 on MRPC but collapses there on RTE; 3e-3 is second on MRPC and best on RTE: the rate
     that loses least on average is 3e-3, though a count of wins would tie. LoRA r = 8 ran on one task only."""
-    todo, _ = study.plan(grid, [])
+    todo, _ = study_plan.plan(grid, [])
     scores = {("mrpc", 0.001): 0.80, ("mrpc", 0.003): 0.84, ("mrpc", 0.01): 0.86,
               ("rte", 0.001): 0.55, ("rte", 0.003): 0.60, ("rte", 0.01): 0.47}
     rows = [fake_row(grid, r, scores.get((r.task, r.lr), 0.7)) for r in todo]
-    summary = report.summarise(grid, rows)
-    lr, shortfall, tasks = report.rate_across_tasks(grid, summary)["krona"]
+    summary = report_stats.summarise(grid, rows)
+    lr, shortfall, tasks = report_stats.rate_across_tasks(grid, summary)["krona"]
     assert (lr, tasks) == (0.003, 2) and shortfall == pytest.approx((2.0 + 0.0) / 2)
-    assert "lora-r8" not in report.rate_across_tasks(grid, summary)
+    assert "lora-r8" not in report_stats.rate_across_tasks(grid, summary)
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "results.md"
     assert main(["report", str(grid.path), "--out", str(out)]) == 0
     assert "| **0.003** (1.0 below the best, on average over 2 tasks) |" in out.read_text()
     # a task whose sweep is still running does not count
     unfinished = {**summary, ("rte", "krona"): {**summary[("rte", "krona")], "sweeping": True}}
-    assert "krona" not in report.rate_across_tasks(grid, unfinished)
+    assert "krona" not in report_stats.rate_across_tasks(grid, unfinished)
 
 
 def test_time_ratios_compare_runs_of_one_processor_only(grid, tmp_path):
     """A cell's seeds may run on two machines (the grid resumed elsewhere): a ratio never divides one machine's
     time by another's, and the page names the processor behind each ratio."""
-    todo, _ = study.plan(grid, [])
+    todo, _ = study_plan.plan(grid, [])
     rows = [fake_row(grid, r, {0.001: 0.9}.get(r.lr, 0.5)) for r in todo if r.task == "mrpc"]
-    todo, _ = study.plan(grid, rows)
+    todo, _ = study_plan.plan(grid, rows)
     rows += [fake_row(grid, r, 0.8) for r in todo if r.task == "mrpc"]
     speed = {("slow", "krona"): 24.0, ("slow", "lora-r8"): 12.0, ("fast", "krona"): 10.0, ("fast", "lora-r8"): 8.0}
 
@@ -415,7 +424,7 @@ def test_time_ratios_compare_runs_of_one_processor_only(grid, tmp_path):
         for r in rows:
             r["cpu"] = machine(r)
             r["train_cpu_seconds"] = speed[(r["cpu"], r["name"])]
-        return report.time_ratios(grid, report.summarise(grid, rows), "lora-r8")
+        return report_stats.time_ratios(grid, report_stats.summarise(grid, rows), "lora-r8")
 
     # seed 0 on the slow machine, seeds 1, 2 on the fast one: krona is 1.25x lora-r8 there (10 / 8), which
     # pooling the machines would hide (medians 10 and 8 by luck) or distort (2 of 3 rows)
@@ -433,7 +442,7 @@ def test_time_ratios_compare_runs_of_one_processor_only(grid, tmp_path):
     page = out.read_text()
     assert "| krona | 1.25 A | — |" in page and "| lora-r8 | 1.00 B | — |" in page
     assert "from runs on one processor: A: fast; B: slow." in page
-    hours = {m: sum(study.cpu_seconds(r) for r in rows if r["cpu"] == m) / 3600 for m in ("fast", "slow")}
+    hours = {m: sum(study_results.cpu_seconds(r) for r in rows if r["cpu"] == m) / 3600 for m in ("fast", "slow")}
     assert f"CPU-hours recorded: {sum(hours.values()):.1f} ({hours['fast']:.1f} on fast; {hours['slow']:.1f} on slow)" \
         in page
 
@@ -441,7 +450,7 @@ def test_time_ratios_compare_runs_of_one_processor_only(grid, tmp_path):
 def test_report_page_is_replaced_atomically_and_bad_out_is_refused(grid, tmp_path, monkeypatch, capsys):
     from kronpeft.atomic import TMP_MARK
 
-    todo, _ = study.plan(grid, [])
+    todo, _ = study_plan.plan(grid, [])
     grid.results.write_text("".join(json.dumps(fake_row(grid, r, 0.7)) + "\n" for r in todo))
     out = tmp_path / "docs" / "results.md"
     assert main(["report", str(grid.path), "--out", str(out)]) == 0
@@ -466,26 +475,26 @@ def test_report_page_is_replaced_atomically_and_bad_out_is_refused(grid, tmp_pat
 def test_score_plot_gives_a_family_one_colour_in_every_panel(grid, tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    todo, _ = study.plan(grid, [])
+    todo, _ = study_plan.plan(grid, [])
     rows = [fake_row(grid, run, 0.7) for run in todo]
     rows = [r for r in rows if (r["task"], r["name"]) != ("mrpc", "krona")]  # mrpc: lora only; rte: krona only
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
-    report.plot_score_vs_params(grid, report.summarise(grid, rows), tmp_path / "p.png")
+    report_figures.plot_score_vs_params(grid, report_stats.summarise(grid, rows), tmp_path / "p.png")
     colours = {}
     for ax in figures[0].axes:
         for container in ax.containers:
             colours.setdefault(container.get_label(), set()).add(container.lines[0].get_color())
     assert set(colours) == {"krona", "lora"} and all(len(c) == 1 for c in colours.values())
     assert colours["krona"] != colours["lora"]
-    assert report._compact(110_784) == "110.784k" and report._compact(22_000_000) == "22M"
+    assert report_figures._compact(110_784) == "110.784k" and report_figures._compact(22_000_000) == "22M"
 
 
 def test_parameter_counts_exclude_the_head_for_every_method():
     full = {"method": "full", "trainable_params": 22_713_986, "head_params": 770, "total_params": 22_713_986}
     krona = {"method": "krona", "trainable_params": 10_754, "head_params": 770, "total_params": 22_723_970}
-    assert (report.adapter_params(full), report.model_params(full)) == (22_713_216, 22_713_986)
-    assert (report.adapter_params(krona), report.model_params(krona)) == (9_984, 22_713_986)  # the same model
+    assert (report_stats.adapter_params(full), report_stats.model_params(full)) == (22_713_216, 22_713_986)
+    assert (report_stats.adapter_params(krona), report_stats.model_params(krona)) == (9_984, 22_713_986)  # the same model
 
 
 CROWDED = [(9_984, 85.2, "krona"), (9_216, 85.3, "lora-r1"), (9_984, 85.1, "lokr"), (10_000, 85.25, "kronab"),
@@ -510,7 +519,7 @@ def test_score_plot_labels_do_not_overlap_and_sit_by_their_point(points):
     ax.plot([p[0] for p in points], [p[1] for p in points], "o")
     ax.set_xscale("log")
     fig.canvas.draw()
-    report._name_points(ax, points)
+    report_figures._name_points(ax, points)
     renderer = fig.canvas.get_renderer()
     labels = {t.get_text(): t.update_positions(renderer) or matplotlib.text.Text.get_window_extent(t, renderer)
               for t in ax.texts}  # the text alone, not its leader line
@@ -521,7 +530,7 @@ def test_score_plot_labels_do_not_overlap_and_sit_by_their_point(points):
     at = {name: ax.transData.transform((x, y)) for x, y, name in points}
     for name, box in labels.items():
         others = [q for other, q in at.items() if other != name and math.dist(q, at[name]) > 6]
-        assert all(report._gap(box, at[name]) < report._gap(box, q) for q in others), name
+        assert all(report_figures._gap(box, at[name]) < report_figures._gap(box, q) for q in others), name
     plt.close(fig)
 
 
@@ -536,7 +545,7 @@ def test_score_plot_of_the_finished_mrpc_panel_names_every_point_by_its_marker(t
     """The real figure (error bars, family lines, two panels, legend): each label nearer its own marker."""
     import matplotlib
 
-    grid = study.load_grid(Path(__file__).parents[1] / "benchmarks" / "study" / "glue-minilm.toml")
+    grid = study_grid.load_grid(Path(__file__).parents[1] / "benchmarks" / "study" / "glue-minilm.toml")
     summary = {}
     for task, scale in (("mrpc", 1.0), ("stsb", 0.97)):
         for name, (params, mean, std) in MRPC_DONE.items():
@@ -552,12 +561,12 @@ def test_score_plot_of_the_finished_mrpc_panel_names_every_point_by_its_marker(t
             text.update_positions(renderer)
             box, name = matplotlib.text.Text.get_window_extent(text, renderer), text.get_text()
             others = [q for other, q in at.items() if other != name and math.dist(q, at[name]) > 6]
-            assert all(report._gap(box, at[name]) < report._gap(box, q) for q in others), name
+            assert all(report_figures._gap(box, at[name]) < report_figures._gap(box, q) for q in others), name
         checked.append(len(ax.texts))
 
-    report_name_points = report._name_points
-    monkeypatch.setattr(report, "_name_points", name_and_check)
-    report.plot_score_vs_params(grid, summary, tmp_path / "plot.png")
+    report_name_points = report_figures._name_points
+    monkeypatch.setattr(report_figures, "_name_points", name_and_check)
+    report_figures.plot_score_vs_params(grid, summary, tmp_path / "plot.png")
     assert checked == [13, 13] and (tmp_path / "plot.png").stat().st_size > 0
 
 
@@ -566,7 +575,7 @@ def test_add_curves_backfills_only_rows_whose_log_agrees(grid, tmp_path, monkeyp
         "add_curves", Path(__file__).parents[1] / "benchmarks" / "study" / "add_curves.py")
     add_curves = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(add_curves)
-    todo, _ = study.plan(grid, [])
+    todo, _ = study_plan.plan(grid, [])
     rows = [{**fake_row(grid, run, 0.8), "final": {"f1": 0.75}} for run in todo[:3]]
     grid.runs_dir = tmp_path / "runs"
     logs = {0: [(0, 0.0, 0.3), (5, 1.0, 0.8), (10, 2.0, 0.7), (10, 2.0, 0.75)],  # step 10 logged twice
@@ -580,7 +589,7 @@ def test_add_curves_backfills_only_rows_whose_log_agrees(grid, tmp_path, monkeyp
     grid.results.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     monkeypatch.setattr(sys, "argv", ["add_curves.py", str(grid.path), "--runs-dir", str(grid.runs_dir)])
     add_curves.main()
-    after = study.read_results(grid.results)
+    after = study_results.read_results(grid.results)
     assert after[0]["curve"] == [[0.0, 0.3], [1.0, 0.8], [2.0, 0.75]]
     assert "curve" not in after[1] and "curve" not in after[2]  # disagreeing log; no log
     assert [{k: v for k, v in r.items() if k != "curve"} for r in after] == rows
@@ -595,8 +604,8 @@ def test_add_curves_backfills_only_rows_whose_log_agrees(grid, tmp_path, monkeyp
 
 
 def test_dry_run_lists_runs_left_with_an_estimate(grid, capsys, monkeypatch):
-    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)  # no GLUE data at hand
-    todo, _ = study.plan(grid, [])
+    monkeypatch.setattr(study_estimate, "_train_size", lambda task, data_dir: None)  # no GLUE data at hand
+    todo, _ = study_plan.plan(grid, [])
     rows = [fake_row(grid, r, 0.8, train_seconds=295.0) for r in todo[:2]]  # 300 s wall per 100 steps, 1 thread
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["study", str(grid.path), "--dry-run", "--parallel", "2", "--threads", "1"]) == 0
@@ -610,53 +619,53 @@ def test_dry_run_lists_runs_left_with_an_estimate(grid, capsys, monkeypatch):
 
 def test_estimate_scales_a_known_rate_to_other_tasks_by_size(grid, monkeypatch):
     sizes = {"mrpc": (3200, 200.0), "rte": (1600, 400.0)}  # rte: half the examples, twice as long
-    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: sizes[task])
-    todo, _ = study.plan(grid, [])
+    monkeypatch.setattr(study_estimate, "_train_size", lambda task, data_dir: sizes[task])
+    todo, _ = study_plan.plan(grid, [])
     row = fake_row(grid, todo[0], 0.8, train_seconds=295.0)  # mrpc: 3 CPU-s per step, 100 steps recorded
     rte = [r for r in todo if r.task == "rte"]
-    seconds, unknown = study.estimate_seconds(grid, rte, [row])
+    seconds, unknown = study_estimate.estimate_seconds(grid, rte, [row])
     # rte: 5 epochs x 1600 / 32 = 250 steps at 3 x 400/200 = 6 s per step, for each of the 3 sweep runs
     assert unknown == 0 and seconds == pytest.approx(3 * 250 * 6.0)
 
 
 def test_estimate_uses_measured_cpu_seconds_over_wall_time(grid, monkeypatch):
     """A run that shared the CPU took longer in wall time than in CPU time: the CPU time is the rate."""
-    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
-    todo, _ = study.plan(grid, [])
+    monkeypatch.setattr(study_estimate, "_train_size", lambda task, data_dir: None)
+    todo, _ = study_plan.plan(grid, [])
     row = {**fake_row(grid, todo[0], 0.8, train_seconds=595.0), "cpu_seconds": 150.0}  # 600 s wall, 150 s CPU
-    seconds, _ = study.estimate_seconds(grid, [todo[1]], [row])
+    seconds, _ = study_estimate.estimate_seconds(grid, [todo[1]], [row])
     assert seconds == pytest.approx(150.0)  # 1.5 CPU-s per step x 100 steps, not 6 x 100
 
 
 def test_estimate_on_a_new_machine_scales_old_rows_by_the_speed_measured_on_shared_cells(grid, monkeypatch):
     """The grid resumes on a faster processor: rows recorded on the old one count at the measured speed ratio."""
-    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
-    todo, _ = study.plan(grid, [])
+    monkeypatch.setattr(study_estimate, "_train_size", lambda task, data_dir: None)
+    todo, _ = study_plan.plan(grid, [])
     mrpc_krona, rte_krona = todo[0], next(r for r in todo if r.task == "rte")
     old = [{**fake_row(grid, run, 0.8), "cpu_seconds": 300.0, "cpu": "old"} for run in (mrpc_krona, rte_krona)]
     new = {**fake_row(grid, mrpc_krona, 0.8), "cpu_seconds": 120.0, "cpu": "new"}  # mrpc/krona: 0.4x the time
     # rte/krona ran on the old processor only: 3 s per step there, so 1.2 s here, x 100 steps
-    assert study.estimate_seconds(grid, [rte_krona], old + [new], here="new")[0] == pytest.approx(120.0)
-    assert study.estimate_seconds(grid, [rte_krona], old + [new], here="old")[0] == pytest.approx(300.0)
+    assert study_estimate.estimate_seconds(grid, [rte_krona], old + [new], here="new")[0] == pytest.approx(120.0)
+    assert study_estimate.estimate_seconds(grid, [rte_krona], old + [new], here="old")[0] == pytest.approx(300.0)
     # a third machine sharing no cell with the old rows: they count as they are
-    assert study.estimate_seconds(grid, [rte_krona], old, here="other")[0] == pytest.approx(300.0)
+    assert study_estimate.estimate_seconds(grid, [rte_krona], old, here="other")[0] == pytest.approx(300.0)
 
 
 def test_run_child_reports_exit_code_and_cpu_seconds(tmp_path):
     busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nraise SystemExit(3)"
     with open(tmp_path / "log", "w") as log:
-        code, cpu = study.run_child([sys.executable, "-c", busy], dict(os.environ), log)
+        code, cpu = study_execute.run_child([sys.executable, "-c", busy], dict(os.environ), log)
     assert code == 3 and 0.3 <= cpu < 5.0
 
 
 RUNNER = """
 import os, sys
-from kronpeft.runner import study
+from kronpeft.runner.study import execute as study_execute
 from kronpeft.runner.cli import main
 
-real = study.run_child
+real = study_execute.run_child
 sleep = "import os, time; open('pids', 'a').write(f'{os.getpid()} '); time.sleep(120)"
-study.run_child = lambda argv, env, log, keep_fds=(): real([sys.executable, "-c", sleep], env, log, keep_fds)
+study_execute.run_child = lambda argv, env, log, keep_fds=(): real([sys.executable, "-c", sleep], env, log, keep_fds)
 sys.exit(main(["study", "grid.toml", "--parallel", "2"]))
 """
 
@@ -707,8 +716,8 @@ def test_a_run_outliving_a_killed_runner_keeps_its_claim(grid, tmp_path):
         runner.wait(timeout=30)
         assert all(alive(p) for p in pids)
         grid.runs_dir = tmp_path / grid.runs_dir
-        for run in study.plan(grid, [])[0][:2]:  # a second runner must not train them beside the orphans
-            assert study.run_one(grid, run, 1, 1, {}) == "busy"
+        for run in study_plan.plan(grid, [])[0][:2]:  # a second runner must not train them beside the orphans
+            assert study_execute.run_one(grid, run, 1, 1, {}) == "busy"
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -716,7 +725,7 @@ def test_a_run_outliving_a_killed_runner_keeps_its_claim(grid, tmp_path):
 
 def test_a_resumed_run_counts_the_cpu_seconds_of_its_earlier_parts(grid, tmp_path, monkeypatch):
     grid.runs_dir = tmp_path / "runs"
-    run = study.plan(grid, [])[0][0]
+    run = study_plan.plan(grid, [])[0][0]
     out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
     (out / "checkpoint").mkdir(parents=True)
     (out / "checkpoint" / "state.json").write_text(json.dumps({"step": 3, "cpu_seconds": 100.0}))
@@ -730,12 +739,12 @@ def test_a_resumed_run_counts_the_cpu_seconds_of_its_earlier_parts(grid, tmp_pat
         (out / "metrics.json").write_text(json.dumps(metrics))
         return 0, 5.0
 
-    monkeypatch.setattr(study, "run_child", fake_child)
-    row = study.run_one(grid, run, 1, 1, {})
+    monkeypatch.setattr(study_execute, "run_child", fake_child)
+    row = study_execute.run_one(grid, run, 1, 1, {})
     assert "--resume" in commands[0] and row["resumed"] and row["cpu_seconds"] == 105.0
     assert row["curve"] == [[0.0, 0.3], [0.5, 0.8]]  # the main metric at every evaluation
     (out / "checkpoint" / "state.json").write_text("{not json")  # unreadable: only the last part is counted
-    assert study.run_one(grid, run, 1, 1, {})["cpu_seconds"] == 5.0
+    assert study_execute.run_one(grid, run, 1, 1, {})["cpu_seconds"] == 5.0
 
 
 def test_bad_grid_files_are_one_line_errors(tmp_path, capsys, monkeypatch):
@@ -777,9 +786,9 @@ def test_bad_grid_files_are_one_line_errors(tmp_path, capsys, monkeypatch):
 def test_task_tables_override_flags_of_their_task_only(grid, tmp_path):
     path = tmp_path / "tasks.toml"
     path.write_text(GRID + "\n[task.rte]\nepochs = 20\nmax_length = 256\n")
-    with_table = study.load_grid(path)
-    runs = {r.label(): r for r in study.plan(grid, [])[0]}
-    runs_t = {r.label(): r for r in study.plan(with_table, [])[0]}
+    with_table = study_grid.load_grid(path)
+    runs = {r.label(): r for r in study_plan.plan(grid, [])[0]}
+    runs_t = {r.label(): r for r in study_plan.plan(with_table, [])[0]}
     assert runs.keys() == runs_t.keys()
     for label, run in runs.items():
         flags, flags_t = run.flags(grid), runs_t[label].flags(with_table)
@@ -797,12 +806,12 @@ def test_checked_in_grids_load_and_plan(path, monkeypatch, capsys):
     from kronpeft.runner import baselines
     from kronpeft.runner.data import TASKS
 
-    monkeypatch.setattr(study, "_train_size", lambda task, data_dir: None)
-    grid = study.load_grid(path)
+    monkeypatch.setattr(study_estimate, "_train_size", lambda task, data_dir: None)
+    grid = study_grid.load_grid(path)
     assert set(grid.tasks) <= set(TASKS) and {e.method for e in grid.methods} <= set(baselines.METHODS)
     parser = build_parser()
-    for run in study.plan(grid, [])[0]:  # every run's flags are real `kronpeft train` flags with valid values
-        args = parser.parse_args(["train", *study.argv(run.flags(grid))])
+    for run in study_plan.plan(grid, [])[0]:  # every run's flags are real `kronpeft train` flags with valid values
+        args = parser.parse_args(["train", *study_grid.argv(run.flags(grid))])
         assert (args.task, args.method, args.lr, args.seed) == (run.task, run.entry.method, run.lr, run.seed)
     assert main(["study", str(path), "--dry-run"]) == 0
 
@@ -811,16 +820,16 @@ def test_claims_get_a_verdict_only_with_every_seed(tmp_path, monkeypatch):
     monkeypatch.delenv("GLUE_DIR", raising=False)  # no majority-class score: no collapse flags
     path = tmp_path / "claims.toml"
     path.write_text(GRID + '\n[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r8"\n')
-    grid = study.load_grid(path)
+    grid = study_grid.load_grid(path)
     rows = []
     scores = {("krona", 0.001): 0.80, ("krona", 0.003): 0.85, ("krona", 0.01): 0.82,
               ("lora-r8", 0.001): 0.70, ("lora-r8", 0.003): 0.75}
-    rows += [fake_row(grid, r, scores[(r.entry.name, r.lr)]) for r in study.plan(grid, [])[0] if r.task == "mrpc"]
+    rows += [fake_row(grid, r, scores[(r.entry.name, r.lr)]) for r in study_plan.plan(grid, [])[0] if r.task == "mrpc"]
     seeds = {("krona", 1): 0.83, ("krona", 2): 0.87, ("lora-r8", 1): 0.74, ("lora-r8", 2): 0.76}
-    later = [r for r in study.plan(grid, rows)[0] if r.task == "mrpc" and r.stage == "seed"]
+    later = [r for r in study_plan.plan(grid, rows)[0] if r.task == "mrpc" and r.stage == "seed"]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows + [fake_row(grid, later[0], 0.83)]))
     out = tmp_path / "results.md"
-    report.render(grid, out)
+    report_page.render(grid, out)
     assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +" in out.read_text()
     assert "| mrpc | +9.0 | — | — | — | — | — | waiting (2/3 and 1/3 seeds) |" in out.read_text()  # one seed: no spread
     assert "| lora-r8 | 1,000 | 0.100 | 75.0 (1/3 seeds) |" in out.read_text()
@@ -828,7 +837,7 @@ def test_claims_get_a_verdict_only_with_every_seed(tmp_path, monkeypatch):
     assert "| mrpc | lora-r8 | 0.003 | 75.0 | — | — |" in out.read_text()
     rows += [fake_row(grid, r, seeds[(r.entry.name, r.seed)]) for r in later]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report.render(grid, out)
+    report_page.render(grid, out)
     # 85.0 ± 2.0 vs 75.0 ± 1.0 over 3 seeds: difference 10.0, SE sqrt(2.0²/3 + 1.0²/3) = 1.29, Welch's
     # df (4/3 + 1/3)² / ((4/3)²/2 + (1/3)²/2) = 2.94, t(0.975, 2.94) = 3.22: 10.0 ± 4.2
     # paired by seed: differences 10, 9, 11 points, t = 0.10 / (0.01 / sqrt 3) = sqrt 300 with 2 df, two-sided
@@ -836,11 +845,11 @@ def test_claims_get_a_verdict_only_with_every_seed(tmp_path, monkeypatch):
     assert "| KronA beats LoRA (`krona` vs `lora-r8`) | mrpc | +10.0 | +5.8 to +14.2 | 0.0048 | 0.0033 | 0.0033 | — " \
         "| holds |" in out.read_text()
     assert "| mrpc | lora-r8 | 0.003 | 75.0 | 74.0 | 76.0 |" in out.read_text()
-    assert report.claim_verdict([0.80, 0.82, 0.81], [0.81, 0.80, 0.83], 3)[3] == "within noise"
-    assert report.claim_verdict([0.70, 0.71, 0.69], [0.80, 0.81, 0.79], 3)[3] == "reversed"
+    assert report_stats.claim_verdict([0.80, 0.82, 0.81], [0.81, 0.80, 0.83], 3)[3] == "within noise"
+    assert report_stats.claim_verdict([0.70, 0.71, 0.69], [0.80, 0.81, 0.79], 3)[3] == "reversed"
     # beyond two standard errors but not beyond Welch's interval (df ~2.4): not a verdict with three seeds
     better, worse = [0.846, 0.840, 0.833], [0.849, 0.853, 0.853]
-    diff, ci, p, verdict = report.claim_verdict(better, worse, 3)
+    diff, ci, p, verdict = report_stats.claim_verdict(better, worse, 3)
     se = (statistics.variance(better) / 3 + statistics.variance(worse) / 3) ** 0.5
     assert diff < -2 * se and ci[0] < 0 < ci[1] and p > 0.05 and verdict == "within noise"
 
@@ -850,20 +859,20 @@ def test_a_claim_on_several_tasks_is_also_tested_on_their_average(tmp_path, monk
     path = tmp_path / "avg.toml"
     path.write_text(GRID.replace('tasks = ["mrpc"]\n', "")
                     + '\n[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r8"\n')
-    grid = study.load_grid(path)
+    grid = study_grid.load_grid(path)
     seeds = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r8"): [0.75, 0.74, 0.76],
              ("rte", "krona"): [0.60, 0.62, 0.58], ("rte", "lora-r8"): [0.58, 0.57, 0.59]}
     rows = [fake_row(grid, r, seeds[(r.task, r.entry.name)][0] - (0.1 if r.lr != 1e-3 else 0))
-            for r in study.plan(grid, [])[0]]  # every sweep's winner: 1e-3
-    later = study.plan(grid, rows)[0]
+            for r in study_plan.plan(grid, [])[0]]  # every sweep's winner: 1e-3
+    later = study_plan.plan(grid, rows)[0]
     out = tmp_path / "results.md"
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows + [
         fake_row(grid, r, seeds[(r.task, r.entry.name)][r.seed]) for r in later if r.task == "mrpc"]))
-    report.render(grid, out)
+    report_page.render(grid, out)
     assert "| average of 2 tasks | — | — | — | — | — | — | waiting (1/2 tasks complete) |" in out.read_text()
     rows += [fake_row(grid, r, seeds[(r.task, r.entry.name)][r.seed]) for r in later]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report.render(grid, out)
+    report_page.render(grid, out)
     # averages 72.5 vs 66.5; SE sqrt((2.0² + 1.0² + 2.0² + 1.0²) / 3) / 2 = 0.913, Welch-Satterthwaite df
     # 5.88, t(0.975, 5.88) = 2.459: +6.0 ± 2.24
     # paired: per seed the mean over tasks of the differences, (10 + 2) / 2, (9 + 5) / 2, (11 - 1) / 2 = 6, 7, 5:
@@ -880,8 +889,8 @@ def test_a_claim_on_several_tasks_is_also_tested_on_their_average(tmp_path, monk
                                            ([0.70, 0.71], [0.69, 0.75, 0.74, 0.71])])
 def test_the_average_of_one_task_is_welchs_test(better, worse):
     """With one task the average's interval and p are scipy's Welch test's (claim_verdict)."""
-    one = report.average_verdict([better], [worse])
-    welch = report.claim_verdict(better, worse, 1)
+    one = report_stats.average_verdict([better], [worse])
+    welch = report_stats.claim_verdict(better, worse, 1)
     assert one[0] == pytest.approx(welch[0]) and one[2] == pytest.approx(welch[2]) and one[3] == welch[3]
     assert one[1] == pytest.approx(welch[1])
 
@@ -890,13 +899,13 @@ def test_score_plot_shows_every_seed_and_a_failed_one_does_not_squash_the_panel(
     import matplotlib.pyplot as plt
     from matplotlib.collections import PathCollection  # scatter dots (error bars are LineCollections)
 
-    todo, _ = study.plan(grid, [])
+    todo, _ = study_plan.plan(grid, [])
     rows = [fake_row(grid, run, 0.85 if run.lr == 1e-3 else 0.80) for run in todo if run.task == "mrpc"]
-    later = [run for run in study.plan(grid, rows)[0] if run.task == "mrpc"]
+    later = [run for run in study_plan.plan(grid, rows)[0] if run.task == "mrpc"]
     rows += [fake_row(grid, run, {1: 0.86, 2: 0.20 if run.entry.name == "lora-r8" else 0.84}[run.seed]) for run in later]
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
-    report.plot_score_vs_params(grid, report.summarise(grid, rows), tmp_path / "p.png")
+    report_figures.plot_score_vs_params(grid, report_stats.summarise(grid, rows), tmp_path / "p.png")
     ax = figures[0].axes[0]
     dots = sorted(float(y) for c in ax.collections if isinstance(c, PathCollection) for _, y in c.get_offsets())
     assert dots == pytest.approx(sorted([85.0, 86.0, 84.0, 85.0, 86.0, 20.0]))  # both cells' three seeds

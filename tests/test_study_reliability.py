@@ -7,9 +7,11 @@ import os
 
 import pytest
 
-from kronpeft.runner import study
+from kronpeft.runner.study import execute as study_execute
+from kronpeft.runner.study import grid as study_grid
+from kronpeft.runner.study import plan as study_plan
 from kronpeft.runner.cli import main
-from kronpeft.runner.report import PAGE_MARK
+from kronpeft.runner.report.page import PAGE_MARK
 
 GRID = """
 [study]
@@ -98,22 +100,22 @@ def test_a_method_name_that_is_a_list_is_an_error_naming_it(here, capsys):
 
 
 def test_a_second_runner_does_not_announce_a_run_another_runner_holds(here, capsys, monkeypatch):
-    grid = study.load_grid(write_grid(here))
-    run = study.plan(grid, [])[0][0]
+    grid = study_grid.load_grid(write_grid(here))
+    run = study_plan.plan(grid, [])[0][0]
     out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
     out.mkdir(parents=True)
     held = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(held, fcntl.LOCK_EX)
-    monkeypatch.setattr(study, "_train", lambda *a: pytest.fail("trained a run another runner holds"))
-    monkeypatch.setattr(study, "machine", lambda: {})
+    monkeypatch.setattr(study_execute, "_train", lambda *a: pytest.fail("trained a run another runner holds"))
+    monkeypatch.setattr(study_execute, "machine", lambda: {})
     try:
-        assert study.run_grid(grid) == 0
+        assert study_execute.run_grid(grid) == 0
     finally:
         os.close(held)
     err = capsys.readouterr().err
     assert "start" not in err and "another runner" in err
-    monkeypatch.setattr(study, "_train", lambda grid_, run_, *a: {"key": run_.key(grid_), "grid": "r", "task": "mrpc",
-                                                                   "name": "krona", "lr": 1e-3, "seed": 0, "score": 0.5, "stage": "sweep",
-                                                                   "main_metric": "f1", "wall_seconds": 1.0})
-    assert study.run_grid(grid) == 1 and "start mrpc/krona" in capsys.readouterr().err
+    monkeypatch.setattr(study_execute, "_train", lambda grid_, run_, *a: {
+        "key": run_.key(grid_), "grid": "r", "task": "mrpc", "name": "krona", "lr": 1e-3, "seed": 0, "score": 0.5,
+        "stage": "sweep", "main_metric": "f1", "wall_seconds": 1.0})
+    assert study_execute.run_grid(grid) == 1 and "start mrpc/krona" in capsys.readouterr().err
     assert json.loads(grid.results.read_text())["score"] == 0.5

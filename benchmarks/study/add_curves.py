@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 
 from kronpeft.atomic import write_atomic
-from kronpeft.runner.study import load_grid, read_results
+from kronpeft.runner.study.grid import load_grid
+from kronpeft.runner.study.results import read_results
 
 
 def curve_from_log(log: Path, main: str) -> list[list[float]] | None:

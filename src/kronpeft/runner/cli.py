@@ -287,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_study(args) -> int:
-    from .study import check_runs, dry_run, load_grid, run_grid, select, stop_on_sigterm
+    from .study.estimate import dry_run
+    from .study.execute import run_grid, stop_on_sigterm
+    from .study.grid import check_runs, load_grid, select
 
     grid = select(load_grid(args.grid), args.tasks, args.methods)
     check_runs(grid, build_parser().parse_args)
@@ -305,8 +307,8 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .report import is_report_page, render
-    from .study import load_grid
+    from .report.page import is_report_page, render
+    from .study.grid import load_grid
 
     grid = load_grid(args.grid)
     out = Path(args.out) if args.out is not None else grid.page or grid.path.with_suffix(".md")

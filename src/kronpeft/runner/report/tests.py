@@ -104,8 +104,8 @@ def bootstrap_cells(task: str, main_metric: str, better: list[dict], worse: list
     results file is); None unless every paired seed has predictions on both sides."""
     from pathlib import Path
 
-    from .metrics import compute_metrics
-    from .selection import load_predictions
+    from ..metrics import compute_metrics
+    from ..selection import load_predictions
 
     b, w = by_seed(better), by_seed(worse)
     seeds = sorted(set(b) & set(w))

@@ -1,12 +1,12 @@
 """The shape of a study grid file (`kronpeft study`): its tables, their keys and the types of their values.
 
 A misspelt table or key, or a value of the wrong type, is an error naming it (`[trian]`, `extend_edges =
-"false"`, `model = 5`, `args = 4`, `name = ["bn"]`), never silently ignored or coerced; `study.load_grid`
+"false"`, `model = 5`, `args = 4`, `name = ["bn"]`), never silently ignored or coerced; `grid.load_grid`
 then checks the values themselves (lists, ranges, names).
 """
 from __future__ import annotations
 
-from .errors import UsageError
+from ..errors import UsageError
 
 _TEXT, _FLAG, _LATER = (str,), (bool,), (object,)  # _LATER: load_grid checks it with a message of its own
 GRID_KEYS = {  # table -> {key: the types it may hold}; anything else in a grid file is an error naming it

@@ -1,0 +1,214 @@
+"""The report's plots: score against trainable parameters (points named beside their markers), training-time
+ratios, the claims' forest plot, and score against learning rate."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from ..plots import save_png
+from ..study.grid import Grid
+from .stats import adapter_params, cell_stats
+
+
+def _compact(value: float, _=None) -> str:
+    """An axis tick as 1k, 10k, 1M, ...: long digit strings run into each other on a log axis."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:g}{suffix}"
+    return f"{value:g}"
+
+
+def plot_score_vs_params(grid: Grid, summary: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    tasks = [t for t in grid.tasks if any((t, e.name) in summary for e in grid.methods)]
+    cols = min(max(len(tasks), 1), 2)
+    rows = math.ceil(max(len(tasks), 1) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.4 * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[len(tasks):]:
+        ax.set_visible(False)
+    colors = {f: f"C{i % 10}" for i, f in enumerate(sorted({e.family for e in grid.methods}))}  # same in every panel
+    named = []  # (axis, [(params, score, method)]): labelled once the layout is final
+    for ax, task in zip(axes, tasks):
+        families, seeds = defaultdict(list), []
+        for entry in grid.methods:
+            s = summary.get((task, entry.name))
+            if s is not None:
+                mean, std, _ = cell_stats(s["scores"])
+                params, scores = adapter_params(s["rows"][0]), [100 * v for v in s["scores"]]
+                families[entry.family].append((params, 100 * mean, 100 * std, entry.name))
+                ax.scatter([params] * len(scores), scores, s=10, alpha=0.4, linewidths=0, color=colors[entry.family])
+                seeds += scores
+        for family, points in sorted(families.items()):
+            points.sort()
+            x, y, e, _ = zip(*points)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=family, color=colors[family])
+        named.append((ax, [(xi, yi, name) for points in families.values() for xi, yi, _, name in points]))
+        pad = 0.08 * (max(seeds) - min(seeds)) or 1.0
+        ax.set_ylim(min(seeds) - pad, max(seeds) + pad)  # every seed shows; a ±std bar past them all is cut
+        ax.set_xscale("log")
+        ax.margins(x=0.2)  # room for the point labels at either end
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_compact))
+        ax.set_title(f"{task} ({summary[next(k for k in summary if k[0] == task)]['rows'][0]['main_metric']})")
+        ax.set_xlabel("trainable parameters (no head)")
+        ax.grid(alpha=0.3)
+    for ax in axes[::cols]:
+        ax.set_ylabel("dev score ×100 (mean ± std; dots: seeds)")
+    _legend_below(fig, axes, cols)
+    fig.canvas.draw()  # final limits and layout, which the labels' positions are measured in
+    for ax, points in named:
+        _name_points(ax, points)
+    save_png(fig, path, dpi=120)
+
+
+def _legend_below(fig, axes, cols: int):
+    """One legend for every panel's families, under the panels, and the layout that leaves room for it."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    per_row = 3 * cols  # legend entries that fit the figure's width
+    legend_rows = math.ceil(max(len(labels), 1) / per_row)
+    legend_height = 0.3 * legend_rows + 0.15  # inches
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), frameon=False)
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
+
+
+_LABEL_OFFSETS = [((7, 6), "left"), ((7, -6), "left"), ((-7, 6), "right"), ((-7, -6), "right"),
+                  ((8, 0), "left"), ((-8, 0), "right"), ((0, 11), "center"), ((0, -11), "center"),
+                  ((9, 15), "left"), ((9, -15), "left"), ((-9, 15), "right"), ((-9, -15), "right"),
+                  ((12, 24), "left"), ((12, -24), "left"), ((-12, 24), "right"), ((-12, -24), "right"),
+                  ((0, 22), "center"), ((0, -22), "center")]  # points: beside the marker, then further out
+
+
+def _name_points(ax, points: list[tuple[float, float, str]]):
+    """Label each point `(x, y, name)` at the first offset where its label overlaps no marker and no label
+    placed before and lies nearer its own point than any other (points taken from the top down; sizes
+    measured with the figure's renderer); where no offset does, at the free one with the widest such margin.
+    A thin leader line ties each label to its point."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    at = ax.transData.transform([p[:2] for p in points])
+    placed = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in at]
+    leader = {"arrowstyle": "-", "lw": 0.5, "color": "0.45", "shrinkA": 0, "shrinkB": 3}
+    for i in sorted(range(len(points)), key=lambda i: -points[i][1]):
+        xi, yi, name = points[i]
+        others = [q for q in at if math.dist(q, at[i]) > 6]  # markers closer than that read as one place
+        best = None  # (free, margin: how much nearer its own point than the nearest other), offset, ha, box
+        for offset, ha in _LABEL_OFFSETS:
+            label = ax.annotate(name, (xi, yi), textcoords="offset points", xytext=offset, ha=ha, va="center",
+                                fontsize=7)
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer)  # the text alone, not its leader line
+            label.remove()
+            free = not any(box.overlaps(other) for other in placed)
+            margin = min((_gap(box, q) for q in others), default=math.inf) - _gap(box, at[i])
+            if best is None or (free, margin) > best[0]:
+                best = (free, margin), offset, ha, box
+            if free and margin > 0:
+                break
+        _, offset, ha, box = best
+        ax.annotate(name, (xi, yi), textcoords="offset points", xytext=offset, ha=ha, va="center", fontsize=7,
+                    arrowprops=leader)
+        placed.append(box)
+
+
+def _gap(box, point) -> float:
+    """Pixels from `point` to the nearest edge of `box` (0 inside it)."""
+    px, py = point
+    return math.hypot(max(box.x0 - px, 0, px - box.x1), max(box.y0 - py, 0, py - box.y1))
+
+
+def plot_times(ratios: dict, reference: str, path: Path, task_order: list[str]):
+    """Bars of `time_ratios`' ratios: one group per method, one bar per task (in `task_order`, the grid's)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches
+    import matplotlib.pyplot as plt
+
+    names = list(ratios)
+    tasks = [t for t in task_order if any(t in v for v in ratios.values())]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 3.6))
+    width = 0.8 / max(len(tasks), 1)
+    handles = []
+    for i, task in enumerate(tasks):
+        colour = f"C{task_order.index(task) % 10}"  # a task keeps its colour as other tasks' bars arrive
+        bars = ax.bar([j + i * width for j in range(len(names))], [ratios[n].get(task, (0,))[0] for n in names],
+                      width, color=colour)
+        handles.append(matplotlib.patches.Patch(color=colour, label=task))
+        for bar, name in zip(bars, names):
+            if task in ratios[name] and not ratios[name][task][1]:
+                bar.set_hatch("//")  # from wall time, not CPU time
+    if any(not cpu for v in ratios.values() for _, cpu, _ in v.values()):
+        handles.append(matplotlib.patches.Patch(facecolor="white", edgecolor="black", hatch="//",
+                                                label="wall time (load varied)"))
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right")
+    ax.set_ylabel(f"train time / {reference}'s")
+    ax.legend(handles=handles, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # never over the bars
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    save_png(fig, path, dpi=120)
+
+
+def plot_forest(claims: list[tuple[str, float, tuple[float, float] | None]], path: str | Path) -> Path:
+    """Forest plot of claims: one line per (label, better - worse, 95 % interval or None), ×100, with zero
+    marked; a claim holds where its interval lies right of zero."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(claims) + 1.2))
+    for y, (label, diff, ci) in enumerate(reversed(claims)):
+        if ci is not None:
+            ax.plot([100 * ci[0], 100 * ci[1]], [y, y], color="tab:blue")
+        ax.plot([100 * diff], [y], "o", color="tab:blue")
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(claims)), [label for label, _, _ in reversed(claims)], fontsize=7)
+    ax.set(xlabel="better − worse (×100), 95 % interval", title="the papers' claims")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, path, dpi=120)
+
+
+def plot_score_vs_lr(panels: dict[str, dict[str, list[tuple[float, float]]]], floors: dict[str, float | None],
+                     path: str | Path) -> Path:
+    """Per task a panel of score (×100) against learning rate (log), one line per method. `floors[task]`:
+    the majority-class score, drawn as a dashed line; the axis starts at the lowest score above it (a
+    collapsed run does not stretch it) and runs below it sit on the bottom edge as triangles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (task, methods) in zip(axes[0], panels.items()):
+        floor = floors.get(task)
+        scores = [s for points in methods.values() for _, s in points]
+        kept = [s for s in scores if floor is None or s > floor] or scores
+        low = min(kept) - 0.02 * (max(kept) - min(kept) + 0.05)
+        for name, points in methods.items():
+            points = sorted(points)
+            line, = ax.plot([lr for lr, _ in points], [100 * max(s, low) for _, s in points], marker="o", label=name)
+            below = [(lr, s) for lr, s in points if s < low]
+            ax.plot([lr for lr, _ in below], [100 * low] * len(below), "v", color=line.get_color(), ms=9)
+        if floor is not None:
+            ax.axhline(100 * floor, color="grey", ls="--", lw=1)
+        ax.set(xscale="log", xlabel="learning rate", ylabel="dev score ×100", title=task, ylim=(100 * low, None))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return save_png(fig, path, dpi=110)

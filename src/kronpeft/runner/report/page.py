@@ -1,0 +1,190 @@
+"""The report's page: `render` writes the Markdown, section by section, and its plots; `setup` says how the
+runs were made."""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from ...atomic import write_atomic
+from ..study.grid import Grid, argv
+from ..study.results import cpu_seconds, current_rows, read_results
+from .figures import plot_forest, plot_score_vs_lr, plot_score_vs_params, plot_times
+from .stats import complete, majority_score, summarise, time_ratios
+from .tables import claims_table, epochs_table, lr_table, seeds_table, table
+
+PAGE_MARK = "<!-- written by `kronpeft report`: re-rendered in place; edit the grid, notes or results instead -->"
+
+
+def is_report_page(path: Path) -> bool:
+    """`path` is a page `kronpeft report` wrote (its first line is PAGE_MARK; pages from before the mark
+    say "Rendered by `kronpeft report" on their third line), so it may be re-rendered without --overwrite."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = [f.readline() for _ in range(3)]
+    except OSError:
+        return False
+    return head[0].strip() == PAGE_MARK or head[2].startswith("Rendered by `kronpeft report ")
+
+
+def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
+    """Write `out` (Markdown) and its plots in `out.parent / "img"`; returns `out`."""
+    rows, stale = current_rows(grid, read_results(grid.results))
+    summary = summarise(grid, rows)
+    img = out.parent / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    lines = [PAGE_MARK, f"# {grid.title or 'Study ' + grid.name}", "",
+             f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(rows)} runs) alone"
+             + (f"; {stale} row(s) recorded under earlier settings of this grid are not shown." if stale else "."), ""]
+    if not rows:
+        lines.append("No runs recorded yet.")
+    else:
+        lines += _scores(grid, summary)
+        forest = []
+        lines += _score_plot(grid, summary, out, img)
+        lines += _claims(grid, summary, forest)
+        lines += _extra_plots(grid, summary, forest, out, img)
+        lines += _rates(grid, summary)
+        lines += _seeds_and_epochs(grid, summary)
+        reference = reference or next((e.name for e in grid.methods if e.family == "lora"), grid.methods[0].name)
+        lines += _times(grid, summary, reference, out, img)
+    if grid.notes is not None and grid.notes.is_file():
+        lines += ["", grid.notes.read_text().rstrip()]
+    if rows:
+        lines += ["", "## Setup", ""] + setup(grid, rows)
+    write_atomic(out, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return out
+
+
+def _scores(grid: Grid, summary: dict) -> list[str]:
+    """How many cells are complete, and the table of scores."""
+    wanted = sum(len(e.tasks) for e in grid.methods) * len(grid.seeds)
+    cells = sum(1 for s in summary.values() if complete(s, len(grid.seeds)))
+    return [f"Cells complete at {len(grid.seeds)} seeds: {cells} of {sum(len(e.tasks) for e in grid.methods)}; "
+            f"rows at the chosen rates: {sum(len(s['scores']) for s in summary.values())} of {wanted}.", "",
+            "Dev score ×100 at the best checkpoint (mean ± sample std over seeds, [median] with three or "
+            "more; MRPC F1, STS-B Pearson, CoLA Matthews, RTE/SST-2 accuracy), at each method's best learning "
+            "rate on the sweep seed. ‡: one per collapsed seed (at or below the majority-class score; on "
+            "STS-B a Pearson below half the median of the task's runs):", "", *table(grid, summary)]
+
+
+def _score_plot(grid: Grid, summary: dict, out: Path, img: Path) -> list[str]:
+    path = img / f"{grid.name}-score-vs-params.png"
+    plot_score_vs_params(grid, summary, path)
+    return ["", f"![score vs trainable parameters]({path.relative_to(out.parent)})", ""]
+
+
+def _claims(grid: Grid, summary: dict, forest: list) -> list[str]:
+    """The claims' section, how to read it and its table ([] when the grid has no claims)."""
+    if not grid.claims:
+        return []
+    return ["## The papers' claims", "", "Each claim per task: the difference of the two cells' means, "
+            "its 95 % confidence interval and p from Welch's t-test (unequal variances; with three "
+            "seeds a cell, about 2-4 degrees of freedom, so the interval spans about ±3 to ±4 "
+            "standard errors), "
+            "and a verdict once both cells have every seed: *holds* or *reversed* when the interval "
+            "excludes zero (p < 0.05), *within noise* otherwise. Three seeds resolve only large "
+            "differences, and among many claim-task pairs where nothing differs about one in twenty "
+            "still gets a verdict by chance: a lone verdict is weaker than a pattern across tasks. "
+            "Where a claim spans several tasks, its last row tests the average over them (the "
+            "GLUE-style score KronA's paper compares): the difference of the two methods' averages, "
+            "its standard error from every cell's spread, Welch-Satterthwaite degrees of freedom; "
+            "with more cells behind it, it resolves smaller differences than any one task. "
+            "*paired p*: seed s of one method against seed s of the other (they share data order and "
+            "head initialisation), a paired t-test; on an average row, of the per-seed averages over "
+            "tasks. *paired p, Holm*: Holm's correction over every row of this table (one family); a "
+            "verdict that does not survive it says so. *bootstrap p*: a paired bootstrap over dev "
+            "examples (1,000 resamples) from the runs' kept predictions, where both cells have them.", "",
+            *claims_table(grid, summary, forest), ""]
+
+
+def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) -> list[str]:
+    """The forest plot of the claims and score against learning rate per task (Markdown lines)."""
+    lines = []
+    if forest:
+        path = plot_forest(forest, img / f"{grid.name}-claims.png")
+        lines += [f"![every claim: difference and 95 % interval]({path.relative_to(out.parent)})", ""]
+    panels, floors = {}, {}
+    for (task, name), s in summary.items():
+        panels.setdefault(task, {})[name] = sorted(s["sweep"].items())
+    for task in panels:
+        rows = [r for (t, _), s in summary.items() if t == task for r in s["rows"]]
+        scores = [r["score"] for r in rows]
+        pearson = rows and rows[0].get("main_metric") == "pearson"
+        floors[task] = 0.5 * statistics.median(scores) if pearson else majority_score(grid, task, rows)
+    if panels:
+        order = [t for t in grid.tasks if t in panels]
+        path = plot_score_vs_lr({t: panels[t] for t in order}, floors, img / f"{grid.name}-score-vs-lr.png")
+        lines += ["## Score against learning rate", "", "Each method's sweep (seed "
+                  f"{grid.sweep_seed}); dashed: the collapse line (the majority-class score; STS-B: half the "
+                  "median Pearson); runs below the axis sit on its edge as triangles.", "",
+                  f"![score against learning rate]({path.relative_to(out.parent)})", ""]
+    return lines
+
+
+def _rates(grid: Grid, summary: dict) -> list[str]:
+    return ["## Learning rates", "", "The winner in bold; each sweep value with its seed-"
+            f"{grid.sweep_seed} dev score. ↑ / ↓: the winner is the highest / lowest rate swept, so the "
+            "best rate may lie beyond the sweep" + ("." if grid.extend_edges else " (this grid does not "
+            "extend a sweep past its edge: with two values the winner always sits at one)."), "",
+            "*One rate for every task*: of the rates a method swept on every task whose sweep has "
+            "finished, the one whose score falls least below each task's best, on average (in points, "
+            "whatever the task's metric).", "", *lr_table(grid, summary)]
+
+
+def _seeds_and_epochs(grid: Grid, summary: dict) -> list[str]:
+    lines = ["", "## Every seed", "", "Each seed's dev score (×100) at the cell's chosen rate: the rows behind "
+             "the table's means.", "", *seeds_table(grid, summary)]
+    curves = epochs_table(grid, summary)
+    if curves:
+        lines += ["", "## Dev score after each epoch", "", "At each cell's chosen rate, mean over the seeds "
+                  "whose rows carry their curve (×100). "
+                  "*last gain*: the last epoch's change, the check that the epochs were enough.", "", *curves]
+    return lines
+
+
+def _times(grid: Grid, summary: dict, reference: str, out: Path, img: Path) -> list[str]:
+    """Training time relative to `reference`: the plot and its table ([] when no pair of cells has it)."""
+    ratios = time_ratios(grid, summary, reference)
+    if not ratios:
+        return []
+    plot2 = img / f"{grid.name}-train-time.png"
+    plot_times(ratios, reference, plot2, grid.tasks)
+    machines = sorted({m for by_task in ratios.values() for _, _, m in by_task.values()}, key=str)
+    mark = {m: chr(ord('A') + i) if len(machines) > 1 else "" for i, m in enumerate(machines)}
+    lines = ["", "## Training time", "", f"Median training time per cell relative to `{reference}` on the "
+             "same task (evaluation excluded): training CPU seconds where both cells recorded them, "
+             "else wall seconds (marked *), which grow when other work shares the machine (see the load "
+             "averages in the results file). Both medians of a ratio come from runs on one processor: "
+             + "; ".join(f"{mark[m] + ': ' if mark[m] else ''}{m}" for m in machines) + ".", "",
+             f"![train time relative to {reference}]({plot2.relative_to(out.parent)})", "",
+             "| method | " + " | ".join(grid.tasks) + " |", "|---|" + "---:|" * len(grid.tasks)]
+    for name, by_task in ratios.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{by_task[t][0]:.2f}{'' if by_task[t][1] else '*'} {mark[by_task[t][2]]}".rstrip() if t in by_task
+            else "—" for t in grid.tasks) + " |")
+    return lines
+
+
+def setup(grid: Grid, rows: list[dict]) -> list[str]:
+    def values(key):
+        return sorted({str(r.get(key)) for r in rows})
+
+    shared = " ".join(argv(grid.train))
+    hours = defaultdict(float)
+    for r in rows:
+        hours[str(r.get("cpu"))] += cpu_seconds(r) / 3600
+    per_machine = f" ({'; '.join(f'{h:.1f} on {m}' for m, h in sorted(hours.items()))})" if len(hours) > 1 else ""
+    return [f"- Command: `kronpeft study {grid.path} --parallel P --threads T`, then `kronpeft report {grid.path}`; "
+            f"each run is `kronpeft train --model {grid.model} {shared} --task T --method M --lr LR --seed S` "
+            "(its exact command is in its row).",
+            f"- Model: {grid.model}; data: the GLUE TSV files (train on train, report dev).",
+            f"- Machine(s): {'; '.join(values('cpu'))}; GPU: {', '.join(values('gpu'))}; "
+            f"threads per run: {', '.join(values('threads'))}; runs side by side: {', '.join(values('parallel'))}.",
+            f"- Versions: torch {', '.join(values('torch'))}; transformers {', '.join(values('transformers'))}; "
+            f"peft {', '.join(values('peft'))}; accelerate {', '.join(values('accelerate'))}; "
+            f"kronpeft commits {', '.join(values('commit'))}.",
+            f"- CPU-hours recorded: {sum(cpu_seconds(r) for r in rows) / 3600:.1f}{per_machine} (CPU time where the "
+            "row measured it, else wall time x threads, which counts time the run waited for a shared CPU; a run "
+            "resumed after an interruption counts its earlier parts up to their last checkpoint, or, in rows recorded "
+            "before kronpeft aa6c85d, its last part only)."]

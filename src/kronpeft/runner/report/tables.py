@@ -1,0 +1,162 @@
+"""The report's Markdown tables: scores, claims, learning rates, every seed, the score after each epoch."""
+from __future__ import annotations
+
+import math
+import statistics
+
+from ..study.grid import Grid
+from .stats import (adapter_params, average_verdict, cell_stats, claim_verdict, collapses, complete, model_params,
+                    rate_across_tasks)
+from .tests import bootstrap_cells, holm, paired_cells
+
+
+def _fmt_cell(stats, wanted: int, sweeping: bool, median: float | None = None, collapsed: int = 0) -> str:
+    mean, std, n = stats
+    text = f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"  # one seed: no spread
+    text += f" [{100 * median:.1f}]" if n > 2 and median is not None else ""  # the median beside the mean
+    text += "‡" * collapsed
+    notes = ([f"{n}/{wanted} seeds"] if n < wanted else []) + (["sweep not finished"] if sweeping else [])
+    return text + (f" ({', '.join(notes)})" if notes else "")
+
+
+def table(grid: Grid, summary: dict) -> list[str]:
+    tasks = list(grid.tasks)
+    lines = ["| method | trainable params (no head) | % of model | " + " | ".join(tasks) + " | avg |",
+             "|---|---:|---:|" + "---:|" * (len(tasks) + 1)]
+    for entry in grid.methods:
+        cells, means, any_row = [], [], None
+        for task in tasks:
+            s = summary.get((task, entry.name))
+            if s is None:
+                cells.append("—" if task not in entry.tasks else "not run")
+                continue
+            any_row = any_row or s["rows"][0]
+            stats = cell_stats(s["scores"])
+            flags = collapses(grid, summary, task, s["rows"])
+            cells.append(_fmt_cell(stats, len(grid.seeds), s["sweeping"], statistics.median(s["scores"]), sum(flags)))
+            means.append(stats[0])
+        if any_row is None:
+            continue
+        complete = len(means) == len(tasks)
+        avg = f"{100 * statistics.fmean(means):.1f}" if complete else "—"
+        n = adapter_params(any_row)
+        lines.append(f"| {entry.name} | {n:,} | {100 * n / model_params(any_row):.3f} | " + " | ".join(cells)
+                     + f" | {avg} |")
+    return lines
+
+
+def _claim_row(text: str, where: str, diff: float | None, ci, p, verdict: str, paired=math.nan,
+               holm_p=math.nan, boot=None) -> str:
+    fmt = lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2g}"  # noqa: E731
+    if verdict in ("holds", "reversed") and not holm_p < 0.05:
+        verdict += " (not after Holm)"
+    return (f"| {text} | {where} | {'—' if diff is None else f'{100 * diff:+.1f}'} | "
+            f"{'—' if ci is None else f'{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}'} | "
+            f"{fmt(p)} | {fmt(paired)} | {fmt(holm_p)} | {fmt(boot)} | {verdict} |")
+
+
+def claims_table(grid: Grid, summary: dict, forest: list | None = None) -> list[str]:
+    """One row per claim and task, and per claim its average over tasks; Holm's correction runs over the
+    paired p of every row (the whole table is one family). `forest`, when given, receives (label,
+    difference, interval) of every row that has a difference, for the forest plot."""
+    entries = []  # (text, where, diff, ci, Welch p, verdict, paired p, bootstrap p)
+    methods = {e.name: e for e in grid.methods}
+    for claim in grid.claims:
+        text = f"{claim.text} (`{claim.better}` vs `{claim.worse}`)"
+        for task in grid.tasks:
+            b, w = summary.get((task, claim.better)), summary.get((task, claim.worse))
+            if b is None or w is None:
+                continue
+            diff, ci, p, verdict = claim_verdict(b["scores"], w["scores"], len(grid.seeds))
+            if b["sweeping"] or w["sweeping"]:
+                verdict = "waiting (sweep not finished)"
+            main = b["rows"][0].get("main_metric", "")
+            entries.append((text, task, diff, ci, p, verdict, paired_cells([b["rows"]], [w["rows"]])[1],
+                            bootstrap_cells(task, main, b["rows"], w["rows"], grid.results.parent)))
+        shared = [t for t in grid.tasks if t in methods[claim.better].tasks and t in methods[claim.worse].tasks]
+        if len(shared) < 2:
+            continue
+        pairs = [(summary.get((t, claim.better)), summary.get((t, claim.worse))) for t in shared]
+        done = sum(1 for b, w in pairs if b and w and complete(b, len(grid.seeds)) and complete(w, len(grid.seeds)))
+        where = f"average of {len(shared)} tasks"
+        if done < len(shared):
+            entries.append((text, where, None, None, None, f"waiting ({done}/{len(shared)} tasks complete)",
+                            math.nan, None))
+        else:
+            entries.append((text, where, *average_verdict([b["scores"] for b, _ in pairs],
+                                                          [w["scores"] for _, w in pairs]),
+                            paired_cells([b["rows"] for b, _ in pairs], [w["rows"] for _, w in pairs])[1], None))
+    adjusted = holm([e[6] for e in entries])
+    if forest is not None:
+        forest += [(f"{e[0].split(' (`')[0]}: {e[1]}", e[2], e[3]) for e in entries if e[2] is not None]
+    return ["| claim | task | better − worse (×100) | 95 % CI | Welch p | paired p | paired p, Holm | bootstrap p "
+            "| verdict |", "|---|---|---:|---:|---:|---:|---:|---:|---|",
+            *(_claim_row(*e[:6], e[6], h, e[7]) for e, h in zip(entries, adjusted))]
+
+
+def lr_table(grid: Grid, summary: dict) -> list[str]:
+    across = rate_across_tasks(grid, summary)
+    lines = ["| method | " + " | ".join(grid.tasks) + " | one rate for every task |",
+             "|---|" + "---|" * (len(grid.tasks) + 1)]
+    for entry in grid.methods:
+        cells = []
+        for task in grid.tasks:
+            s = summary.get((task, entry.name))
+            if s is None:
+                cells.append("—")
+                continue
+            swept = sorted(s["sweep"])
+            sweep = ", ".join(f"{lr:g}: {100 * s['sweep'][lr]:.1f}" for lr in swept)
+            if len(swept) < 2:
+                edge = ""
+            elif len(set(s["sweep"].values())) == 1:  # the sweep chose nothing: no edge to look beyond
+                edge = " (every rate tied: the smallest by rule)"
+            else:
+                edge = " ↑" if s["lr"] == swept[-1] else " ↓" if s["lr"] == swept[0] else ""
+            extended = " (sweep extended)" if set(swept) - set(entry.lrs) else ""
+            cells.append(f"**{s['lr']:g}**{edge} ({sweep}){extended}")
+        if entry.name in across:
+            lr, shortfall, tasks = across[entry.name]
+            cells.append(f"**{lr:g}** ({shortfall:.1f} below the best, on average over {tasks} tasks)")
+        else:
+            cells.append("—")
+        lines.append(f"| {entry.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seeds_table(grid: Grid, summary: dict) -> list[str]:
+    """Every seed's dev score (×100) at each cell's chosen rate: the numbers behind each mean ± std, where a
+    run that failed to learn stands out."""
+    lines = ["| task | method | lr | " + " | ".join(f"seed {s}" for s in grid.seeds) + " |",
+             "|---|---|---:|" + "---:|" * len(grid.seeds)]
+    for task in grid.tasks:
+        for entry in grid.methods:
+            s = summary.get((task, entry.name))
+            if s is not None:
+                by_seed = {r["seed"]: r["score"] for r in s["rows"]}
+                lines.append(f"| {task} | {entry.name} | {s['lr']:g} | " + " | ".join(
+                    f"{100 * by_seed[seed]:.1f}" if seed in by_seed else "—" for seed in grid.seeds) + " |")
+    return lines
+
+
+def epochs_table(grid: Grid, summary: dict) -> list[str]:
+    """Dev score after each epoch at each cell's chosen rate, mean over the seeds whose rows carry a curve;
+    [] when no row does. Shows whether the epochs were enough: the last column is the last epoch's gain."""
+    cells = [(task, e.name, [r["curve"] for r in summary[(task, e.name)]["rows"] if r.get("curve")])
+             for task in grid.tasks for e in grid.methods if (task, e.name) in summary]
+    cells = [c for c in cells if c[2]]
+    if not cells:
+        return []
+    epochs = sorted({ep for _, _, curves in cells for curve in curves for ep, _ in curve if ep > 0})
+    lines = ["| task | method | " + " | ".join(f"{ep:g}" for ep in epochs) + " | last gain | seeds |",
+             "|---|---|" + "---:|" * (len(epochs) + 2)]
+    for task, name, curves in cells:
+        means = []
+        for ep in epochs:
+            at = [score for curve in curves for e, score in curve if e == ep]
+            means.append(100 * statistics.fmean(at) if len(at) == len(curves) else None)
+        done = [m for m in means if m is not None]
+        gain = f"{round(done[-1] - done[-2], 1) + 0.0:+.1f}" if len(done) > 1 else "—"  # no "-0.0"
+        lines.append(f"| {task} | {name} | " + " | ".join("—" if m is None else f"{m:.1f}" for m in means)
+                     + f" | {gain} | {len(curves)} |")
+    return lines
