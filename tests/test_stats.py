@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from kronpeft.runner.report.tests import collapsed, holm, paired_bootstrap, paired_test
+from kronpeft.runner.report.significance import collapsed, holm, paired_bootstrap, paired_test
 
 
 def accuracy(preds, labels):

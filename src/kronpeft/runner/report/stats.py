@@ -12,7 +12,7 @@ from scipy.stats import ttest_ind
 
 from ..study.grid import Grid
 from ..study.plan import best_lr, plan
-from .tests import collapsed
+from .significance import collapsed
 
 
 def cell_stats(scores: list[float]) -> tuple[float, float, int]:

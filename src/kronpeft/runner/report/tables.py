@@ -7,7 +7,7 @@ import statistics
 from ..study.grid import Grid
 from .stats import (adapter_params, average_verdict, cell_stats, claim_verdict, collapses, complete, model_params,
                     rate_across_tasks)
-from .tests import bootstrap_cells, holm, paired_cells
+from .significance import bootstrap_cells, holm, paired_cells
 
 
 def _fmt_cell(stats, wanted: int, sweeping: bool, median: float | None = None, collapsed: int = 0) -> str:
