@@ -19,7 +19,7 @@ from conftest import needs_glue, needs_minilm
 from safetensors.torch import load_file
 from scipy.stats import pearsonr, spearmanr
 
-from kronpeft.runner import baselines, cli
+from kronpeft.runner import baselines, cli, commands
 from kronpeft.runner.data import get_task, limit, load_split
 
 
@@ -65,7 +65,7 @@ def dev_logits(model, tokenizer, task="rte"):
 def loaded_logits(folder, task="rte"):
     """Dev logits of an adapter (or merged model) folder, loaded the way `kronpeft eval` loads it."""
     spec = get_task(task)
-    model, tokenizer, _ = cli._load_for_eval(str(folder), None, spec.num_labels, spec.is_regression)
+    model, tokenizer, _ = commands._load_for_eval(str(folder), None, spec.num_labels, spec.is_regression)
     return dev_logits(model, tokenizer, task)
 
 

@@ -11,7 +11,8 @@ import pytest
 
 import kronpeft
 from conftest import GLUE_DIR, needs_glue, needs_minilm
-from kronpeft.runner.cli import build_parser, generate_text, main
+from kronpeft.runner.cli import build_parser, main
+from kronpeft.runner.commands import generate_text
 
 SRC = Path(kronpeft.__file__).resolve().parents[1]  # the kronpeft under test, also in the subprocesses
 
@@ -253,7 +254,7 @@ def instruct_folder(tmp_path, minilm_path):
 
 
 def _prompts_generated(monkeypatch, argv):
-    from kronpeft.runner import cli
+    from kronpeft.runner import cli, commands
 
     seen = []
 
@@ -263,7 +264,7 @@ def _prompts_generated(monkeypatch, argv):
             m.setattr(model, "generate", lambda **kw: seen.append(kw["input_ids"][0].tolist()) or kw["input_ids"])
             generate_text(model, tokenizer, prompt, *args, chat=chat, **kwargs)
         return ""
-    monkeypatch.setattr(cli, "generate_text", spy)
+    monkeypatch.setattr(commands, "generate_text", spy)
     assert cli.main(argv) == 0
     return seen
 
