@@ -9,6 +9,7 @@ first module (kept by a forward pre-hook on it). An adapter's own copy of a modu
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass
@@ -312,3 +313,29 @@ def detach(owner: nn.Module, site: AdapterSite):
     """Remove a site and its hooks from `owner`."""
     site.detach_hooks()
     delattr(owner, SITE_ATTR)
+
+
+@contextlib.contextmanager
+def unchanged_on_failure(model: nn.Module):
+    """If the block raises, remove the adapters, sites and hooks it added to `model` and restore every
+    parameter's `requires_grad`."""
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    before = {id(site): (set(site.keys()), site.span_first, len(site._handles), set(site.reads_span), set(site.copies))
+              for _, site in sites(model)}
+    try:
+        yield
+    except BaseException:
+        for owner, site in sites(model):
+            if id(site) not in before:
+                detach(owner, site)
+                continue
+            names, span_first, n_handles, reads_span, copies = before[id(site)]
+            for name in set(site.keys()) - names:
+                del site[name]
+            for handle in site._handles[n_handles:]:
+                handle.remove()
+            del site._handles[n_handles:]
+            site.span_first, site.reads_span, site.copies = span_first, reads_span, copies
+        for param, requires_grad in grads:
+            param.requires_grad_(requires_grad)
+        raise
