@@ -19,6 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import AdapterConfig, BottleneckConfig, KronABConfig, KronAConfig
+from .layers import build_adapter
 from .presets import PRESETS, Preset
 
 SITE_ATTR = "kronpeft"
@@ -302,6 +303,40 @@ def attach(model: nn.Module, name: str, adapter: nn.Module, place: Place, replac
         site.copies.add(name)
     site[name] = adapter
     return site
+
+
+def build_adapters(model: nn.Module, config: AdapterConfig, places: list[Place], autocast_adapter_dtype: bool,
+                   kpsvd: bool = True) -> list[nn.Module]:
+    """One new adapter per place, on its layer's device and in its dtype (fp32 on a bf16/fp16 layer when
+    `autocast_adapter_dtype`) and train/eval mode; `kpsvd=False`: `init="kpsvd"` skips the SVD of the base
+    weight (the factors are about to be loaded)."""
+    built = []
+    for place in places:
+        owner = model.get_submodule(place.owner)
+        ref = next(owner.parameters())
+        dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32  # an int-packed weight (bitsandbytes)
+        if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        try:
+            weight = None  # init="kpsvd" takes the SVD of the base weight, unless the factors are being loaded
+            if getattr(config, "init", None) == "kpsvd" and kpsvd:
+                weight = dense_weight(owner)
+            adapter = build_adapter(config, place.out_features, place.in_features, dtype, ref.device, weight)
+        except ValueError as err:
+            raise ValueError(f"{place.owner}: {err}") from None
+        built.append(adapter.train(owner.training))  # a new adapter follows its host's train/eval mode
+    return built
+
+
+def remove_adapter(model: nn.Module, name: str):
+    """Take adapter `name` (and its copies of modules) out of every site; a site left empty is detached."""
+    for owner, site in sites(model):
+        if name in site:
+            del site[name]
+            site.reads_span.discard(name)
+            site.copies.discard(name)
+        if not len(site):
+            detach(owner, site)
 
 
 def sites(model: nn.Module) -> list[tuple[nn.Module, AdapterSite]]:

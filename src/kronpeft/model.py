@@ -7,9 +7,7 @@ parameters and state-dict keys are exactly what they were.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
-import inspect
 import os
 import tempfile
 import warnings
@@ -20,18 +18,19 @@ import torch
 from torch import nn
 
 from . import merging, sharding
-from .config import AdapterConfig, KronAConfig
-from .injection import AdapterSite, Place, attach, copy_module, dense_weight, detach, find_places, sites, unchanged_on_failure
-from .layers import build_adapter
-from .memory import adapter_bytes, check_fits
+from .config import AdapterConfig
+from .injection import (AdapterSite, Place, attach, build_adapters, copy_module, remove_adapter, sites,
+                        unchanged_on_failure)
 from .mixed import mixed_batch
-from .modules import check_saved_modules, check_untied, count_parameters, resolve_modules_to_save
+from .modules import classifier_head, count_parameters, plan_adapter  # noqa: F401 (classifier_head: as before)
 from .names import check_adapter_name, check_path
-from .saving import (adapter_meta, adapter_state, config_from, ignore_missing_frozen_keys, keep_trained_state,
-                     load_adapter_state, local_adapter_dir, read_adapter, write_adapter)
+from .saving import (adapter_meta, adapter_state, config_from, full_states, ignore_missing_frozen_keys, is_loading,
+                     keep_trained_state, load_adapter_state, loading, local_adapter_dir, read_adapter, write_adapter)
 # The adapter format's names, importable from here as before (they live in saving.py).
 from .saving import CONFIG_NAME, FORMAT_VERSION, READABLE_VERSIONS, WEIGHTS_NAME, read_adapter_files  # noqa: F401
-_LOADING = contextvars.ContextVar("kronpeft_loading", default=False)  # adapters built to be loaded: no kpsvd SVD
+from .signature import rebuild, with_forward_signature
+
+_rebuild = rebuild  # pickles written before the split name kronpeft.model._rebuild
 UNLOADED = ("this KronModel was merged and unloaded (merge_and_unload); use the model that call returned, "
             "or wrap a base model again with get_model")
 
@@ -52,7 +51,7 @@ class KronModel(nn.Module):
     """
 
     def __new__(cls, model: nn.Module | None = None, *args, **kwargs):
-        return super().__new__(cls if model is None else _with_forward_signature(cls, type(model)))
+        return super().__new__(cls if model is None else with_forward_signature(cls, type(model)))
 
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True):
@@ -96,11 +95,11 @@ class KronModel(nn.Module):
 
     def __reduce_ex__(self, protocol):
         """Pickle (`torch.save(model)`, multiprocessing) through the base model's class: the per-class
-        subclass `_with_forward_signature` makes cannot be found by name."""
+        subclass `signature.with_forward_signature` makes cannot be found by name."""
         base_class = type(self).__dict__.get("_base_class")
         if base_class is None:
             return super().__reduce_ex__(protocol)
-        return _rebuild, (type(self).__mro__[1], base_class), self.__getstate__()
+        return rebuild, (type(self).__mro__[1], base_class), self.__getstate__()
 
     def __getattr__(self, name: str):
         try:
@@ -128,29 +127,9 @@ class KronModel(nn.Module):
             raise TypeError(f"add_adapter needs a kronpeft AdapterConfig, got {type(config).__name__}")
         config = copy.deepcopy(config)
         model = self.base_model
-        places = find_places(model, config)
-        saved = resolve_modules_to_save(model, config.modules_to_save)
-        check_saved_modules(model, places, saved)
-        if isinstance(config, KronAConfig):  # mergeable: its weight must belong to its layer alone
-            check_untied(model, [p.owner for p in places], f"{type(config).__name__}.target_modules")
-        ref = next(model.parameters())
-        shapes = {p.owner: (p.out_features, p.in_features) for p in places}
-        check_fits(adapter_bytes(config, shapes, ref.dtype), ref.device, f"the {len(places)} {config.method} adapters")
-        built = []
-        for place in places:  # build everything before attaching anything
-            owner = model.get_submodule(place.owner)
-            ref = next(owner.parameters())
-            dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32  # an int-packed weight (bitsandbytes)
-            if self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
-                dtype = torch.float32
-            try:
-                weight = None  # init="kpsvd" takes the SVD of the base weight, unless the factors are being loaded
-                if getattr(config, "init", None) == "kpsvd" and not _LOADING.get():
-                    weight = dense_weight(owner)
-                adapter = build_adapter(config, place.out_features, place.in_features, dtype, ref.device, weight)
-            except ValueError as err:
-                raise ValueError(f"{place.owner}: {err}") from None
-            built.append(adapter.train(owner.training))  # a new adapter follows its host's train/eval mode
+        places, saved = plan_adapter(model, config)
+        # build everything before attaching anything; init="kpsvd" skips its SVD when factors are being loaded
+        built = build_adapters(model, config, places, self.autocast_adapter_dtype, kpsvd=not is_loading())
         copies = [copy_module(model.get_submodule(name)) for name in saved]
         with self._all_or_nothing():
             for place, adapter in zip(places, built):
@@ -213,13 +192,7 @@ class KronModel(nn.Module):
         self._check_name(adapter_name)
         if self._is_merged(adapter_name):
             self.unmerge_adapter(adapter_name)
-        for owner, site in sites(self.base_model):
-            if adapter_name in site:
-                del site[adapter_name]
-                site.reads_span.discard(adapter_name)
-                site.copies.discard(adapter_name)
-            if not len(site):
-                detach(owner, site)
+        remove_adapter(self.base_model, adapter_name)
         del self.configs[adapter_name]
         del self.saved_modules[adapter_name]
         self._inference.discard(adapter_name)
@@ -315,14 +288,10 @@ class KronModel(nn.Module):
             list(self.configs) if selected_adapters is None else list(selected_adapters))
         for name in names:  # check every name before writing anything
             self._check_name(name)
-        with sharding.full_params(self.base_model) as gathered:  # FSDP1, ZeRO-3: the full tensors, copied
-            states = {name: {k: t.clone() for k, t in self.adapter_state_dict(name).items()} for name in names}
-        sharded = gathered or sharding.is_sharded(t for state in states.values() for t in state.values())
-        if sharded:  # every process gathers (collectives; FSDP2 here); the main process alone writes
-            states = {name: sharding.gather_full(state) for name, state in states.items()}
-            if not sharding.is_main_process():
-                sharding.barrier()
-                return
+        states, sharded = full_states(self.base_model, names, self.adapter_state_dict)
+        if sharded and not sharding.is_main_process():  # the main process alone writes
+            sharding.barrier()
+            return
         for name in names:
             meta = adapter_meta(self.base_model, name, self.configs[name], self.saved_modules[name])
             alone = adapter_name is not None or name == "default"
@@ -354,7 +323,7 @@ class KronModel(nn.Module):
         adapter_dir = local_adapter_dir(adapter_dir, revision, token)
         meta, state = read_adapter(adapter_dir, model)
         config = config_from(meta, adapter_dir)
-        with unchanged_on_failure(model), _loading():
+        with unchanged_on_failure(model), loading():
             kron_model = cls(model, config, adapter_name, autocast_adapter_dtype)
             kron_model._load_state(adapter_dir, adapter_name, state)
         if not is_trainable:
@@ -372,7 +341,7 @@ class KronModel(nn.Module):
         adapter_dir = local_adapter_dir(adapter_dir, revision, token)
         meta, state = read_adapter(adapter_dir, self.base_model)
         config = config_from(meta, adapter_dir)
-        with self._all_or_nothing(), _loading():
+        with self._all_or_nothing(), loading():
             self.add_adapter(adapter_name, config)
             self._load_state(adapter_dir, adapter_name, state)
         if not is_trainable:
@@ -435,40 +404,3 @@ def get_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "defa
               autocast_adapter_dtype: bool = True) -> KronModel:
     """Freeze `model` and add the adapter `config` describes; see `KronModel`."""
     return KronModel(model, config, adapter_name, autocast_adapter_dtype)
-
-
-_SIGNATURE_CLASSES: dict[tuple[type, type], type] = {}
-
-
-def _with_forward_signature(cls: type, base_class: type) -> type:
-    """A subclass of `cls` whose `forward` carries `base_class.forward`'s signature (one per pair).
-
-    `transformers.Trainer` reads the signature to choose the dataset columns it keeps and, on the
-    class, to find the label arguments; PEFT's task wrappers list them by hand for the same reason.
-    """
-    key = (cls, base_class)
-    if key not in _SIGNATURE_CLASSES:
-        def forward(self, *args, adapter_names=None, **kwargs):
-            return self._run(None, args, kwargs, adapter_names)
-
-        forward.__signature__ = inspect.signature(base_class.forward)
-        forward.__doc__ = f"`{base_class.__name__}.forward` with the active adapter applied."
-        _SIGNATURE_CLASSES[key] = type(cls.__name__, (cls,), {
-            "forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-            "_base_class": base_class})
-    return _SIGNATURE_CLASSES[key]
-
-
-def _rebuild(cls: type, base_class: type) -> "KronModel":
-    """An empty instance of the class `_with_forward_signature(cls, base_class)` (unpickling)."""
-    return nn.Module.__new__(_with_forward_signature(cls, base_class))
-
-
-@contextlib.contextmanager
-def _loading():
-    """Adapters built inside are about to receive saved tensors: skip data-dependent initialisation."""
-    token = _LOADING.set(True)
-    try:
-        yield
-    finally:
-        _LOADING.reset(token)

@@ -1,11 +1,27 @@
 """The base model's modules as adapters see them, apart from the wrapper: which ones an adapter trains a
 whole copy of (`modules_to_save`, by default a sequence classifier's head), which it may not adapt or
-copy (tied weights), and parameter counts."""
+copy (tied weights), the plan of a new adapter checked before anything changes, and parameter counts."""
 from __future__ import annotations
 
 from torch import nn
 
-from .injection import SITE_ATTR, Place, base_modules, sites
+from .config import AdapterConfig, KronAConfig
+from .injection import SITE_ATTR, Place, base_modules, find_places, sites
+from .memory import adapter_bytes, check_fits
+
+
+def plan_adapter(model: nn.Module, config: AdapterConfig) -> tuple[list[Place], list[str]]:
+    """`(places, modules to save)` of a new adapter `config` in `model`, checked: no module both adapted
+    and copied, no tied weight adapted or copied, and the adapters fit in the device's memory."""
+    places = find_places(model, config)
+    saved = resolve_modules_to_save(model, config.modules_to_save)
+    check_saved_modules(model, places, saved)
+    if isinstance(config, KronAConfig):  # mergeable: its weight must belong to its layer alone
+        check_untied(model, [p.owner for p in places], f"{type(config).__name__}.target_modules")
+    ref = next(model.parameters())
+    shapes = {p.owner: (p.out_features, p.in_features) for p in places}
+    check_fits(adapter_bytes(config, shapes, ref.dtype), ref.device, f"the {len(places)} {config.method} adapters")
+    return places, saved
 
 
 def classifier_head(model: nn.Module) -> list[str]:

@@ -8,6 +8,8 @@ what is trained. `KronModel.save_pretrained` / `from_pretrained` / `load_adapter
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 from pathlib import Path
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import sharding
 from .atomic import commit, replacing_dir, sha256, write_tensors
 from .config import AdapterConfig
 from .injection import SITE_ATTR, sites
@@ -27,6 +30,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_STEM = "adapter_model"
 FORMAT_VERSION = 2  # 2: `weights_file` names the weights (versioned, crash-safe overwrite); 1: always WEIGHTS_NAME
 READABLE_VERSIONS = (1, 2)
+_LOADING = contextvars.ContextVar("kronpeft_loading", default=False)  # adapters built to be loaded: no kpsvd SVD
 
 
 # -- what is saved ------------------------------------------------------------------------------
@@ -44,6 +48,17 @@ def adapter_state(base_model: nn.Module, adapter_name: str) -> dict[str, torch.T
         for key, tensor in site[adapter_name].state_dict().items():
             state[prefix + key] = tensor
     return state
+
+
+def full_states(base_model: nn.Module, names: list[str], state_of) -> tuple[dict[str, dict[str, torch.Tensor]], bool]:
+    """`({name: state_of(name), copied, whole}, sharded)`: on a sharded model (FSDP1, ZeRO-3, FSDP2) every
+    process takes part in gathering the full tensors; `sharded` says so (then only the main process writes)."""
+    with sharding.full_params(base_model) as gathered:  # FSDP1, ZeRO-3: the full tensors, copied
+        states = {name: {k: t.clone() for k, t in state_of(name).items()} for name in names}
+    sharded = gathered or sharding.is_sharded(t for state in states.values() for t in state.values())
+    if sharded:  # every process gathers (collectives; FSDP2 here)
+        states = {name: sharding.gather_full(state) for name, state in states.items()}
+    return states, sharded
 
 
 def adapter_meta(base_model: nn.Module, adapter_name: str, config: AdapterConfig, saved_modules: list[str]) -> dict:
@@ -204,6 +219,21 @@ def config_from(meta: dict, adapter_dir) -> AdapterConfig:
 
 
 # -- loading into a model -----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def loading():
+    """Adapters built inside are about to receive saved tensors: skip data-dependent initialisation."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def is_loading() -> bool:
+    """Inside `loading()`: adapters being built will receive saved tensors (no `init="kpsvd"` SVD)."""
+    return _LOADING.get()
+
 
 def load_adapter_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], adapter_dir,
                        model_name: str):
