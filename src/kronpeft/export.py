@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from .atomic import replacing_dir
 from .injection import SITE_ATTR
 from .kron import kron_svd, kron_sum_linear, kron_sum_norm2, kron_sum_svd
-from .model import WEIGHTS_NAME, read_adapter_files
+from .saving import WEIGHTS_NAME, read_adapter_files
 from .names import check_apart, check_path
 
 PEFT_PREFIX = "base_model.model."

@@ -9,6 +9,7 @@ first module (kept by a forward pre-hook on it). An adapter's own copy of a modu
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import AdapterConfig, BottleneckConfig, KronABConfig, KronAConfig
+from .layers import build_adapter
 from .presets import PRESETS, Preset
 
 SITE_ATTR = "kronpeft"
@@ -303,6 +305,40 @@ def attach(model: nn.Module, name: str, adapter: nn.Module, place: Place, replac
     return site
 
 
+def build_adapters(model: nn.Module, config: AdapterConfig, places: list[Place], autocast_adapter_dtype: bool,
+                   kpsvd: bool = True) -> list[nn.Module]:
+    """One new adapter per place, on its layer's device and in its dtype (fp32 on a bf16/fp16 layer when
+    `autocast_adapter_dtype`) and train/eval mode; `kpsvd=False`: `init="kpsvd"` skips the SVD of the base
+    weight (the factors are about to be loaded)."""
+    built = []
+    for place in places:
+        owner = model.get_submodule(place.owner)
+        ref = next(owner.parameters())
+        dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32  # an int-packed weight (bitsandbytes)
+        if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        try:
+            weight = None  # init="kpsvd" takes the SVD of the base weight, unless the factors are being loaded
+            if getattr(config, "init", None) == "kpsvd" and kpsvd:
+                weight = dense_weight(owner)
+            adapter = build_adapter(config, place.out_features, place.in_features, dtype, ref.device, weight)
+        except ValueError as err:
+            raise ValueError(f"{place.owner}: {err}") from None
+        built.append(adapter.train(owner.training))  # a new adapter follows its host's train/eval mode
+    return built
+
+
+def remove_adapter(model: nn.Module, name: str):
+    """Take adapter `name` (and its copies of modules) out of every site; a site left empty is detached."""
+    for owner, site in sites(model):
+        if name in site:
+            del site[name]
+            site.reads_span.discard(name)
+            site.copies.discard(name)
+        if not len(site):
+            detach(owner, site)
+
+
 def sites(model: nn.Module) -> list[tuple[nn.Module, AdapterSite]]:
     """`(owner module, site)` for every site in `model`."""
     return [(m, s) for m in model.modules() if isinstance(s := getattr(m, SITE_ATTR, None), AdapterSite)]
@@ -312,3 +348,29 @@ def detach(owner: nn.Module, site: AdapterSite):
     """Remove a site and its hooks from `owner`."""
     site.detach_hooks()
     delattr(owner, SITE_ATTR)
+
+
+@contextlib.contextmanager
+def unchanged_on_failure(model: nn.Module):
+    """If the block raises, remove the adapters, sites and hooks it added to `model` and restore every
+    parameter's `requires_grad`."""
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    before = {id(site): (set(site.keys()), site.span_first, len(site._handles), set(site.reads_span), set(site.copies))
+              for _, site in sites(model)}
+    try:
+        yield
+    except BaseException:
+        for owner, site in sites(model):
+            if id(site) not in before:
+                detach(owner, site)
+                continue
+            names, span_first, n_handles, reads_span, copies = before[id(site)]
+            for name in set(site.keys()) - names:
+                del site[name]
+            for handle in site._handles[n_handles:]:
+                handle.remove()
+            del site._handles[n_handles:]
+            site.span_first, site.reads_span, site.copies = span_first, reads_span, copies
+        for param, requires_grad in grads:
+            param.requires_grad_(requires_grad)
+        raise

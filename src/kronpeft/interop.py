@@ -20,7 +20,7 @@ from .atomic import replacing_dir
 from .config import KronAConfig
 from .injection import SITE_ATTR
 from .kron import kron_shapes
-from .model import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_files, write_adapter
+from .saving import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_files, write_adapter
 from .names import check_apart, check_path
 
 PEFT_PREFIX = "base_model.model."

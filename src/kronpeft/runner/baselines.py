@@ -25,7 +25,8 @@ from ..config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
 from ..injection import find_places
 from ..kron import kron_shapes
 from ..memory import check_fits
-from ..model import KronModel, classifier_head, get_model
+from ..model import KronModel, get_model
+from ..modules import classifier_head
 
 RUN_FILE = "kronpeft_run.json"
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from ..atomic import commit, sha256, write_atomic, write_json_atomic, write_tensors
 from ..choices import DEFAULT_MODEL
 from ..injection import ALL_LINEAR, SITE_ATTR
-from ..model import classifier_head, count_parameters
+from ..modules import classifier_head, count_parameters
 from . import baselines, feedback, scale, tracking
 from .data import get_task, limit, load_split
 from .errors import UsageError
