@@ -103,7 +103,7 @@ def test_evaluation_shows_a_bar_at_a_terminal(monkeypatch, capsys):
 
     from conftest import make_model
     from kronpeft.runner import feedback
-    from kronpeft.runner.train import predict
+    from kronpeft.runner.train.loop import predict
 
     monkeypatch.setattr(feedback, "show_bars", lambda: True)
     predict(make_model("bert"), _Dev(), batch_size=2, device=torch.device("cpu"))
@@ -129,7 +129,7 @@ def test_a_run_at_the_majority_class_score_warns_with_causes():
 
 
 def test_train_prints_the_warning_after_its_summary(monkeypatch, tmp_path, capsys):
-    from kronpeft.runner import train
+    from kronpeft.runner.train import loop as train
 
     metrics = {**_metrics(0.6, 0.6), "task": "rte", "model": "m", "trainable_params": 1, "total_params": 2,
                "best": {"accuracy": 0.6}, "best_step": 2, "train_seconds": 1.0, "peak_memory_mb": 1.0}

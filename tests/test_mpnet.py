@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kronpeft.runner import mpnet
-from kronpeft.runner.train import UsageError, resolve_model
+from kronpeft.runner.train.loop import UsageError, resolve_model
 
 
 def _installed() -> bool:

@@ -37,7 +37,7 @@ from typing import Callable
 
 from .gridcheck import check_shape
 from .selection import SELECTION, choice_score, keep_predictions
-from .train import CHECKPOINT, STATE_FILE, UsageError
+from .train.loop import CHECKPOINT, STATE_FILE, UsageError
 
 try:
     import tomllib

@@ -26,20 +26,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..atomic import commit, sha256, write_atomic, write_json_atomic, write_tensors
-from ..choices import DEFAULT_MODEL
-from ..injection import ALL_LINEAR, SITE_ATTR
-from ..model import classifier_head, count_parameters
-from . import baselines, feedback, scale, tracking
-from .data import get_task, limit, load_split
-from .errors import UsageError
-from .feedback import batches, loading
-from .metrics import compute_metrics, constant_baseline
-from .mpnet import MPNET_NAMES, mpnet_folder
-from .run_checks import (check_flags, check_head_labels, check_overwritable, check_resume_state,
+from ...atomic import commit, sha256, write_atomic, write_json_atomic, write_tensors
+from ...choices import DEFAULT_MODEL
+from ...injection import ALL_LINEAR, SITE_ATTR
+from ...model import classifier_head, count_parameters
+from .. import baselines, feedback, scale, tracking
+from ..data import get_task, limit, load_split
+from ..errors import UsageError
+from ..feedback import batches, loading
+from ..metrics import compute_metrics, constant_baseline
+from ..mpnet import MPNET_NAMES, mpnet_folder
+from ..run_checks import (check_flags, check_head_labels, check_overwritable, check_resume_state,
                          check_truncated, read_finished_metrics)
-from .selection import PREDICTIONS, SELECTION, save_predictions, split_train
-from .text2text import PromptedSet, is_causal_lm
+from ..selection import PREDICTIONS, SELECTION, save_predictions, split_train
+from ..text2text import PromptedSet, is_causal_lm
 
 _MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct")
@@ -472,7 +472,7 @@ def run(args) -> dict | None:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from .plots import plot_curves
+    from ..plots import plot_curves
 
     # cpu=True without a GPU: accelerate then sets up gloo for torchrun/`accelerate launch` processes
     on_cpu = args.cpu or not torch.cuda.is_available()
