@@ -9,7 +9,7 @@ import pytest
 
 from kronpeft.runner import study
 from kronpeft.runner.selection import load_predictions, save_predictions
-from kronpeft.runner.train.loop import UsageError
+from kronpeft.runner.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 

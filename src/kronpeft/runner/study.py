@@ -37,7 +37,8 @@ from typing import Callable
 
 from .gridcheck import check_shape
 from .selection import SELECTION, choice_score, keep_predictions
-from .train.loop import CHECKPOINT, STATE_FILE, UsageError
+from .errors import UsageError
+from .train.checkpoints import CHECKPOINT, STATE_FILE
 
 try:
     import tomllib
