@@ -15,7 +15,7 @@ from kronpeft import AdaKronConfig, get_model
 from kronpeft.runner.data import load_split
 from kronpeft.injection import sites
 from kronpeft.runner.text2text import is_causal_lm
-from kronpeft.runner.train import load_base, resolve_model
+from kronpeft.runner.train.models import load_base, resolve_model
 
 
 def main(argv=None):

@@ -16,7 +16,8 @@ from transformers import AutoModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import kronpeft
 from harness import interleaved_medians, peak_bytes, tensor_bytes
-from kronpeft.runner.train import UsageError, load_base, resolve_model
+from kronpeft.runner.errors import UsageError
+from kronpeft.runner.train.models import load_base, resolve_model
 
 LLAMA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LOKR_FULL_R = 128  # >= max(w2 dims) / 2 for every layer below: w1 and w2 stay full, as KronA's A and B

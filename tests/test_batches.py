@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kronpeft.runner.train import GROUP_BATCHES, Encoded, epoch_batches, predict
+from kronpeft.runner.train.batches import GROUP_BATCHES, Encoded, epoch_batches, predict
 
 
 def padded_tokens(batches, lengths):

@@ -49,7 +49,7 @@ def assert_usage_error(capsys, code, *words):
 def dev_logits(model, tokenizer, task="rte"):
     """`(logits, labels)` of `model` on the 15 dev examples the runs evaluate on, in batches of 8 as they do
     (an odd count: an accuracy can never equal its inverse, 1 - accuracy)."""
-    from kronpeft.runner.train import Encoded
+    from kronpeft.runner.train.batches import Encoded
 
     spec = get_task(task)
     data = Encoded(tokenizer, limit(load_split(spec.name, "dev", GLUE), 15, 0), 32, spec.is_regression)
@@ -72,7 +72,7 @@ def loaded_logits(folder, task="rte"):
 def trained_logits(run, method, task="rte"):
     """Dev logits of the model as training left it: the base model, the method's modules and the
     trainable tensors of the run's last checkpoint -- not the saved adapter."""
-    from kronpeft.runner.train import load_base, resolve_model
+    from kronpeft.runner.train.models import load_base, resolve_model
 
     spec = get_task(task)
     base, tokenizer = load_base(resolve_model("all-MiniLM-L6-v2"), spec.num_labels, spec.is_regression)
@@ -151,7 +151,8 @@ def test_label_mean_bias_starts_the_regression_head_at_the_mean_label(tmp_path, 
 
 @needs_minilm
 def test_label_mean_bias_refuses_what_has_no_regression_head(tmp_path, capsys):
-    from kronpeft.runner.train import UsageError, load_base, resolve_model, start_at_label_mean
+    from kronpeft.runner.errors import UsageError
+    from kronpeft.runner.train.models import load_base, resolve_model, start_at_label_mean
 
     assert_usage_error(capsys, train(tmp_path / "o", "--label-mean-bias", task="rte"), "--label-mean-bias", "rte")
     assert not (tmp_path / "o").exists()
@@ -166,7 +167,7 @@ def test_label_mean_bias_refuses_what_has_no_regression_head(tmp_path, capsys):
 @needs_minilm
 def test_adapter_loads_with_kronmodel(krona_run):
     from kronpeft import KronModel
-    from kronpeft.runner.train import load_base, resolve_model
+    from kronpeft.runner.train.models import load_base, resolve_model
 
     base, _ = load_base(resolve_model("all-MiniLM-L6-v2"), 2, False)
     model = KronModel.from_pretrained(base, krona_run / "adapter")
@@ -277,7 +278,7 @@ def test_resume_equals_uninterrupted(tmp_path, capsys, grouping):
 @needs_glue
 @needs_minilm
 def test_group_by_length_flag_reaches_the_batches(tmp_path, monkeypatch):
-    from kronpeft.runner import train as train_module
+    from kronpeft.runner.train import loop as train_loop
 
     seen = []
 
@@ -285,8 +286,8 @@ def test_group_by_length_flag_reaches_the_batches(tmp_path, monkeypatch):
         seen.append(lengths)
         return real(n, batch_size, seed, epoch, world, lengths)
 
-    real = train_module.epoch_batches
-    monkeypatch.setattr(train_module, "epoch_batches", recording)
+    real = train_loop.epoch_batches
+    monkeypatch.setattr(train_loop, "epoch_batches", recording)
     assert train(tmp_path / "a", "--max-steps", "1", "--no-eval-before", "--max-length", "128") == 0
     shuffled, seen[:] = list(seen), []
     assert train(tmp_path / "b", "--max-steps", "1", "--no-eval-before", "--max-length", "128", "--group-by-length") == 0
@@ -391,7 +392,7 @@ def test_malformed_tsv_row(tmp_path, capsys):
 def test_adapter_from_another_base_model(krona_run, tmp_path, capsys):
     import transformers as T
 
-    from kronpeft.runner.train import resolve_model
+    from kronpeft.runner.train.models import resolve_model
 
     other = tmp_path / "tiny-bert"
     T.BertForSequenceClassification(T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -85,7 +85,7 @@ def test_peft_task_type_of_base_classes(name, task):
 
 
 class _Dev:
-    """Five examples of a sequence classifier's dev set, batched as `train.Encoded` batches them."""
+    """Five examples of a sequence classifier's dev set, batched as `train.batches.Encoded` batches them."""
     regression, lengths = False, [4, 6, 5, 3, 7]
     labels = [0, 1, 0, 1, 0]
 
@@ -104,7 +104,7 @@ def test_evaluation_shows_a_bar_at_a_terminal(monkeypatch, capsys):
 
     from conftest import make_model
     from kronpeft.runner import feedback
-    from kronpeft.runner.train import predict
+    from kronpeft.runner.train.batches import predict
 
     monkeypatch.setattr(feedback, "show_bars", lambda: True)
     predict(make_model("bert"), _Dev(), batch_size=2, device=torch.device("cpu"))
@@ -130,11 +130,11 @@ def test_a_run_at_the_majority_class_score_warns_with_causes():
 
 
 def test_train_prints_the_warning_after_its_summary(monkeypatch, tmp_path, capsys):
-    from kronpeft.runner import train
+    from kronpeft.runner.train import loop
 
     metrics = {**_metrics(0.6, 0.6), "task": "rte", "model": "m", "trainable_params": 1, "total_params": 2,
                "best": {"accuracy": 0.6}, "best_step": 2, "train_seconds": 1.0, "peak_memory_mb": 1.0}
-    monkeypatch.setattr(train, "run", lambda args: metrics)
+    monkeypatch.setattr(loop, "run", lambda args: metrics)
     assert main(["train", "--task", "rte", "--output-dir", str(tmp_path / "run")]) == 0
     assert "kronpeft: warning: the final dev accuracy 0.6000 is no better than the majority-class" in \
         capsys.readouterr().err

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from kronpeft.runner import mpnet
-from kronpeft.runner.train import UsageError, resolve_model
+from kronpeft.runner.errors import UsageError
+from kronpeft.runner.train.models import resolve_model
 
 
 def _installed() -> bool:

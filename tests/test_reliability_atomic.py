@@ -13,7 +13,7 @@ from conftest import make_model, model_inputs, outputs
 
 import kronpeft.atomic as atomic
 from kronpeft import BottleneckConfig, KronAConfig, KronModel, get_model
-from kronpeft.runner.train import load_checkpoint, save_checkpoint
+from kronpeft.runner.train.checkpoints import load_checkpoint, save_checkpoint
 
 
 class Crash(BaseException):

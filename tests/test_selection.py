@@ -13,7 +13,7 @@ from kronpeft.runner import cli
 from kronpeft.runner.data import Example, limit, load_split
 from kronpeft.runner.metrics import compute_metrics
 from kronpeft.runner.selection import load_predictions, selection_indices, split_train
-from kronpeft.runner.train import data_digest
+from kronpeft.runner.train.checkpoints import data_digest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kronpeft.runner.errors import UsageError
 from kronpeft.runner.selection import load_predictions, save_predictions
 from kronpeft.runner.study import execute as study_execute
 from kronpeft.runner.study import grid as study_grid
 from kronpeft.runner.study import plan as study_plan
 from kronpeft.runner.study import results as study_results
-from kronpeft.runner.train import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 

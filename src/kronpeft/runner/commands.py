@@ -55,7 +55,7 @@ def cmd_report(args) -> int:
 
 def cmd_train(args) -> int:
     from .feedback import learned_nothing_warning
-    from .train import print_summary, run
+    from .train.loop import print_summary, run
 
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / args.task / args.method)
@@ -76,7 +76,7 @@ def _load_for_eval(adapter: str, model_name: str | None, task_spec_num_labels: i
                    max_length: int | None = None):
     """(model, tokenizer, run_info) for a saved adapter or model folder."""
     from . import baselines
-    from .train import load_base, resolve_model
+    from .train.models import load_base, resolve_model
 
     info = baselines.read_run(adapter)
     num_labels = task_spec_num_labels if task_spec_num_labels is not None else info.get("num_labels", 2)
@@ -100,7 +100,7 @@ def cmd_eval(args) -> int:
     from . import baselines
     from .data import get_task, limit, load_split
     from .text2text import is_causal_lm
-    from .train import encode, evaluate
+    from .train.batches import encode, evaluate
 
     info = baselines.read_run(args.adapter)
     task = args.task or info.get("task")
@@ -138,7 +138,7 @@ def cmd_eval(args) -> int:
 def cmd_merge(args) -> int:
     from ..atomic import replacing_dir, write_json_atomic
     from . import baselines
-    from .train import check_writable_dir
+    from .train.checkpoints import check_writable_dir
 
     out, adapter = Path(args.out).resolve(), Path(args.adapter).resolve()
     if out == adapter or adapter.is_relative_to(out) or out.is_relative_to(adapter):
@@ -164,7 +164,7 @@ def cmd_merge(args) -> int:
 
 def cmd_generate(args) -> int:
     from .text2text import is_causal_lm
-    from .train import load_base, resolve_model
+    from .train.models import load_base, resolve_model
 
     if args.adapter is None and args.model is None:
         raise UsageError("generate needs --adapter (a trained adapter or merged model) or --model (a base model)")

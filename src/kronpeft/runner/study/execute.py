@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..selection import SELECTION, keep_predictions
-from ..train import CHECKPOINT, STATE_FILE
+from ..train.checkpoints import CHECKPOINT, STATE_FILE
 from .grid import Grid, Run, argv
 from .plan import plan, runs_left
 from .results import _git_commit, _warn, append_row, machine, read_results
