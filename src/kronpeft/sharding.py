@@ -9,25 +9,28 @@ must call it, in the same order). torchao / bitsandbytes quantize a weight into 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 import torch.distributed as dist
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch < 2.4
-    from torch.distributed._tensor import DTensor
+
+def _is_dtensor(t) -> bool:
+    """Whether `t` is a `DTensor`. No tensor can be one before its module is imported, so importing it here
+    (0.7 s) is left to FSDP2: `import kronpeft` and `KronModel` stay fast."""
+    module = sys.modules.get("torch.distributed.tensor") or sys.modules.get("torch.distributed._tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def is_sharded(tensors) -> bool:
     """True when any of `tensors` is a `DTensor` (FSDP2 shards it over processes)."""
-    return any(isinstance(t, DTensor) for t in tensors)
+    return any(_is_dtensor(t) for t in tensors)
 
 
 def gather_full(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` with every `DTensor` replaced by its full (all-gathered) tensor, in key order.
     Collective when anything is sharded: call it on every process."""
-    return {key: t.full_tensor() if isinstance(t, DTensor) else t for key, t in state.items()}
+    return {key: t.full_tensor() if _is_dtensor(t) else t for key, t in state.items()}
 
 
 @contextlib.contextmanager
@@ -67,7 +70,7 @@ def unmergeable_weight(module_name: str, weight: torch.Tensor, shape: tuple[int,
         return (f"{module_name}.weight is partitioned by DeepSpeed ZeRO-3. Save the adapter (save_pretrained "
                 f"gathers it), then merge it into an unsharded base (KronModel.from_pretrained(base, "
                 f"adapter_dir).merge_and_unload(), or `kronpeft merge`)")
-    if isinstance(weight, DTensor):
+    if _is_dtensor(weight):
         return (f"{module_name}.weight is sharded over processes (FSDP2 DTensor); merging would change one shard "
                 f"at a time. Save the adapter (save_pretrained gathers it), then merge it into an unsharded base "
                 f"(KronModel.from_pretrained(base, adapter_dir).merge_and_unload(), or `kronpeft merge`)")
