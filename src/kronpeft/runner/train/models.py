@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from ...choices import DEFAULT_MODEL
 from ...injection import SITE_ATTR
 from ...modules import classifier_head
 from .. import feedback
+from ..cache import cache_dir, cached_folder
 from ..errors import UsageError
 from ..feedback import loading
 from ..mpnet import MPNET_NAMES, mpnet_folder
@@ -53,25 +52,15 @@ def smollm2_folder() -> str:
     """SmolLM2 as a `save_pretrained` folder: the GGUF file dequantised to fp32 once (about a minute)
     and kept in `$KRONPEFT_CACHE` (default `~/.cache/kronpeft`), so later loads take seconds."""
     gguf = Path(smollm2_gguf())
-    cache = Path(os.environ.get("KRONPEFT_CACHE", "~/.cache/kronpeft")).expanduser()
-    folder = cache / f"{gguf.stem}-{gguf.stat().st_size}"
-    if (folder / "config.json").is_file():
-        return str(folder)
-    print(f"kronpeft: converting {gguf.name} to an fp32 model folder in {cache}, once (about a minute)",
-          file=sys.stderr, flush=True)
-    model, tokenizer = load_base(str(gguf), 2, False)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=cache))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, folder)  # atomic: the folder appears complete or not at all
-    except OSError:
-        if not (folder / "config.json").is_file():  # another process may have won the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
+
+    def build(target: Path):
+        print(f"kronpeft: converting {gguf.name} to an fp32 model folder in {cache_dir()}, once (about a minute)",
+              file=sys.stderr, flush=True)
+        model, tokenizer = load_base(str(gguf), 2, False)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+    return cached_folder(f"{gguf.stem}-{gguf.stat().st_size}", build)
 
 
 def smollm2_gguf() -> str:
