@@ -141,3 +141,13 @@ def run_two_processes(args: list[str], out):
                            "-m", "kronpeft", *args, "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def one_error_line(capsys, code: int, *words: str) -> str:
+    """Exit status 2 and exactly one `kronpeft: error:` line on stderr, naming each of `words` (any case)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("kronpeft: error: "), lines
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+    return lines[0]

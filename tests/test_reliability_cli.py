@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_error_line
+
 from kronpeft.runner import cli
 
 torch.set_num_threads(1)
@@ -18,15 +20,6 @@ SMALL = ["--max-train-samples", "16", "--max-eval-samples", "8", "--max-length",
 
 def train(out, *extra, data_dir=GLUE):
     return cli.main(["train", "--task", "rte", "--data-dir", str(data_dir), "--output-dir", str(out), *SMALL, *extra])
-
-
-def one_error_line(capsys, code, *words):
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, lines
-    assert len(lines) == 1 and lines[0].startswith("kronpeft: error: "), lines
-    for word in words:
-        assert word.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 # -- every numeric flag ------------------------------------------------------------------------------

@@ -7,21 +7,13 @@ import shutil
 import pytest
 import torch
 import transformers as T
-from conftest import GLUE_DIR, needs_glue, needs_minilm
+from conftest import GLUE_DIR, needs_glue, needs_minilm, one_error_line
 
 from kronpeft.runner import cli
 
 pytestmark = [needs_glue, needs_minilm, pytest.mark.usefixtures("one_thread")]
 QUICK = ["--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "8", "--log-every", "1",
          "--no-eval-before"]
-
-
-def one_error_line(capsys, code, *words):
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("kronpeft: error: "), lines
-    for word in words:
-        assert word.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

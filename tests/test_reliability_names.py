@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import GLUE_DIR, make_model, model_inputs, outputs
+from conftest import GLUE_DIR, make_model, model_inputs, one_error_line, outputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,14 +21,6 @@ BAD_NAMES = ["/ABSOLUTE/dir", "a/b", "../x", "..", ".", ".hidden", "a\\b", "", "
 @pytest.fixture
 def kron():
     return get_model(make_model("bert"), KronAConfig(modules_to_save=[]))
-
-
-def one_error_line(capsys, code, *words):
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("kronpeft: error: "), lines
-    for word in words:
-        assert word.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 # -- §1 adapter names ------------------------------------------------------------------------------------
