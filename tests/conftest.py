@@ -1,6 +1,8 @@
 """Shared test helpers: tiny models of every supported architecture, built from configs (random
 weights, no download), the adapter configs tried on them, where the real GLUE data is, and the
 hypothesis profiles."""
+import contextlib
+import fcntl
 import importlib.util
 import os
 from pathlib import Path
@@ -151,3 +153,15 @@ def one_error_line(capsys, code: int, *words: str) -> str:
     for word in words:
         assert word.lower() in lines[0].lower(), lines[0]
     return lines[0]
+
+
+@contextlib.contextmanager
+def held_by_another_runner(folder: Path):
+    """`folder` (a study run's) with its `.study.lock` held, as another `kronpeft study` runner holds it."""
+    folder.mkdir(parents=True)
+    held = os.open(folder / ".study.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        os.close(held)

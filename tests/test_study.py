@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import held_by_another_runner
+
 from kronpeft.runner.errors import UsageError
 from kronpeft.runner.report import figures as report_figures
 from kronpeft.runner.report import page as report_page
@@ -267,15 +269,9 @@ def test_two_grids_holding_the_same_run_each_record_it_and_the_runner_never_loop
 def test_a_second_runner_leaves_a_claimed_run_alone(grid, tmp_path, monkeypatch):
     grid.runs_dir = tmp_path / "runs"
     run = study_plan.plan(grid, [])[0][0]
-    out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
-    out.mkdir(parents=True)
-    held = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(held, fcntl.LOCK_EX)
     monkeypatch.setattr(study_execute, "_train", lambda *a: pytest.fail("trained a run another runner holds"))
-    try:
+    with held_by_another_runner(run.folder(grid)):
         assert study_execute.run_one(grid, run, 1, 1, {}) == "busy"
-    finally:
-        os.close(held)
 
 
 def test_malformed_rows_are_reported_with_their_line_and_skipped(grid, capsys):

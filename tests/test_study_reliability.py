@@ -1,11 +1,11 @@
 """Issue 24 items 5, 9, 18 and 22 (study/report part): `report` overwrites only its own pages and writes
 beside the grid by default; grid typos and wrong types are errors naming the key; a second runner does not
 announce a run another runner holds."""
-import fcntl
 import json
-import os
 
 import pytest
+
+from conftest import held_by_another_runner
 
 from kronpeft.runner.study import execute as study_execute
 from kronpeft.runner.study import grid as study_grid
@@ -102,16 +102,10 @@ def test_a_method_name_that_is_a_list_is_an_error_naming_it(here, capsys):
 def test_a_second_runner_does_not_announce_a_run_another_runner_holds(here, capsys, monkeypatch):
     grid = study_grid.load_grid(write_grid(here))
     run = study_plan.plan(grid, [])[0][0]
-    out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
-    out.mkdir(parents=True)
-    held = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(held, fcntl.LOCK_EX)
     monkeypatch.setattr(study_execute, "_train", lambda *a: pytest.fail("trained a run another runner holds"))
     monkeypatch.setattr(study_execute, "machine", lambda: {})
-    try:
+    with held_by_another_runner(run.folder(grid)):
         assert study_execute.run_grid(grid) == 0
-    finally:
-        os.close(held)
     err = capsys.readouterr().err
     assert "start" not in err and "another runner" in err
     monkeypatch.setattr(study_execute, "_train", lambda grid_, run_, *a: {

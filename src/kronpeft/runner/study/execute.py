@@ -23,7 +23,7 @@ from .results import _git_commit, _warn, append_row, machine, read_results
 def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> dict | str | None:
     """Train one run in a subprocess (resuming its checkpoint if any) and build its results row;
     None when it failed, "busy" when another runner holds it."""
-    out = grid.runs_dir / run.task / run.entry.name / f"lr{run.lr:g}-seed{run.seed}"
+    out = run.folder(grid)
     flags = {**run.flags(grid), "output_dir": str(out)}
     cmd = ["train", *argv(flags)]
     if (out / CHECKPOINT / STATE_FILE).is_file() or (out / "metrics.json").is_file():

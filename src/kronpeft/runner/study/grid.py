@@ -242,6 +242,10 @@ class Run:
     def label(self) -> str:
         return f"{self.task}/{self.entry.name}/lr{'?' if self.lr is None else f'{self.lr:g}'}/seed{self.seed}"
 
+    def folder(self, grid: Grid) -> Path:
+        """The run's output folder (checkpoints, logs, its `.study.lock`)."""
+        return grid.runs_dir / self.task / self.entry.name / f"lr{self.lr:g}-seed{self.seed}"
+
 
 def select(grid: Grid, tasks: list[str] | None = None, methods: list[str] | None = None) -> Grid:
     """The grid narrowed to some of its tasks and methods (`--tasks`, `--methods`); a name the grid does not
