@@ -54,22 +54,18 @@ def cmd_report(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .feedback import learned_nothing_warning
+    from .feedback import is_main_process, learned_nothing_warning
     from .train.loop import print_summary, run
 
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / args.task / args.method)
     metrics = run(args)
-    if metrics is not None and _is_main():
+    if metrics is not None and is_main_process():
         print_summary(metrics, Path(args.output_dir))
         warning = learned_nothing_warning(metrics)
         if warning:
             print(warning, file=sys.stderr)
     return 0
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _load_for_eval(adapter: str, model_name: str | None, task_spec_num_labels: int | None, regression: bool | None,
