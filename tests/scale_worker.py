@@ -13,6 +13,7 @@ import torch.distributed as dist
 import transformers as T
 
 from kronpeft import AdaKronConfig, KronABConfig, KronAConfig, get_model
+from kronpeft.sharding import fsdp1_auto_wrap_policy
 
 METHODS = {"krona": lambda: KronAConfig(target_modules="all-linear"), "kronab": lambda: KronABConfig(),
            "adakron": lambda: AdaKronConfig(r=8, positions=("ffn", "attn"), init="paper")}
@@ -33,8 +34,10 @@ def batches(steps: int = STEPS):
 
 
 def shard(model, engine: str):
-    """`engine`: "fsdp2" (`fully_shard` per decoder layer, then the root) or "fsdp1" (a unit per decoder
-    layer, `use_orig_params=True`: the default False refuses a unit mixing frozen and trained tensors)."""
+    """`engine`: "fsdp2" (`fully_shard` per decoder layer, then the root), "fsdp1" (a unit per decoder
+    layer, `use_orig_params=True`) or "fsdp1-flat" (FSDP1's default `use_orig_params=False`, with
+    `fsdp1_auto_wrap_policy`: the adapters get units of their own, so no flat parameter mixes frozen and
+    trained tensors)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if engine == "fsdp2":
@@ -44,13 +47,16 @@ def shard(model, engine: str):
         for layer in model.base_model.model.layers:
             fully_shard(layer, mesh=mesh)
         return fully_shard(model, mesh=mesh)
-    if engine == "fsdp1":
+    if engine.startswith("fsdp1"):
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        layer_class = type(model.base_model.model.layers[0])
-        return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({layer_class}),
-                                        use_orig_params=True, device_id=torch.device("cpu"))
+        if engine == "fsdp1-flat":
+            policy, orig = fsdp1_auto_wrap_policy(model), False
+        else:
+            policy, orig = ModuleWrapPolicy({type(model.base_model.model.layers[0])}), True
+        return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=orig,
+                                        device_id=torch.device("cpu"))
     raise ValueError(engine)
 
 
@@ -86,7 +92,7 @@ def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS)
             dist.all_reduce(mean)
             mean /= world
         losses.append(mean.item())
-    kron_model = model.module if engine in ("fsdp1", "zero2", "zero3") else model  # they wrap; FSDP2 changes the class
+    kron_model = model.module if engine in ("fsdp1", "fsdp1-flat", "zero2", "zero3") else model  # they wrap; FSDP2 changes the class
     kron_model.save_pretrained(out / "adapter")
     try:
         kron_model.merge_adapter()

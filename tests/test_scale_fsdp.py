@@ -50,14 +50,20 @@ def test_fsdp2_two_processes_equal_one(tmp_path):
     assert not (tmp_path / "one" / "krona" / "merge_error.txt").exists()
 
 
-def test_fsdp1_two_processes_equal_one(tmp_path):
-    """FSDP1 (`use_orig_params=True`): outside forward, each process's adapter tensors are views of its
-    shard (often empty); save_pretrained gathers them (summon_full_params) instead of writing `[0]`-shaped tensors."""
-    torchrun("fsdp1", str(tmp_path / "two"), "krona")
+@pytest.mark.parametrize("engine, refusal", [
+    ("fsdp1", "holds only this process's part of the weight"),
+    ("fsdp1-flat", "flat-parameter view (use_orig_params=False)")])
+def test_fsdp1_two_processes_equal_one(tmp_path, engine, refusal):
+    """FSDP1, both `use_orig_params` settings (False: with `fsdp1_auto_wrap_policy`, which gives the
+    adapters their own units; without it FSDP1 refuses a unit mixing frozen and trained tensors). Outside
+    forward each process's adapter tensors are views of its shard (often empty, or freed): save_pretrained
+    gathers them (summon_full_params) instead of writing `[0]`-shaped tensors, and merging is refused
+    before it writes into a freed storage (which crashed the process)."""
+    torchrun(engine, str(tmp_path / "two"), "krona")
     losses = train_tiny("krona", tmp_path / "one" / "krona")
     assert_same_run(tmp_path / "one" / "krona", tmp_path / "two" / "krona", losses)
     error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()  # refused, before changing anything
-    assert "holds only this process's part of the weight" in error and "merge_and_unload" in error
+    assert refusal in error and "merge_and_unload" in error
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")

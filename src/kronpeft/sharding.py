@@ -9,6 +9,7 @@ must call it, in the same order). torchao / bitsandbytes quantize a weight into 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import torch
@@ -33,6 +34,16 @@ def gather_full(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: t.full_tensor() if _is_dtensor(t) else t for key, t in state.items()}
 
 
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` (the whole tensor, the same on every process) cut as `like` is: this process's `DTensor`
+    shard when `like` is one (no communication), else `full` itself. The inverse of `gather_full`."""
+    if not _is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
 @contextlib.contextmanager
 def full_params(module: torch.nn.Module):
     """Inside the block, FSDP1 units within `module` hold their full parameters (`summon_full_params`), and
@@ -51,6 +62,41 @@ def full_params(module: torch.nn.Module):
 
             stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
         yield bool(outermost or zero3)
+
+
+def block_classes(model: torch.nn.Module) -> set[type]:
+    """The transformer block classes of `model`: those its Hugging Face models name in `_no_split_modules`."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    return {type(m) for m in model.modules() if type(m).__name__ in names}
+
+
+def fsdp1_auto_wrap_policy(model: torch.nn.Module, blocks: set[type] | None = None):
+    """An FSDP1 `auto_wrap_policy` under which no flat parameter mixes frozen and trained tensors, so FSDP1's
+    default `use_orig_params=False` works: a unit per transformer block (`blocks`, default `block_classes`)
+    and one per trained module (each module whose parameters all train while its parent's do not: the
+    adapters, a trained head). Pass it as `FullyShardedDataParallel(model, auto_wrap_policy=...)`."""
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    blocks, units = tuple(blocks if blocks is not None else block_classes(model)), _trained_units(model)
+    return functools.partial(lambda_auto_wrap_policy,
+                             lambda_fn=lambda module: isinstance(module, blocks) or id(module) in units)
+
+
+def _trained_units(model: torch.nn.Module) -> set[int]:
+    """ids of the outermost modules whose parameters all train, looking inside containers (an adapter site
+    is a `ModuleDict` that is never called: its adapters are)."""
+    def trains(m):
+        params = list(m.parameters())
+        return params and all(p.requires_grad for p in params)
+
+    units, stack = set(), [model]
+    while stack:
+        module = stack.pop()
+        if trains(module) and not isinstance(module, (torch.nn.ModuleDict, torch.nn.ModuleList)):
+            units.add(id(module))
+        else:
+            stack.extend(module.children())
+    return units
 
 
 def is_main_process() -> bool:
@@ -81,12 +127,23 @@ def unmergeable_weight(module_name: str, weight: torch.Tensor, shape: tuple[int,
                 f"(dequantizing, merging and re-quantizing would add a rounding error the size of the quantization "
                 f"step). Run the adapter unmerged, or load the base unquantized to merge "
                 f"(KronModel.from_pretrained(base, adapter_dir).merge_and_unload(), or `kronpeft merge`)")
+    if _storage_freed(weight):
+        return (f"{module_name}.weight is an FSDP1 flat-parameter view (use_orig_params=False) whose storage is "
+                f"freed outside forward. Save the adapter (save_pretrained gathers it), then merge it into an "
+                f"unsharded base (KronModel.from_pretrained(base, adapter_dir).merge_and_unload(), or `kronpeft merge`)")
     if tuple(weight.shape) != tuple(shape):
         return (f"{module_name}.weight holds only this process's part of the weight (shape {tuple(weight.shape)}, "
                 f"not {tuple(shape)}: FSDP1 or DeepSpeed ZeRO-3 partition it). Save the adapter (save_pretrained "
                 f"gathers it under FSDP1), then merge it into an unsharded base (KronModel.from_pretrained(base, "
                 f"adapter_dir).merge_and_unload(), or `kronpeft merge`)")
     return None
+
+
+def _storage_freed(weight: torch.Tensor) -> bool:
+    """True for FSDP1's `use_orig_params=False` views: outside forward the weight keeps its shape while its
+    flat parameter's storage is freed (writing into it would crash the process)."""
+    needed = (weight.storage_offset() + weight.numel()) * weight.element_size()
+    return weight.numel() > 0 and weight.untyped_storage().nbytes() < needed
 
 
 def partitioned_adapter(module_name: str, adapter: torch.nn.Module) -> str | None:
