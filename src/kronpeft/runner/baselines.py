@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import sharding
 from ..atomic import replacing_dir, write_json_atomic
 from ..choices import DEFAULT_LR, DEFAULT_R, METHODS, OURS, PEFT_METHODS  # noqa: F401 (still importable here)
 from ..config import AdaKronConfig, BottleneckConfig, KronABConfig, KronAConfig
@@ -124,20 +125,35 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]):
                          f"resume with the same --method/--model/options, or start over with --overwrite")
     with torch.no_grad():
         for n, t in state.items():
-            params[n].copy_(t)
+            params[n].copy_(sharding.shard_like(t, params[n]))
 
 
 # -- saving and loading -------------------------------------------------------------------------------
 
 def save_trained(model: nn.Module, method: str, directory: str | os.PathLike, run: dict, tokenizer=None):
     """Save the trained part of `model` to `directory` with `kronpeft_run.json` describing it; the folder
-    is written whole and swapped in (a crash leaves the previous save)."""
+    is written whole and swapped in (a crash leaves the previous save). A sharded (FSDP2) model: call it
+    on every process; they gather the full tensors and the main process writes."""
     kind = "kronpeft" if isinstance(model, KronModel) else "peft" if method in PEFT_METHODS else "model"
+    sharded = sharding.is_sharded(model.parameters())
+    full = _full_state_dict(model) if sharded and kind != "kronpeft" else None
+    if not sharding.is_main_process():
+        if sharded and kind == "kronpeft":
+            model.save_pretrained(directory)  # gathers with the main process, which alone writes
+        return
     with replacing_dir(directory) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if full is None else {"state_dict": full}))
         if kind == "model" and tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / RUN_FILE, {**run, "method": method, "kind": kind})
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict of a sharded model on the main process (empty on the others), gathered one
+    tensor at a time into CPU memory: PyTorch's `get_model_state_dict`. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def read_run(directory: str | os.PathLike) -> dict:

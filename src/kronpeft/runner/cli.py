@@ -147,6 +147,9 @@ def _add_train_run(g):
                         "widths divisible by 32); the adapters stay fp32. See docs/scale.md")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (less memory, ~1/3 more compute)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the model over the processes with FSDP2 through accelerate, a unit per transformer "
+                        "block (launch with torchrun or accelerate launch). See docs/scale.md")
 
 
 def _add_eval(sub):

@@ -1,5 +1,5 @@
 """Training at scale, runner side: a weight-only quantized frozen base (torchao), gradient
-checkpointing and FSDP through `accelerate` for `kronpeft train` (docs/scale.md).
+checkpointing and FSDP2 through `accelerate` for `kronpeft train` (docs/scale.md).
 
 The adapters stay in full precision beside the quantized base: kronpeft's hooks add `adapter(x, y)`
 to the output of the (quantized) layer and never touch its weight, so nothing here is adapter-specific.
@@ -73,3 +73,41 @@ def prepare_model(model: nn.Module, args):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_fsdp(args):
+    """`--fsdp` with a flag it cannot serve: one line naming the fix."""
+    if not getattr(args, "fsdp", False):
+        return
+    if getattr(args, "quantize", None):
+        raise UsageError(f"--fsdp with --quantize {args.quantize}: FSDP2 cannot shard torchao's quantized weights; "
+                         f"drop one of them")
+
+
+def fsdp_plugin(args):
+    """accelerate's FSDP2 plugin for `--fsdp` (None without it): a unit per transformer block, full
+    parameters gathered per unit in forward and backward, freed after (`reshard_after_forward`)."""
+    if not getattr(args, "fsdp", False):
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
+                                          cpu_ram_efficient_loading=False)
+
+
+def use_fsdp(accelerator, plugin, base: nn.Module):
+    """Before `accelerator.prepare`: name the base's transformer blocks as FSDP units. accelerate 1.15 turns
+    its FSDP plugin on for GPU-type process groups only and runs plain DDP on CPU (`MULTI_CPU`); there
+    kronpeft switches the state to FSDP, so that accelerate's own `fully_shard` preparation runs on gloo."""
+    from accelerate.utils import DistributedType
+
+    from ..sharding import block_classes
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    embeddings = base.get_input_embeddings()  # accelerate gives it a unit of its own: no block may hold it
+    blocks = [c.__name__ for c in block_classes(base)
+              if not any(m is embeddings for b in base.modules() if type(b) is c for m in b.modules())]
+    accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(blocks)

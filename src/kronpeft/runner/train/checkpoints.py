@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ... import sharding
 from ...atomic import commit, sha256, write_tensors
 from .. import baselines
 from ..errors import UsageError
@@ -23,21 +24,28 @@ STATE_FILE = "state.json"
 # The only settings a resumed run may change; every other flag must equal the run's (the data is
 # checked by hash, so --data-dir may move).
 RESUME_MAY_CHANGE = ("eval_every", "save_every", "log_every", "eval_batch_size", "no_eval_before", "cpu",
-                     "data_dir", "output_dir", "overwrite", "resume", "stop_after", "inject_nan_at", "report_to")
+                     "data_dir", "output_dir", "overwrite", "resume", "stop_after", "inject_nan_at", "report_to",
+                     "fsdp")  # a checkpoint holds full tensors: the process count and sharding may change
 RUN_FILES = ("metrics.json", "log.jsonl", "curves.png", PREDICTIONS, CHECKPOINT, "adapter")
 
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict):
     """Latest state for --resume: trainable weights + optimizer tensors (safetensors), the rest in
     `state.json`, which names both files and their sha256 and is replaced last, atomically (see
-    `atomic.py`): after a crash at any point the previous or the new checkpoint loads."""
+    `atomic.py`): after a crash at any point the previous or the new checkpoint loads. On a sharded (FSDP2)
+    model every process calls it: they gather the full tensors, so the checkpoint is the unsharded one,
+    and the main process writes it."""
+    opt = optimizer.state_dict()
+    tensors = sharding.gather_full({f"{idx}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
+                                    for idx, st in opt["state"].items() for k, v in st.items()})
+    trainable = sharding.gather_full(baselines.trainable_state(model))
+    if not sharding.is_main_process():
+        return
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     directory.mkdir(parents=True, exist_ok=True)
     overwrite = (directory / STATE_FILE).exists()
-    opt = optimizer.state_dict()
-    tensors = {f"{idx}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-               for idx, st in opt["state"].items() for k, v in st.items()}
     written, digests = {}, {}
-    for stem, part in (("trainable", baselines.trainable_state(model)), ("optimizer", tensors)):
+    for stem, part in (("trainable", trainable), ("optimizer", tensors)):
         written[stem], digests[stem] = write_tensors(directory, stem, part, overwrite)
     meta = {**state, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
     commit(directory, STATE_FILE, lambda names: {**meta, "files": {
@@ -80,9 +88,12 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
     try:
         baselines.load_trainable_state(model, loaded["trainable"])
         state: dict = {}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         for key, value in loaded["optimizer"].items():
             idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = value
+            like = params[int(idx)]  # an FSDP2 shard: this process takes its part of the full tensor
+            state.setdefault(int(idx), {})[name] = sharding.shard_like(value, like) if value.shape == like.shape \
+                else value
         optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
         scheduler.load_state_dict(meta.pop("scheduler"))
     except (ValueError, KeyError, TypeError, RuntimeError) as err:

@@ -22,7 +22,7 @@ import torch
 
 from ...atomic import write_json_atomic
 from ...modules import count_parameters
-from .. import baselines, tracking
+from .. import baselines, scale, tracking
 from ..errors import UsageError
 from ..metrics import constant_baseline
 from ..run_checks import check_resume_state
@@ -38,7 +38,8 @@ from .prepare import (Plan, build_model, check_args, chosen_metric, finished_run
 def run(args) -> dict | None:
     """Train and evaluate as `args` (the parsed `kronpeft train` flags) says; returns metrics.json's dict
     (None when --stop-after interrupted the run on purpose)."""
-    accelerator = start_accelerator(args)
+    fsdp = scale.fsdp_plugin(args)
+    accelerator = start_accelerator(args, fsdp)
     spec = check_args(args, accelerator.num_processes)
     out = Path(args.output_dir)
     resuming = check_output_dir(out, args.overwrite, args.resume)
@@ -48,6 +49,8 @@ def run(args) -> dict | None:
     train_examples, eval_examples, digests = load_data(args, spec, out, saved)
     model_path = resolve_model(args.model)
     base, model, tokenizer, text_to_text = build_model(args, spec, model_path, train_examples)
+    if fsdp is not None:
+        scale.use_fsdp(accelerator, fsdp, base)
     trainable, total = count_parameters(model)
     sizes = {"trainable_params": trainable, "head_params": head_parameters(base), "total_params": total}
     train_set = encode(tokenizer, spec, train_examples, args.max_length, text_to_text)
@@ -56,16 +59,17 @@ def run(args) -> dict | None:
     if resuming:
         check_resume_state(saved, plan.total_steps, spec.main_metric, out / CHECKPOINT / STATE_FILE)
 
-    params, optimizer, scheduler = make_optimizer(model, args, plan.total_steps)
+    _, optimizer, scheduler = make_optimizer(model, args, plan.total_steps)
     model = model.to(accelerator.device)
     state = new_state(args, digests)
-    if resuming:
-        restore(out / CHECKPOINT, model, optimizer, scheduler, state)
-    model, optimizer = accelerator.prepare(model, optimizer)  # DDP on several processes; device placement
+    model, optimizer = accelerator.prepare(model, optimizer)  # DDP or FSDP2 on several processes; device placement
     raw = accelerator.unwrap_model(model)
+    params = [p for p in raw.parameters() if p.requires_grad]  # FSDP2 replaced them by their shards
+    if resuming:  # after sharding: a checkpoint holds full tensors, each process loads its shards
+        restore(out / CHECKPOINT, raw, optimizer, scheduler, state)
 
     ctx = RunContext(args, spec, accelerator, out, run_info(args, spec, model_path, text_to_text), tokenizer,
-                     chosen_metric(args, spec))
+                     chosen_metric(args, spec), sharded=fsdp is not None)
     if ctx.main:
         prepare_output(out, resuming, state["step"])
     tracking.start(accelerator, args, reporting(args))
@@ -87,10 +91,16 @@ class RunContext:
     info: dict  # saved beside the adapter: `kronpeft eval` reads it again
     tokenizer: Any
     chosen_on: str  # the metric that picks the best evaluation
+    sharded: bool = False  # FSDP2: a forward, a save and a checkpoint are collectives that every process runs
 
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def takes_part(self) -> bool:
+        """Whether this process evaluates and saves: the main one, or every one when the model is sharded."""
+        return self.main or self.sharded
 
     @property
     def log_path(self) -> Path:
@@ -197,9 +207,10 @@ def log(ctx: RunContext, record: dict):
 
 
 def evaluate_and_keep_best(ctx: RunContext, raw, eval_sets: dict, state: dict, step: int, epoch: float):
-    """Evaluate on every dev split (main process) and log it; a new best saves the adapter and its predictions."""
+    """Evaluate on every dev split (main process; every process when sharded, on the same batches) and log it;
+    a new best saves the adapter and its predictions."""
     ctx.accelerator.wait_for_everyone()
-    if ctx.main:
+    if ctx.takes_part:
         args, preds = ctx.args, {}
         metrics = evaluate(raw, ctx.spec, eval_sets, args.eval_batch_size or args.batch_size, ctx.accelerator.device,
                            preds)
@@ -210,12 +221,13 @@ def evaluate_and_keep_best(ctx: RunContext, raw, eval_sets: dict, state: dict, s
         if step > 0 and (best is None or _better(ctx.spec, metrics[ctx.chosen_on], best[ctx.chosen_on])):
             state["best"] = record
             baselines.save_trained(raw, args.method, ctx.out / "adapter", ctx.info, ctx.tokenizer)
-            save_predictions(ctx.out / PREDICTIONS, preds, {s: d.labels for s, d in eval_sets.items()})
+            if ctx.main:
+                save_predictions(ctx.out / PREDICTIONS, preds, {s: d.labels for s, d in eval_sets.items()})
     ctx.accelerator.wait_for_everyone()
 
 
 def save_state(ctx: RunContext, raw, optimizer, scheduler, state: dict):
-    if ctx.main:
+    if ctx.takes_part:
         save_checkpoint(ctx.out / CHECKPOINT, raw, optimizer, scheduler, state)
     ctx.accelerator.wait_for_everyone()
 

@@ -27,7 +27,7 @@ from .checkpoints import CHECKPOINT, check_resume_args, data_digest, load_checkp
 from .models import load_base, start_at_label_mean
 
 
-def start_accelerator(args):
+def start_accelerator(args, fsdp_plugin=None):
     """The `accelerate.Accelerator` of this process (several under torchrun / `accelerate launch`)."""
     from accelerate import Accelerator
 
@@ -37,7 +37,7 @@ def start_accelerator(args):
     if mixed_precision == "fp16" and on_cpu:  # accelerate would silently run fp32: its fp16 autocast is GPU-only
         raise UsageError("--mixed-precision fp16 needs a CUDA GPU (accelerate runs fp16 autocast only there); "
                          "use --mixed-precision bf16 on CPU")
-    return Accelerator(cpu=on_cpu, mixed_precision=mixed_precision,
+    return Accelerator(cpu=on_cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin,
                        **tracking.accelerator_options(reporting(args), Path(args.output_dir)))
 
 
@@ -54,6 +54,7 @@ def check_args(args, world: int):
     if args.method not in baselines.METHODS:
         raise UsageError(f"unknown method {args.method!r}; choose one of: {', '.join(baselines.METHODS)}")
     check_flags(args)
+    scale.check_fsdp(args)
     try:
         spec = get_task(args.task)
     except ValueError as err:

@@ -1,0 +1,72 @@
+"""`kronpeft train --fsdp` (FSDP2 through accelerate) under torchrun, 2 CPU processes on gloo, equals a
+1-process run without sharding, for a kronpeft method, a peft baseline and full fine-tuning; a run stopped
+under FSDP resumes under FSDP and in one unsharded process (issue 27)."""
+import json
+
+import pytest
+import torch
+from conftest import GLUE_DIR as GLUE
+from conftest import needs_glue, needs_minilm, run_two_processes
+from safetensors.torch import load_file
+from test_cli import assert_usage_error
+
+from kronpeft.runner import cli
+
+pytestmark = [needs_glue, needs_minilm, pytest.mark.usefixtures("one_thread")]
+
+# dropout off (each process draws its own masks); lr 1e-3 as in test_multiprocess.py
+ARGS = ["train", "--task", "rte", "--data-dir", str(GLUE), "--max-train-samples", "16", "--max-eval-samples", "16",
+        "--max-length", "32", "--max-steps", "3", "--batch-size", "8", "--no-dropout", "--no-eval-before", "--cpu",
+        "--log-every", "1", "--lr", "1e-3"]
+WEIGHTS = {"krona": "adapter_model.safetensors", "lora": "adapter_model.safetensors", "full": "model.safetensors"}
+
+
+def log_lines(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(one, two, atol: float = 1e-5):
+    """Same per-step loss and gradient norm, same evaluation, same saved tensors (full shapes)."""
+    log_one, log_two = log_lines(one), log_lines(two)
+    assert [(r["type"], r["step"]) for r in log_one] == [(r["type"], r["step"]) for r in log_two]
+    for a, b in zip(log_one, log_two):
+        for key in ("loss", "grad_norm", "accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    name = WEIGHTS[json.loads((one / "metrics.json").read_text())["method"]]
+    a, b = (load_file(d / "adapter" / name) for d in (one, two))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key  # the gathered tensor, not a shard
+        assert torch.allclose(a[key], b[key], atol=atol), key
+
+
+@pytest.mark.parametrize("method", ["krona", "lora", "full"])
+def test_fsdp_two_processes_equal_one_unsharded(tmp_path, method):
+    run_two_processes([*ARGS, "--method", method, "--fsdp"], tmp_path / "two")
+    assert cli.main([*ARGS, "--method", method, "--output-dir", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["num_processes"] == 2 and two["args"]["fsdp"] is True
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5 if method != "full" else 1e-4)
+    assert [r["step"] for r in log_lines(tmp_path / "two") if r["type"] == "train"] == [1, 2, 3]  # main writes alone
+
+
+def test_a_run_stopped_under_fsdp_resumes_sharded_or_in_one_process(tmp_path):
+    """The checkpoint holds full tensors (weights and Adam's moments): FSDP2 resumes from it, each process
+    taking its shards, and so does one unsharded process."""
+    krona = [*ARGS, "--method", "krona"]
+    assert cli.main([*krona, "--output-dir", str(tmp_path / "straight")]) == 0
+    for resumed, how in (("fsdp", ["--fsdp"]), ("single", [])):
+        run_two_processes([*krona, "--fsdp", "--stop-after", "1"], tmp_path / resumed)
+        assert json.loads((tmp_path / resumed / "checkpoint" / "state.json").read_text())["step"] == 1
+        if how:
+            run_two_processes([*krona, *how, "--resume"], tmp_path / resumed)
+        else:
+            assert cli.main([*krona, "--resume", "--output-dir", str(tmp_path / resumed)]) == 0
+        assert_same_run(tmp_path / "straight", tmp_path / resumed)
+
+
+def test_fsdp_refuses_a_quantized_base(tmp_path, capsys):
+    code = cli.main([*ARGS, "--method", "krona", "--fsdp", "--quantize", "int8", "--output-dir", str(tmp_path / "q")])
+    assert_usage_error(capsys, code, "--fsdp", "--quantize int8")
+    assert not (tmp_path / "q").exists()
