@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers as T
+from transformers import TrainerState, TrainingArguments
 
 from kronpeft import AdaKronConfig, KronABConfig, KronAConfig, get_model
+from kronpeft.integrations.trainer import KronSaveCallback
 from kronpeft.sharding import fsdp1_auto_wrap_policy
 
 METHODS = {"krona": lambda: KronAConfig(target_modules="all-linear"), "kronab": lambda: KronABConfig(),
@@ -94,6 +96,9 @@ def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS)
         losses.append(mean.item())
     kron_model = model.module if engine in ("fsdp1", "fsdp1-flat", "zero2", "zero3") else model  # they wrap; FSDP2 changes the class
     kron_model.save_pretrained(out / "adapter")
+    if engine == "fsdp2":  # Trainer runs its callbacks on every process: the sharded model gathers on each
+        trainer_state = TrainerState(is_world_process_zero=rank == 0)
+        KronSaveCallback().on_train_end(TrainingArguments(out / "trainer", report_to=[]), trainer_state, None, model)
     try:
         kron_model.merge_adapter()
     except ValueError as err:

@@ -44,6 +44,10 @@ def test_fsdp2_two_processes_equal_one(tmp_path):
     for method in methods:
         losses = train_tiny(method, tmp_path / "one" / method)
         assert_same_run(tmp_path / "one" / method, tmp_path / "two" / method, losses)
+    # KronSaveCallback, called on every process as Trainer does, writes the same adapter from the sharded model
+    by_callback = load_file(tmp_path / "two" / "krona" / "trainer" / "adapter_model.safetensors")
+    direct = load_file(tmp_path / "two" / "krona" / "adapter" / "adapter_model.safetensors")
+    assert by_callback.keys() == direct.keys() and all(torch.equal(by_callback[k], direct[k]) for k in direct)
     # a sharded weight is refused by merge_adapter, naming the fix (the unsharded model merges)
     error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()
     assert "sharded over processes (FSDP2 DTensor)" in error and "merge_and_unload" in error

@@ -19,11 +19,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..choices import DEFAULT_LR
 from ..model import KronModel
+from ..sharding import saving_is_collective
 
 
 class KronSaveCallback(TrainerCallback):
     """`Trainer(model=kron_model, ..., callbacks=[KronSaveCallback()])`: kronpeft adapters in
-    every checkpoint folder and in `output_dir` at the end of training (main process only)."""
+    every checkpoint folder and in `output_dir` at the end of training (written by the main process; on
+    a sharded model every process takes part in gathering the tensors)."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
@@ -35,11 +37,12 @@ class KronSaveCallback(TrainerCallback):
                                   f"TrainingArguments(..., learning_rate={usual:g})", stacklevel=2)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
+        if state.is_world_process_zero or saving_is_collective(model):
             _kron_model(model).save_pretrained(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:  # after load_best_model_at_end, so the best adapter is written
+        # after load_best_model_at_end, so the best adapter is written; a sharded model gathers on every process
+        if state.is_world_process_zero or saving_is_collective(model):
             _kron_model(model).save_pretrained(args.output_dir)
 
 
