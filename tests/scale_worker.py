@@ -75,6 +75,9 @@ def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS)
     if engine.startswith("zero"):  # DeepSpeed wraps the optimizer and runs backward and step itself
         import deepspeed
 
+        # skip DeepSpeed's optional shared-memory collectives (a C++ build of 90 s on first use): gloo carries them
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
         zero = {"stage": int(engine[-1]), "stage3_param_persistence_threshold": 0}  # 0: partition tiny tensors too
         config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "zero_optimization": zero}
         model, optimizer = deepspeed.initialize(model=model, optimizer=optimizer, config=config)[:2]
