@@ -96,18 +96,30 @@ def fsdp_plugin(args):
                                           cpu_ram_efficient_loading=False)
 
 
-def use_fsdp(accelerator, plugin, base: nn.Module):
-    """Before `accelerator.prepare`: name the base's transformer blocks as FSDP units. accelerate 1.15 turns
-    its FSDP plugin on for GPU-type process groups only and runs plain DDP on CPU (`MULTI_CPU`); there
-    kronpeft switches the state to FSDP, so that accelerate's own `fully_shard` preparation runs on gloo."""
+def use_fsdp(accelerator, plugin, base: nn.Module) -> bool:
+    """Before `accelerator.prepare`; returns whether the model is to be sharded (`--fsdp`, or FSDP2 from an
+    `accelerate launch` config). Names the base's transformer blocks as FSDP units unless the config did.
+    accelerate 1.15 turns its FSDP plugin on for GPU-type process groups only and runs plain DDP on CPU
+    (`MULTI_CPU`); there kronpeft switches the state to FSDP, so that accelerate's own `fully_shard`
+    preparation runs on gloo."""
     from accelerate.utils import DistributedType
 
     from ..sharding import block_classes
 
-    if accelerator.distributed_type != DistributedType.FSDP:
-        accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = plugin
-    embeddings = base.get_input_embeddings()  # accelerate gives it a unit of its own: no block may hold it
-    blocks = [c.__name__ for c in block_classes(base)
-              if not any(m is embeddings for b in base.modules() if type(b) is c for m in b.modules())]
-    accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(blocks)
+    state = accelerator.state
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        raise UsageError("kronpeft train does not drive DeepSpeed: shard with --fsdp (FSDP2), or train with "
+                         "DeepSpeed through the library (docs/scale.md)")
+    if plugin is not None and state.distributed_type != DistributedType.FSDP:
+        state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+    if state.distributed_type != DistributedType.FSDP:
+        return False
+    if state.fsdp_plugin.fsdp_version != 2:
+        raise UsageError(f"kronpeft train drives FSDP2, not FSDP{state.fsdp_plugin.fsdp_version}: set "
+                         f"fsdp_version: 2 in the accelerate config, or pass --fsdp")
+    if not state.fsdp_plugin.transformer_cls_names_to_wrap:
+        embeddings = base.get_input_embeddings()  # accelerate gives it a unit of its own: no block may hold it
+        blocks = [c.__name__ for c in block_classes(base)
+                  if not any(m is embeddings for b in base.modules() if type(b) is c for m in b.modules())]
+        state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(blocks)
+    return True

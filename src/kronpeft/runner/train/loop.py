@@ -49,8 +49,7 @@ def run(args) -> dict | None:
     train_examples, eval_examples, digests = load_data(args, spec, out, saved)
     model_path = resolve_model(args.model)
     base, model, tokenizer, text_to_text = build_model(args, spec, model_path, train_examples)
-    if fsdp is not None:
-        scale.use_fsdp(accelerator, fsdp, base)
+    sharded = scale.use_fsdp(accelerator, fsdp, base)
     trainable, total = count_parameters(model)
     sizes = {"trainable_params": trainable, "head_params": head_parameters(base), "total_params": total}
     train_set = encode(tokenizer, spec, train_examples, args.max_length, text_to_text)
@@ -69,7 +68,7 @@ def run(args) -> dict | None:
         restore(out / CHECKPOINT, raw, optimizer, scheduler, state)
 
     ctx = RunContext(args, spec, accelerator, out, run_info(args, spec, model_path, text_to_text), tokenizer,
-                     chosen_metric(args, spec), sharded=fsdp is not None)
+                     chosen_metric(args, spec), sharded)
     if ctx.main:
         prepare_output(out, resuming, state["step"])
     tracking.start(accelerator, args, reporting(args))
