@@ -163,23 +163,29 @@ def plot_times(ratios: dict, reference: str, path: Path, task_order: list[str]):
     save_png(fig, path, dpi=120)
 
 
-def plot_forest(claims: list[tuple[str, float, tuple[float, float] | None]], path: str | Path) -> Path:
-    """Forest plot of claims: one line per (label, better - worse, 95 % interval or None), ×100, with zero
-    marked; a claim holds where its interval lies right of zero."""
+def plot_forest(claims: list[tuple[str, float, tuple[float, float] | None, float | None]], path: str | Path) -> Path:
+    """Forest plot of claims: one line per (label, better - worse, 95 % interval or None, the paper's reported
+    gap or None), ×100, with zero marked; a claim holds where its interval lies right of zero. A paper's gap
+    is a hollow diamond on its claim's line ("paper" in the legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(claims) + 1.2))
-    for y, (label, diff, ci) in enumerate(reversed(claims)):
+    for y, (label, diff, ci, paper) in enumerate(reversed(claims)):
         if ci is not None:
             ax.plot([100 * ci[0], 100 * ci[1]], [y, y], color="tab:blue")
-        ax.plot([100 * diff], [y], "o", color="tab:blue")
+        ax.plot([100 * diff], [y], "o", color="tab:blue", label="measured (95 % interval)")
+        if paper is not None:
+            ax.plot([100 * paper], [y], "D", mfc="none", mec="tab:red", ms=7, label="paper")
     ax.axvline(0, color="grey", lw=1)
-    ax.set_yticks(range(len(claims)), [label for label, _, _ in reversed(claims)], fontsize=7)
+    ax.set_yticks(range(len(claims)), [label for label, *_ in reversed(claims)], fontsize=7)
     ax.set(xlabel="better − worse (×100), 95 % interval", title="the papers' claims")
     ax.grid(axis="x", alpha=0.3)
+    if any(paper is not None for *_, paper in claims):
+        handles = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per label
+        ax.legend(handles.values(), handles.keys(), fontsize=7, loc="best")
     fig.tight_layout()
     return save_png(fig, path, dpi=120)
 

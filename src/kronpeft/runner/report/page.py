@@ -11,8 +11,12 @@ from ..study.grid import Grid, argv
 from ..study.results import cpu_seconds, current_rows, read_results
 from .figures import plot_forest, plot_score_vs_lr, plot_score_vs_params, plot_times
 from .stats import complete, majority_score, summarise, time_ratios
-from .tables import claims_table, epochs_table, lr_table, seeds_table, table
+from .tables import (ClaimRow, claim_rows, claims_table, epochs_table, forest_points, lr_table, seeds_table,
+                     table)
 
+PAPER_MARKERS = ("Hollow diamonds (*paper*): the gap the paper reports for the claim, where it reports one: KronA's "
+                 "paper only its GLUE average on T5-base (on our average rows), AdaKron's paper every task on "
+                 "BERT-base (per task, and their mean on an average row), in points as the papers print them.")
 PAGE_MARK = "<!-- written by `kronpeft report`: re-rendered in place; edit the grid, notes or results instead -->"
 
 
@@ -39,11 +43,11 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     if not rows:
         lines.append("No runs recorded yet.")
     else:
+        claims = claim_rows(grid, summary)
         lines += _scores(grid, summary)
-        forest = []
         lines += _score_plot(grid, summary, out, img)
-        lines += _claims(grid, summary, forest)
-        lines += _extra_plots(grid, summary, forest, out, img)
+        lines += _claims(grid, claims)
+        lines += _extra_plots(grid, summary, forest_points(claims), out, img)
         lines += _rates(grid, summary)
         lines += _seeds_and_epochs(grid, summary)
         reference = reference or next((e.name for e in grid.methods if e.family == "lora"), grid.methods[0].name)
@@ -74,7 +78,7 @@ def _score_plot(grid: Grid, summary: dict, out: Path, img: Path) -> list[str]:
     return ["", f"![score vs trainable parameters]({path.relative_to(out.parent)})", ""]
 
 
-def _claims(grid: Grid, summary: dict, forest: list) -> list[str]:
+def _claims(grid: Grid, claims: list[ClaimRow]) -> list[str]:
     """The claims' section, how to read it and its table ([] when the grid has no claims)."""
     if not grid.claims:
         return []
@@ -95,7 +99,7 @@ def _claims(grid: Grid, summary: dict, forest: list) -> list[str]:
             "tasks. *paired p, Holm*: Holm's correction over every row of this table (one family); a "
             "verdict that does not survive it says so. *bootstrap p*: a paired bootstrap over dev "
             "examples (1,000 resamples) from the runs' kept predictions, where both cells have them.", "",
-            *claims_table(grid, summary, forest), ""]
+            *claims_table(claims), ""]
 
 
 def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) -> list[str]:
@@ -103,6 +107,8 @@ def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) 
     lines = []
     if forest:
         path = plot_forest(forest, img / f"{grid.name}-claims.png")
+        if any(paper is not None for *_, paper in forest):
+            lines += [PAPER_MARKERS, ""]
         lines += [f"![every claim: difference and 95 % interval]({path.relative_to(out.parent)})", ""]
     panels, floors = {}, {}
     for (task, name), s in summary.items():

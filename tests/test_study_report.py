@@ -1,0 +1,108 @@
+"""The study page's issue-23 sections from hand-written results: the papers' gaps on the forest plot, the
+plain-words summary, the selection-bias table and the budget curve."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kronpeft.runner.report import figures as report_figures
+from kronpeft.runner.report import page as report_page
+from kronpeft.runner.report import stats as report_stats
+from kronpeft.runner.report import tables as report_tables
+from kronpeft.runner.report.papers import reported_gap
+from kronpeft.runner.study import grid as study_grid
+
+GRID = """
+[study]
+name = "r"
+tasks = ["mrpc", "rte"]
+seeds = [0, 1, 2]
+extend_edges = false
+every_seed_every_rate = true
+
+[train]
+epochs = 5
+
+[[method]]
+name = "krona"
+method = "krona"
+family = "krona"
+lrs = [1e-3]
+
+[[method]]
+name = "lora-r1"
+method = "lora"
+family = "lora"
+lrs = [1e-3]
+args = { r = 1 }
+{extra}
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_glue(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GLUE_DIR", raising=False)  # majority-class scores only where a row records one
+
+
+def load(tmp_path, extra=""):
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID.replace("{extra}", extra))
+    return study_grid.load_grid(path)
+
+
+def row(grid, task, name, lr, seed, score, params=1000, **fields):
+    entry = next(e for e in grid.methods if e.name == name)
+    run = study_grid.Run(task, entry, lr, seed, "sweep")
+    return {"key": run.key(grid), "grid": grid.name, "task": task, "name": name, "method": entry.method,
+            "family": entry.family, "lr": lr, "seed": seed, "stage": "sweep", "score": score, "main_metric": "f1",
+            "trainable_params": params, "head_params": 0, "total_params": 10**6, "train_seconds": 1.0,
+            "wall_seconds": 1.0, "steps": 1, "threads": 1, "cpu": "test", "protocol": grid.protocol_of(entry),
+            **fields}
+
+
+def write(grid, rows):
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_papers_gaps_are_their_tables_numbers():
+    # KronA (T5-base GLUE average): KronA 86.14, LoRA 85.73, KronA^B 86.28, KronA^B_res 86.57, full 85.65
+    assert reported_gap("krona", "lora", ["mrpc", "rte"]) == pytest.approx(0.41)
+    assert reported_gap("kronab", "krona", ["mrpc", "rte"]) == pytest.approx(0.14)
+    assert reported_gap("kronab-res", "kronab", ["mrpc", "stsb", "cola", "rte"]) == pytest.approx(0.29)
+    assert reported_gap("krona", "lora", ["mrpc"]) is None  # KronA's paper has no per-task scores
+    assert reported_gap("krona-sum", "lora", ["mrpc", "rte"]) is None  # no paper reports a sum
+    # AdaKron (BERT-base dev) against Pfeiffer r = 48: RTE 73.8 - 67.6; over MRPC, STS-B, CoLA, RTE the mean of
+    # +0.1, -0.2, +0.8, +6.2 = 1.725
+    assert reported_gap("adakron", "bottleneck", ["rte"]) == pytest.approx(6.2)
+    assert reported_gap("adakron", "bottleneck", ["mrpc", "stsb", "cola", "rte"]) == pytest.approx(1.725)
+
+
+def test_the_forest_marks_a_papers_gap_on_its_claims_average_row_only(tmp_path, monkeypatch):
+    grid = load(tmp_path, '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
+    scores = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r1"): [0.75, 0.74, 0.76],
+              ("rte", "krona"): [0.60, 0.62, 0.58], ("rte", "lora-r1"): [0.58, 0.57, 0.59]}
+    write(grid, [row(grid, t, n, 1e-3, s, v[s]) for (t, n), v in scores.items() for s in range(3)])
+    rows = report_tables.claim_rows(grid, report_stats.summarise(grid, study_rows(grid)))
+    assert [(r.where, r.paper) for r in rows] == [("mrpc", None), ("rte", None), ("average of 2 tasks", 0.41)]
+    points = report_tables.forest_points(rows)
+    assert points[2][0] == "KronA beats LoRA: average of 2 tasks" and points[2][3] == pytest.approx(0.0041)
+    figures = []
+    monkeypatch.setattr(report_figures, "save_png", lambda fig, path, dpi: (figures.append(fig), Path(path))[1])
+    report_figures.plot_forest(points, tmp_path / "f.png")
+    ax = figures[0].axes[0]
+    diamonds = [line for line in ax.get_lines() if line.get_marker() == "D"]
+    assert len(diamonds) == 1  # the average row (drawn at y 0: rows run top-down), no marker on the tasks' rows
+    assert list(diamonds[0].get_xdata()) == pytest.approx([0.41]) and list(diamonds[0].get_ydata()) == [0]
+    assert diamonds[0].get_markerfacecolor() == "none"
+    assert "paper" in [t.get_text() for t in ax.get_legend().get_texts()]
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    assert "Hollow diamonds (*paper*)" in page
+
+
+def study_rows(grid):
+    from kronpeft.runner.study.results import current_rows, read_results
+
+    return current_rows(grid, read_results(grid.results))[0]
