@@ -106,3 +106,43 @@ def study_rows(grid):
     from kronpeft.runner.study.results import current_rows, read_results
 
     return current_rows(grid, read_results(grid.results))[0]
+
+
+def test_the_page_opens_with_what_it_shows_counted_from_its_claims(tmp_path):
+    grid = load(tmp_path, '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
+    scores = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r1"): [0.75, 0.74, 0.76],
+              ("rte", "krona"): [0.60, 0.62, 0.58], ("rte", "lora-r1"): [0.58, 0.57, 0.59]}
+    majority = {"mrpc": {"majority_baseline": 0.745}, "rte": {}}  # rte: no majority score known, nothing flagged
+    write(grid, [row(grid, t, n, 1e-3, s, v[s], **majority[t]) for (t, n), v in scores.items() for s in range(3)])
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    # as in test_study's average test: mrpc holds (paired p 0.0033), rte within noise (0.37), the average holds
+    # (0.0091); Holm over 3: 3 x 0.003317 = 0.00995 (0.01 at two digits), 0.37, 2 x 0.0091 = 0.018: both verdicts
+    # survive. LoRA's mrpc seed 0.74 <= 0.745: collapsed.
+    section = page[page.index("## What this shows"):page.index("Cells complete")]
+    assert section.index("## What this shows") < page.index("Cells complete")  # before the tables
+    assert "- 3 claim rows (1 claims, per task and on their average where a claim spans several tasks): 3 have a " \
+           "verdict, 0 still wait for seeds or a sweep." in section
+    assert "- Before Holm's correction: holds: 2, reversed: 0, within noise: 1; KronA beats LoRA (`krona` vs " \
+           "`lora-r1`) on mrpc: holds; KronA beats LoRA (`krona` vs `lora-r1`) on the average of 2 tasks: holds." \
+           in section
+    assert "- After it (over the 3 rows with a paired test): holds: 2, reversed: 0, within noise: 1." in section
+    assert "- Surviving Holm's correction: KronA beats LoRA (`krona` vs `lora-r1`) on mrpc (holds, Holm p 0.01); " \
+           "KronA beats LoRA (`krona` vs `lora-r1`) on the average of 2 tasks (holds, Holm p 0.018)." in section
+    assert "- One model: all-MiniLM-L6-v2, one small 6-layer encoder" in section
+    assert "- 3 seeds per cell" in section
+    assert "- The dev set chose each rate and each run's best epoch and is also the set reported" in section
+    assert "- 1 of 12 runs at the chosen rates collapsed" in section
+
+
+def test_the_plain_words_name_the_selection_protocol_and_skip_grids_without_claims(tmp_path):
+    (tmp_path / "a").mkdir()
+    grid = load(tmp_path / "a", '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
+    grid.protocol = "selection"  # as `protocol = "selection"` in [study]
+    write(grid, [row(grid, "mrpc", n, 1e-3, 0, 0.8, selection_score=0.7) for n in ("krona", "lora-r1")])
+    page = report_page.render(grid, tmp_path / "a" / "page.md").read_text()
+    assert "- Rates and epochs were chosen on a 10 % selection split of train, and dev, which chose nothing, is " \
+           "reported as the test set." in page
+    assert "0 have a verdict, 2 still wait" in page  # mrpc at one seed of three; the average: rte not run
+    plain = load(tmp_path)
+    write(plain, [row(plain, "mrpc", n, 1e-3, 0, 0.8) for n in ("krona", "lora-r1")])
+    assert "What this shows" not in report_page.render(plain, tmp_path / "page.md").read_text()

@@ -7,10 +7,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from ...atomic import write_atomic
+from ..selection import SELECTION
 from ..study.grid import Grid, argv
 from ..study.results import cpu_seconds, current_rows, read_results
 from .figures import plot_forest, plot_score_vs_lr, plot_score_vs_params, plot_times
-from .stats import complete, majority_score, summarise, time_ratios
+from .stats import collapses, complete, majority_score, summarise, time_ratios
 from .tables import (ClaimRow, claim_rows, claims_table, epochs_table, forest_points, lr_table, seeds_table,
                      table)
 
@@ -44,6 +45,7 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         lines.append("No runs recorded yet.")
     else:
         claims = claim_rows(grid, summary)
+        lines += _what_this_shows(grid, summary, claims)
         lines += _scores(grid, summary)
         lines += _score_plot(grid, summary, out, img)
         lines += _claims(grid, claims)
@@ -58,6 +60,66 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         lines += ["", "## Setup", ""] + setup(grid, rows)
     write_atomic(out, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return out
+
+
+VERDICTS = ("holds", "reversed", "within noise")
+MODEL_WORDS = {"all-MiniLM-L6-v2": "all-MiniLM-L6-v2, one small 6-layer encoder, not the papers' T5-base or "
+                                   "BERT-base"}
+
+
+def _what_this_shows(grid: Grid, summary: dict, claims: list[ClaimRow]) -> list[str]:
+    """The page's findings in plain words, from the claims' rows, and the caveats every reader needs ([] when
+    the grid has no claims)."""
+    if not grid.claims:
+        return []
+    decided = [c for c in claims if c.verdict in VERDICTS]
+    before = ", ".join(f"{v}: {sum(c.verdict == v for c in decided)}" for v in VERDICTS)
+    after = ", ".join(f"{v}: {sum(c.after_holm() == v for c in decided)}" for v in VERDICTS)
+    found = [c for c in decided if c.verdict != "within noise"]
+    named = "".join(f"; {c.text} on {_the(c.where)}: {c.verdict}" for c in found)
+    survivors = [f"{c.text} on {_the(c.where)} ({c.verdict}, Holm p {c.holm_p:.2g})" for c in found
+                 if c.after_holm() == c.verdict]
+    tested = sum(1 for c in claims if c.holm_p == c.holm_p)  # nan: no paired test
+    chance = f" (the {len(found)} verdicts above do not survive correcting for {tested} tests)" if found else ""
+    return ["## What this shows and what it does not", "",
+            f"- {len(claims)} claim rows ({len(grid.claims)} claims, per task and on their average where a claim "
+            f"spans several tasks): {len(decided)} have a verdict, {len(claims) - len(decided)} still wait for "
+            "seeds or a sweep.",
+            f"- Before Holm's correction: {before}{named}.",
+            f"- After it (over the {tested} rows with a paired test): {after}.",
+            "- Surviving Holm's correction: " + ("; ".join(survivors) if survivors else f"none{chance}") + ".",
+            f"- One model: {MODEL_WORDS.get(grid.model, grid.model)}; a gap measured here need not carry over to "
+            "other models.",
+            f"- {len(grid.seeds)} seeds per cell: only large differences are resolved, and *within noise* means "
+            "not resolved, not equal.",
+            f"- {_protocol_words(grid)}",
+            f"- {_collapse_words(grid, summary)}", ""]
+
+
+def _the(where: str) -> str:
+    """A claim row's place in a sentence: "mrpc", "the average of 4 tasks"."""
+    return f"the {where}" if where.startswith("average") else where
+
+
+def _protocol_words(grid: Grid) -> str:
+    """Which split chose the rates and epochs, in words, per protocol the grid's methods use."""
+    by_protocol = defaultdict(list)
+    for entry in grid.methods:
+        by_protocol[grid.protocol_of(entry)].append(f"`{entry.name}`")
+    words = {"dev": "the dev set chose each rate and each run's best epoch and is also the set reported, so the "
+                    "scores are optimistic (no held-out test set)",
+             SELECTION: "rates and epochs were chosen on a 10 % selection split of train, and dev, which chose "
+                        "nothing, is reported as the test set"}
+    if len(by_protocol) == 1:
+        return next(iter(words[p] for p in by_protocol)).capitalize() + "."
+    return " ".join(f"{', '.join(names)}: {words[p]}." for p, names in by_protocol.items())
+
+
+def _collapse_words(grid: Grid, summary: dict) -> str:
+    """How many runs at the chosen rates collapsed (the table's ‡)."""
+    flags = [flag for (task, _), s in summary.items() for flag in collapses(grid, summary, task, s["rows"])]
+    return (f"{sum(flags)} of {len(flags)} runs at the chosen rates collapsed (‡ in the table: at or below the "
+            "majority-class score; STS-B below half the median Pearson); they stay in the means and the tests.")
 
 
 def _scores(grid: Grid, summary: dict) -> list[str]:
