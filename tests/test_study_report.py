@@ -146,3 +146,73 @@ def test_the_plain_words_name_the_selection_protocol_and_skip_grids_without_clai
     plain = load(tmp_path)
     write(plain, [row(plain, "mrpc", n, 1e-3, 0, 0.8) for n in ("krona", "lora-r1")])
     assert "What this shows" not in report_page.render(plain, tmp_path / "page.md").read_text()
+
+
+BIAS = """
+[study]
+name = "b"
+tasks = ["mrpc", "rte"]
+seeds = [0, 1, 2]
+extend_edges = false
+every_seed_every_rate = true
+
+[[method]]
+name = "krona"
+method = "krona"
+lrs = [1e-3, 1e-2]
+tasks = ["mrpc"]
+protocol = "dev"
+
+[[method]]
+name = "second-look"        # krona again under the selection protocol: paired by method, args and rates
+method = "krona"
+lrs = [1e-2, 1e-3]
+tasks = ["mrpc"]
+protocol = "selection"
+
+[[method]]
+name = "lora-r1"
+method = "lora"
+lrs = [1e-3]
+args = { r = 1 }
+
+[[method]]
+name = "lora-r8-sel"        # lora-r1's method and rates but other args: no pair
+method = "lora"
+lrs = [1e-3]
+args = { r = 8 }
+protocol = "selection"
+"""
+
+
+def test_selection_bias_pairs_by_method_args_and_rates_and_counts_the_seeds_each_side_has(tmp_path):
+    from kronpeft.runner.report.bias import protocol_pairs
+
+    (tmp_path / "bias.toml").write_text(BIAS)
+    grid = study_grid.load_grid(tmp_path / "bias.toml")
+    assert [(d.name, s.name) for d, s in protocol_pairs(grid)] == [("krona", "second-look")]
+    rows = [row(grid, "mrpc", "krona", 1e-3, s, v) for s, v in enumerate([0.80, 0.82, 0.84])]
+    rows.append(row(grid, "mrpc", "krona", 1e-2, 0, 0.70))
+    # selection runs: dev at the epoch the split chose (score) and dev after every epoch (curve); dev would
+    # have chosen 0.79 (gap 0.01) and 0.83 (gap 0.03)
+    rows += [row(grid, "mrpc", "second-look", 1e-3, 0, 0.78, selection_score=0.9,
+                 curve=[[0.0, 0.5], [1.0, 0.79], [2.0, 0.78]]),
+             row(grid, "mrpc", "second-look", 1e-3, 1, 0.80, selection_score=0.9,
+                 curve=[[0.0, 0.5], [1.0, 0.80], [2.0, 0.83]])]
+    write(grid, rows)
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    # 1e-3: 82.0 over 3 seeds against 79.0 over 2: bias +3.0; epoch choice alone (1 + 3) / 2 = +2.0
+    assert "| `krona` / `second-look` | mrpc | 0.001 | 82.0 (3 of 3 seeds) | 79.0 (2 of 3 seeds) | +3.0 " \
+           "| +2.0 (2 of 3 seeds) |" in page
+    assert "| `krona` / `second-look` | mrpc | 0.01 | 70.0 (1 of 3 seeds) | — (0 of 3 seeds) | — | — |" in page
+    # sweep seed 0: dev chooses 1e-3 (0.80 > 0.70); the selection protocol has run 1e-3 only
+    assert "- `krona` / `second-look` on mrpc: the dev protocol chooses 0.001, where dev scores 82.0 (3 of 3 " \
+           "seeds); the selection protocol chooses 0.001 (the sweep seed has run 1 of 2 rates), where dev scores " \
+           "79.0 (2 of 3 seeds): the whole protocol's bias is +3.0." in page
+    assert "lora-r8-sel` |" not in page and "rte |" not in page.split("## Selection bias")[1].split("##")[0]
+
+
+def test_no_selection_bias_section_without_a_pair(tmp_path):
+    grid = load(tmp_path)
+    write(grid, [row(grid, "mrpc", "krona", 1e-3, 0, 0.8)])
+    assert "Selection bias" not in report_page.render(grid, tmp_path / "page.md").read_text()

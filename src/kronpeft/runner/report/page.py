@@ -10,6 +10,7 @@ from ...atomic import write_atomic
 from ..selection import SELECTION
 from ..study.grid import Grid, argv
 from ..study.results import cpu_seconds, current_rows, read_results
+from .bias import bias_table, rate_choice_lines
 from .figures import plot_forest, plot_score_vs_lr, plot_score_vs_params, plot_times
 from .stats import collapses, complete, majority_score, summarise, time_ratios
 from .tables import (ClaimRow, claim_rows, claims_table, epochs_table, forest_points, lr_table, seeds_table,
@@ -48,6 +49,7 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         lines += _what_this_shows(grid, summary, claims)
         lines += _scores(grid, summary)
         lines += _score_plot(grid, summary, out, img)
+        lines += _selection_bias(grid, rows, summary)
         lines += _claims(grid, claims)
         lines += _extra_plots(grid, summary, forest_points(claims), out, img)
         lines += _rates(grid, summary)
@@ -138,6 +140,23 @@ def _score_plot(grid: Grid, summary: dict, out: Path, img: Path) -> list[str]:
     path = img / f"{grid.name}-score-vs-params.png"
     plot_score_vs_params(grid, summary, path)
     return ["", f"![score vs trainable parameters]({path.relative_to(out.parent)})", ""]
+
+
+def _selection_bias(grid: Grid, rows: list[dict], summary: dict) -> list[str]:
+    """The bias of choosing on dev, where the grid runs a method under both protocols ([] otherwise)."""
+    table = bias_table(grid, rows)
+    if not table:
+        return []
+    return ["## Selection bias: the same method under both protocols", "",
+            "Each pair runs one method, with the same arguments and rates, under the first round's protocol "
+            "(rate and best epoch chosen on dev, dev reported) and under the selection protocol (trained on 90 % "
+            "of train, epoch and rate chosen on the other 10 %, dev reported as a test set). Per rate: the mean "
+            "dev score (×100) over the seeds each side has so far; *bias*: the first minus the second, what "
+            "choosing on dev adds, mixed with the effect of training on 10 % less data. *Epoch choice alone*: on "
+            "the selection-protocol runs themselves (the same training), dev at the epoch dev would choose minus "
+            "dev at the epoch the selection split chose.", "", *table, "",
+            "The rate each protocol chooses (on the sweep seed: dev for the first, the selection split for the "
+            "second) and the mean dev score there:", "", *rate_choice_lines(grid, summary), ""]
 
 
 def _claims(grid: Grid, claims: list[ClaimRow]) -> list[str]:
