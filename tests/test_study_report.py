@@ -216,3 +216,75 @@ def test_no_selection_bias_section_without_a_pair(tmp_path):
     grid = load(tmp_path)
     write(grid, [row(grid, "mrpc", "krona", 1e-3, 0, 0.8)])
     assert "Selection bias" not in report_page.render(grid, tmp_path / "page.md").read_text()
+
+
+BUDGET = """
+[study]
+name = "g"
+tasks = ["mrpc", "rte"]
+seeds = [0, 1, 2]
+extend_edges = false
+every_seed_every_rate = true
+
+[[method]]
+name = "krona-small"
+method = "krona"
+lrs = [1e-3]
+
+[[method]]
+name = "krona-big"
+method = "krona"
+lrs = [1e-3]
+tasks = ["mrpc"]
+args = { a_shape = [4, 4] }
+
+[[method]]
+name = "lora-small"
+method = "lora"
+lrs = [1e-3]
+
+[[method]]
+name = "lora-big"
+method = "lora"
+lrs = [1e-3]
+tasks = ["mrpc"]
+args = { r = 3 }
+
+[[method]]
+name = "bottleneck"
+method = "bottleneck"
+lrs = [1e-3]
+"""
+
+
+def test_the_budget_curve_has_the_budget_families_alone_and_a_collapse_does_not_stretch_it(tmp_path, monkeypatch):
+    (tmp_path / "budget.toml").write_text(BUDGET)
+    grid = study_grid.load_grid(tmp_path / "budget.toml")
+    seeds = {"krona-small": (1000, [0.85, 0.84, 0.86]), "krona-big": (3000, [0.86, 0.85, 0.87]),
+             "lora-small": (900, [0.84, 0.83, 0.85]), "lora-big": (2800, [0.86, 0.87, 0.20]),
+             "bottleneck": (5000, [0.88, 0.88, 0.88])}
+    rows = [row(grid, "mrpc", name, 1e-3, s, v, params, majority_baseline=0.812)
+            for name, (params, scores) in seeds.items() for s, v in enumerate(scores)]
+    rows += [row(grid, "rte", name, 1e-3, 0, 0.6) for name in ("krona-small", "lora-small", "bottleneck")]
+    summary = report_stats.summarise(grid, rows)
+    panels = report_figures.budget_panels(grid, summary)
+    # rte has one budget per family: no curve there; bottleneck is no budget family
+    assert list(panels) == ["mrpc"] and list(panels["mrpc"]) == ["krona", "lora"]
+    assert [(p, n) for p, n, _ in panels["mrpc"]["lora"]] == [(900, "lora-small"), (2800, "lora-big")]
+    figures = []
+    monkeypatch.setattr(report_figures, "save_png", lambda fig, path, dpi: (figures.append(fig), Path(path))[1])
+    report_figures.plot_budget(panels, {"mrpc": 0.812}, tmp_path / "b.png")
+    ax = figures[0].axes[0]
+    # seeds above the 0.812 line: 0.83 to 0.87, spread 0.04; the line lies 0.018 below them, within it, so the
+    # axis reaches just under it: 0.812 - 0.02 x (0.87 - 0.812 + 0.05) = 0.80984, and the collapsed 0.20 sits
+    # on that edge as the one point there (lora-big, 2,800 parameters)
+    bottom = ax.get_ylim()[0]
+    assert bottom == pytest.approx(80.984)
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == pytest.approx([81.2])
+    at_edge = [tuple(xy) for c in ax.collections for xy in c.get_offsets() if abs(xy[1] - bottom) < 1e-9]
+    assert at_edge == [(2800, pytest.approx(80.984))]
+    # a collapse line far below the scores (CoLA's Matthews 0) stays out of view
+    assert report_figures._budget_bottom([0.20, 0.25, 0.0], 0.0) == pytest.approx(0.20 - 0.02 * 0.10)
+    write(grid, rows)
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    assert "## Score against parameter budget" in page and "(img/g-budget.png)" in page

@@ -2,7 +2,6 @@
 runs were made."""
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,8 +10,9 @@ from ..selection import SELECTION
 from ..study.grid import Grid, argv
 from ..study.results import cpu_seconds, current_rows, read_results
 from .bias import bias_table, rate_choice_lines
-from .figures import plot_forest, plot_score_vs_lr, plot_score_vs_params, plot_times
-from .stats import collapses, complete, majority_score, summarise, time_ratios
+from .figures import (BUDGET_FAMILIES, budget_panels, plot_budget, plot_forest, plot_score_vs_lr, plot_score_vs_params,
+                      plot_times)
+from .stats import collapse_lines, collapses, complete, summarise, time_ratios
 from .tables import (ClaimRow, claim_rows, claims_table, epochs_table, forest_points, lr_table, seeds_table,
                      table)
 
@@ -49,6 +49,7 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         lines += _what_this_shows(grid, summary, claims)
         lines += _scores(grid, summary)
         lines += _score_plot(grid, summary, out, img)
+        lines += _budget(grid, summary, out, img)
         lines += _selection_bias(grid, rows, summary)
         lines += _claims(grid, claims)
         lines += _extra_plots(grid, summary, forest_points(claims), out, img)
@@ -159,6 +160,19 @@ def _selection_bias(grid: Grid, rows: list[dict], summary: dict) -> list[str]:
             "second) and the mean dev score there:", "", *rate_choice_lines(grid, summary), ""]
 
 
+def _budget(grid: Grid, summary: dict, out: Path, img: Path) -> list[str]:
+    """Score against parameters for the budget families alone ([] when no task has two of their curves)."""
+    panels = budget_panels(grid, summary)
+    if not panels:
+        return []
+    path = plot_budget(panels, collapse_lines(grid, summary), img / f"{grid.name}-budget.png")
+    return ["## Score against parameter budget", "", "The budget-matched families alone ("
+            + ", ".join(f"`{f}`" for f in BUDGET_FAMILIES) + ", those the grid has) at each method's chosen rate: "
+            "mean ± std over seeds, dots the seeds; dashed: the collapse line (the majority-class score; STS-B: "
+            "half the median Pearson), runs below the axis sit on its bottom edge as triangles.", "",
+            f"![score against trainable parameters, budget families]({path.relative_to(out.parent)})", ""]
+
+
 def _claims(grid: Grid, claims: list[ClaimRow]) -> list[str]:
     """The claims' section, how to read it and its table ([] when the grid has no claims)."""
     if not grid.claims:
@@ -191,17 +205,13 @@ def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) 
         if any(paper is not None for *_, paper in forest):
             lines += [PAPER_MARKERS, ""]
         lines += [f"![every claim: difference and 95 % interval]({path.relative_to(out.parent)})", ""]
-    panels, floors = {}, {}
+    panels = {}
     for (task, name), s in summary.items():
         panels.setdefault(task, {})[name] = sorted(s["sweep"].items())
-    for task in panels:
-        rows = [r for (t, _), s in summary.items() if t == task for r in s["rows"]]
-        scores = [r["score"] for r in rows]
-        pearson = rows and rows[0].get("main_metric") == "pearson"
-        floors[task] = 0.5 * statistics.median(scores) if pearson else majority_score(grid, task, rows)
     if panels:
         order = [t for t in grid.tasks if t in panels]
-        path = plot_score_vs_lr({t: panels[t] for t in order}, floors, img / f"{grid.name}-score-vs-lr.png")
+        path = plot_score_vs_lr({t: panels[t] for t in order}, collapse_lines(grid, summary),
+                                img / f"{grid.name}-score-vs-lr.png")
         lines += ["## Score against learning rate", "", "Each method's sweep (seed "
                   f"{grid.sweep_seed}); dashed: the collapse line (the majority-class score; STS-B: half the "
                   "median Pearson); runs below the axis sit on its edge as triangles.", "",
