@@ -84,8 +84,9 @@ def test_the_forest_marks_a_papers_gap_on_its_claims_average_row_only(tmp_path, 
     grid = load(tmp_path, '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
     scores = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r1"): [0.75, 0.74, 0.76],
               ("rte", "krona"): [0.60, 0.62, 0.58], ("rte", "lora-r1"): [0.58, 0.57, 0.59]}
-    write(grid, [row(grid, t, n, 1e-3, s, v[s]) for (t, n), v in scores.items() for s in range(3)])
-    rows = report_tables.claim_rows(grid, report_stats.summarise(grid, study_rows(grid)))
+    results = [row(grid, t, n, 1e-3, s, v[s]) for (t, n), v in scores.items() for s in range(3)]
+    write(grid, results)
+    rows = report_tables.claim_rows(grid, report_stats.summarise(grid, results))
     assert [(r.where, r.paper) for r in rows] == [("mrpc", None), ("rte", None), ("average of 2 tasks", 0.41)]
     points = report_tables.forest_points(rows)
     assert points[2][0] == "KronA beats LoRA: average of 2 tasks" and points[2][3] == pytest.approx(0.0041)
@@ -100,12 +101,6 @@ def test_the_forest_marks_a_papers_gap_on_its_claims_average_row_only(tmp_path, 
     assert "paper" in [t.get_text() for t in ax.get_legend().get_texts()]
     page = report_page.render(grid, tmp_path / "page.md").read_text()
     assert "Hollow diamonds (*paper*)" in page
-
-
-def study_rows(grid):
-    from kronpeft.runner.study.results import current_rows, read_results
-
-    return current_rows(grid, read_results(grid.results))[0]
 
 
 def test_the_page_opens_with_what_it_shows_counted_from_its_claims(tmp_path):
@@ -210,6 +205,15 @@ def test_selection_bias_pairs_by_method_args_and_rates_and_counts_the_seeds_each
            "seeds); the selection protocol chooses 0.001 (the sweep seed has run 1 of 2 rates), where dev scores " \
            "79.0 (2 of 3 seeds): the whole protocol's bias is +3.0." in page
     assert "lora-r8-sel` |" not in page and "rte |" not in page.split("## Selection bias")[1].split("##")[0]
+
+
+def test_the_plain_words_name_each_protocol_of_a_grid_that_mixes_them(tmp_path):
+    (tmp_path / "bias.toml").write_text(BIAS)
+    words = report_page._protocol_words(study_grid.load_grid(tmp_path / "bias.toml"))
+    assert words == ("`krona`, `lora-r1`: the dev set chose each rate and each run's best epoch and is also the set "
+                     "reported, so the scores are optimistic (no held-out test set). `second-look`, `lora-r8-sel`: "
+                     "rates and epochs were chosen on a 10 % selection split of train, and dev, which chose nothing, "
+                     "is reported as the test set.")
 
 
 def test_no_selection_bias_section_without_a_pair(tmp_path):
