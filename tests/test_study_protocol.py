@@ -153,6 +153,7 @@ def test_score_vs_lr_axis_is_not_stretched_by_a_collapsed_run_and_the_forest_lis
     report_figures.plot_score_vs_lr(panels, {"mrpc": 0.812}, tmp_path / "lr.png")
     low, _ = figures[0].axes[0].get_ylim()
     assert 81.2 < low < 84.0  # the lowest score above the majority-class line sets the floor, not 81.2
-    report_figures.plot_forest([("a: mrpc", 0.02, (0.01, 0.03)), ("a: average", -0.01, None)], tmp_path / "f.png")
+    report_figures.plot_forest([("a: mrpc", 0.02, (0.01, 0.03), None), ("a: average", -0.01, None, None)],
+                              tmp_path / "f.png")
     labels = [t.get_text() for t in figures[1].axes[0].get_yticklabels()]
     assert labels == ["a: average", "a: mrpc"]  # first claim on top

@@ -3,6 +3,7 @@ ratios, the claims' forest plot, and score against learning rate."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -163,23 +164,29 @@ def plot_times(ratios: dict, reference: str, path: Path, task_order: list[str]):
     save_png(fig, path, dpi=120)
 
 
-def plot_forest(claims: list[tuple[str, float, tuple[float, float] | None]], path: str | Path) -> Path:
-    """Forest plot of claims: one line per (label, better - worse, 95 % interval or None), ×100, with zero
-    marked; a claim holds where its interval lies right of zero."""
+def plot_forest(claims: list[tuple[str, float, tuple[float, float] | None, float | None]], path: str | Path) -> Path:
+    """Forest plot of claims: one line per (label, better - worse, 95 % interval or None, the paper's reported
+    gap or None), ×100, with zero marked; a claim holds where its interval lies right of zero. A paper's gap
+    is a hollow diamond on its claim's line ("paper" in the legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(claims) + 1.2))
-    for y, (label, diff, ci) in enumerate(reversed(claims)):
+    for y, (label, diff, ci, paper) in enumerate(reversed(claims)):
         if ci is not None:
             ax.plot([100 * ci[0], 100 * ci[1]], [y, y], color="tab:blue")
-        ax.plot([100 * diff], [y], "o", color="tab:blue")
+        ax.plot([100 * diff], [y], "o", color="tab:blue", label="measured (95 % interval)")
+        if paper is not None:
+            ax.plot([100 * paper], [y], "D", mfc="none", mec="tab:red", ms=7, label="paper")
     ax.axvline(0, color="grey", lw=1)
-    ax.set_yticks(range(len(claims)), [label for label, _, _ in reversed(claims)], fontsize=7)
+    ax.set_yticks(range(len(claims)), [label for label, *_ in reversed(claims)], fontsize=7)
     ax.set(xlabel="better − worse (×100), 95 % interval", title="the papers' claims")
     ax.grid(axis="x", alpha=0.3)
+    if any(paper is not None for *_, paper in claims):
+        handles = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per label
+        ax.legend(handles.values(), handles.keys(), fontsize=7, loc="best")
     fig.tight_layout()
     return save_png(fig, path, dpi=120)
 
@@ -197,9 +204,7 @@ def plot_score_vs_lr(panels: dict[str, dict[str, list[tuple[float, float]]]], fl
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (task, methods) in zip(axes[0], panels.items()):
         floor = floors.get(task)
-        scores = [s for points in methods.values() for _, s in points]
-        kept = [s for s in scores if floor is None or s > floor] or scores
-        low = min(kept) - 0.02 * (max(kept) - min(kept) + 0.05)
+        low = _lowest_shown([s for points in methods.values() for _, s in points], floor)
         for name, points in methods.items():
             points = sorted(points)
             line, = ax.plot([lr for lr, _ in points], [100 * max(s, low) for _, s in points], marker="o", label=name)
@@ -212,3 +217,89 @@ def plot_score_vs_lr(panels: dict[str, dict[str, list[tuple[float, float]]]], fl
     axes[0][-1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     return save_png(fig, path, dpi=110)
+
+
+def _lowest_shown(scores: list[float], floor: float | None) -> float:
+    """An axis' bottom for these scores: just under the lowest one above `floor` (the collapse line), so a
+    collapsed run does not stretch the axis."""
+    kept = _above(scores, floor)
+    return min(kept) - 0.02 * (max(kept) - min(kept) + 0.05)
+
+
+def _above(scores: list[float], floor: float | None) -> list[float]:
+    """The scores above `floor` (all of them when none is, or without a floor)."""
+    return [s for s in scores if floor is None or s > floor] or scores
+
+
+BUDGET_FAMILIES = ("krona", "lora", "krona-sum", "krona-kpsvd")  # KronA shapes, LoRA ranks, Kronecker sums
+
+
+def budget_panels(grid: Grid, summary: dict) -> dict[str, dict[str, list[tuple[int, str, list[float]]]]]:
+    """{task: {family: [(trainable params, method name, seed scores)]}}, by parameters, of the budget families
+    (BUDGET_FAMILIES), for the tasks where two of them span two budgets or more (a curve each)."""
+    panels = {}
+    for task in grid.tasks:
+        families = defaultdict(list)
+        for entry in grid.methods:
+            s = summary.get((task, entry.name))
+            if s is not None and entry.family in BUDGET_FAMILIES:
+                families[entry.family].append((adapter_params(s["rows"][0]), entry.name, s["scores"]))
+        if sum(len({params for params, _, _ in points}) > 1 for points in families.values()) >= 2:
+            panels[task] = {family: sorted(points) for family, points in sorted(families.items())}
+    return panels
+
+
+def plot_budget(panels: dict, floors: dict[str, float | None], path: str | Path) -> Path:
+    """Per task in `panels` (budget_panels) a panel of score (×100, mean ± std, seeds as dots) against trainable
+    parameters (log), one line per family. `floors[task]`: the collapse line (majority class), dashed; the axis
+    reaches down to it when it lies within the scores' spread of the lowest score above it, never further, and
+    runs below the axis sit on its bottom edge as triangles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    named = []
+    for ax, (task, families) in zip(axes[0], panels.items()):
+        floor = floors.get(task)
+        seeds = [v for points in families.values() for _, _, scores in points for v in scores]
+        bottom = _budget_bottom(seeds, floor)
+        points_named = []
+        for family, points in families.items():
+            colour = f"C{BUDGET_FAMILIES.index(family)}"
+            params = [p for p, _, _ in points]
+            means = [max(statistics.fmean(scores), bottom) for _, _, scores in points]
+            spread = [statistics.stdev(scores) if len(scores) > 1 else 0.0 for _, _, scores in points]
+            ax.errorbar(params, [100 * m for m in means], yerr=[100 * e for e in spread], marker="o", capsize=3,
+                        color=colour, label=family)
+            for p, _, scores in points:
+                shown, below = [v for v in scores if v >= bottom], [v for v in scores if v < bottom]
+                ax.scatter([p] * len(shown), [100 * v for v in shown], s=10, alpha=0.4, linewidths=0, color=colour)
+                ax.scatter([p] * len(below), [100 * bottom] * len(below), marker="v", s=50, color=colour)
+            points_named += [(p, 100 * m, name) for (p, name, _), m in zip(points, means)]
+        if floor is not None:
+            ax.axhline(100 * floor, color="grey", ls="--", lw=1, label="collapse line (majority class)")
+        top = max(seeds) + 0.08 * (max(seeds) - bottom)
+        ax.set(xscale="log", ylim=(100 * bottom, 100 * top), title=task, xlabel="trainable parameters (no head)",
+               ylabel="dev score ×100 (mean ± std; dots: seeds)")
+        ax.margins(x=0.2)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_compact))
+        ax.grid(alpha=0.3)
+        named.append((ax, points_named))
+    _legend_below(fig, axes[0], len(panels))
+    fig.canvas.draw()
+    for ax, points in named:
+        _name_points(ax, points)
+    return save_png(fig, path, dpi=120)
+
+
+def _budget_bottom(scores: list[float], floor: float | None) -> float:
+    """The budget plot's bottom: `_lowest_shown`, lowered to just under `floor` when the floor lies within the
+    scores' spread of the lowest score above it (then the line shows without squashing the panel)."""
+    low, kept = _lowest_shown(scores, floor), _above(scores, floor)
+    if floor is not None and floor < low and min(kept) - floor <= max(kept) - min(kept):
+        return floor - 0.02 * (max(kept) - floor + 0.05)
+    return low

@@ -2,17 +2,23 @@
 runs were made."""
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from ...atomic import write_atomic
+from ..selection import SELECTION
 from ..study.grid import Grid, argv
 from ..study.results import cpu_seconds, current_rows, read_results
-from .figures import plot_forest, plot_score_vs_lr, plot_score_vs_params, plot_times
-from .stats import complete, majority_score, summarise, time_ratios
-from .tables import claims_table, epochs_table, lr_table, seeds_table, table
+from .bias import bias_table, rate_choice_lines
+from .figures import (BUDGET_FAMILIES, budget_panels, plot_budget, plot_forest, plot_score_vs_lr, plot_score_vs_params,
+                      plot_times)
+from .stats import collapse_lines, collapses, complete, summarise, time_ratios
+from .tables import (ClaimRow, claim_rows, claims_table, epochs_table, forest_points, lr_table, seeds_table,
+                     table)
 
+PAPER_MARKERS = ("Hollow diamonds (*paper*): the gap the paper reports for the claim, where it reports one: KronA's "
+                 "paper only its GLUE average on T5-base (on our average rows), AdaKron's paper every task on "
+                 "BERT-base (per task, and their mean on an average row), in points as the papers print them.")
 PAGE_MARK = "<!-- written by `kronpeft report`: re-rendered in place; edit the grid, notes or results instead -->"
 
 
@@ -39,11 +45,14 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     if not rows:
         lines.append("No runs recorded yet.")
     else:
+        claims = claim_rows(grid, summary)
+        lines += _what_this_shows(grid, summary, claims)
         lines += _scores(grid, summary)
-        forest = []
         lines += _score_plot(grid, summary, out, img)
-        lines += _claims(grid, summary, forest)
-        lines += _extra_plots(grid, summary, forest, out, img)
+        lines += _budget(grid, summary, out, img)
+        lines += _selection_bias(grid, rows, summary)
+        lines += _claims(grid, claims)
+        lines += _extra_plots(grid, summary, forest_points(claims), out, img)
         lines += _rates(grid, summary)
         lines += _seeds_and_epochs(grid, summary)
         reference = reference or next((e.name for e in grid.methods if e.family == "lora"), grid.methods[0].name)
@@ -54,6 +63,66 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
         lines += ["", "## Setup", ""] + setup(grid, rows)
     write_atomic(out, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return out
+
+
+VERDICTS = ("holds", "reversed", "within noise")
+MODEL_WORDS = {"all-MiniLM-L6-v2": "all-MiniLM-L6-v2, one small 6-layer encoder, not the papers' T5-base or "
+                                   "BERT-base"}
+
+
+def _what_this_shows(grid: Grid, summary: dict, claims: list[ClaimRow]) -> list[str]:
+    """The page's findings in plain words, from the claims' rows, and the caveats every reader needs ([] when
+    the grid has no claims)."""
+    if not grid.claims:
+        return []
+    decided = [c for c in claims if c.verdict in VERDICTS]
+    before = ", ".join(f"{v}: {sum(c.verdict == v for c in decided)}" for v in VERDICTS)
+    after = ", ".join(f"{v}: {sum(c.after_holm() == v for c in decided)}" for v in VERDICTS)
+    found = [c for c in decided if c.verdict != "within noise"]
+    named = "".join(f"; {c.text} on {_the(c.where)}: {c.verdict}" for c in found)
+    survivors = [f"{c.text} on {_the(c.where)} ({c.verdict}, Holm p {c.holm_p:.2g})" for c in found
+                 if c.after_holm() == c.verdict]
+    tested = sum(1 for c in claims if c.holm_p == c.holm_p)  # nan: no paired test
+    chance = f" (the {len(found)} verdicts above do not survive correcting for {tested} tests)" if found else ""
+    return ["## What this shows and what it does not", "",
+            f"- {len(claims)} claim rows ({len(grid.claims)} claims, per task and on their average where a claim "
+            f"spans several tasks): {len(decided)} have a verdict, {len(claims) - len(decided)} still wait for "
+            "seeds or a sweep.",
+            f"- Before Holm's correction: {before}{named}.",
+            f"- After it (over the {tested} rows with a paired test): {after}.",
+            "- Surviving Holm's correction: " + ("; ".join(survivors) if survivors else f"none{chance}") + ".",
+            f"- One model: {MODEL_WORDS.get(grid.model, grid.model)}; a gap measured here need not carry over to "
+            "other models.",
+            f"- {len(grid.seeds)} seeds per cell: only large differences are resolved, and *within noise* means "
+            "not resolved, not equal.",
+            f"- {_protocol_words(grid)}",
+            f"- {_collapse_words(grid, summary)}", ""]
+
+
+def _the(where: str) -> str:
+    """A claim row's place in a sentence: "mrpc", "the average of 4 tasks"."""
+    return f"the {where}" if where.startswith("average") else where
+
+
+def _protocol_words(grid: Grid) -> str:
+    """Which split chose the rates and epochs, in words, per protocol the grid's methods use."""
+    by_protocol = defaultdict(list)
+    for entry in grid.methods:
+        by_protocol[grid.protocol_of(entry)].append(f"`{entry.name}`")
+    words = {"dev": "the dev set chose each rate and each run's best epoch and is also the set reported, so the "
+                    "scores are optimistic (no held-out test set)",
+             SELECTION: "rates and epochs were chosen on a 10 % selection split of train, and dev, which chose "
+                        "nothing, is reported as the test set"}
+    if len(by_protocol) == 1:
+        return next(iter(words[p] for p in by_protocol)).capitalize() + "."
+    return " ".join(f"{', '.join(names)}: {words[p]}." for p, names in by_protocol.items())
+
+
+def _collapse_words(grid: Grid, summary: dict) -> str:
+    """How many runs at the chosen rates collapsed (the table's ‡)."""
+    flags = [flag for (task, _), s in summary.items() for flag in collapses(grid, summary, task, s["rows"])]
+    return (f"{sum(flags)} of {len(flags)} runs at the chosen rates collapsed (‡ in the table: at or below the "
+            "majority-class score; STS-B below half the median Pearson); they stay in the means and the tests.")
 
 
 def _scores(grid: Grid, summary: dict) -> list[str]:
@@ -74,7 +143,37 @@ def _score_plot(grid: Grid, summary: dict, out: Path, img: Path) -> list[str]:
     return ["", f"![score vs trainable parameters]({path.relative_to(out.parent)})", ""]
 
 
-def _claims(grid: Grid, summary: dict, forest: list) -> list[str]:
+def _selection_bias(grid: Grid, rows: list[dict], summary: dict) -> list[str]:
+    """The bias of choosing on dev, where the grid runs a method under both protocols ([] otherwise)."""
+    table = bias_table(grid, rows)
+    if not table:
+        return []
+    return ["## Selection bias: the same method under both protocols", "",
+            "Each pair runs one method, with the same arguments and rates, under the first round's protocol "
+            "(rate and best epoch chosen on dev, dev reported) and under the selection protocol (trained on 90 % "
+            "of train, epoch and rate chosen on the other 10 %, dev reported as a test set). Per rate: the mean "
+            "dev score (×100) over the seeds each side has so far; *bias*: the first minus the second, what "
+            "choosing on dev adds, mixed with the effect of training on 10 % less data. *Epoch choice alone*: on "
+            "the selection-protocol runs themselves (the same training), dev at the epoch dev would choose minus "
+            "dev at the epoch the selection split chose.", "", *table, "",
+            "The rate each protocol chooses (on the sweep seed: dev for the first, the selection split for the "
+            "second) and the mean dev score there:", "", *rate_choice_lines(grid, summary), ""]
+
+
+def _budget(grid: Grid, summary: dict, out: Path, img: Path) -> list[str]:
+    """Score against parameters for the budget families alone ([] when no task has two of their curves)."""
+    panels = budget_panels(grid, summary)
+    if not panels:
+        return []
+    path = plot_budget(panels, collapse_lines(grid, summary), img / f"{grid.name}-budget.png")
+    return ["## Score against parameter budget", "", "The budget-matched families alone ("
+            + ", ".join(f"`{f}`" for f in BUDGET_FAMILIES) + ", those the grid has) at each method's chosen rate: "
+            "mean ± std over seeds, dots the seeds; dashed: the collapse line (the majority-class score; STS-B: "
+            "half the median Pearson), runs below the axis sit on its bottom edge as triangles.", "",
+            f"![score against trainable parameters, budget families]({path.relative_to(out.parent)})", ""]
+
+
+def _claims(grid: Grid, claims: list[ClaimRow]) -> list[str]:
     """The claims' section, how to read it and its table ([] when the grid has no claims)."""
     if not grid.claims:
         return []
@@ -95,7 +194,7 @@ def _claims(grid: Grid, summary: dict, forest: list) -> list[str]:
             "tasks. *paired p, Holm*: Holm's correction over every row of this table (one family); a "
             "verdict that does not survive it says so. *bootstrap p*: a paired bootstrap over dev "
             "examples (1,000 resamples) from the runs' kept predictions, where both cells have them.", "",
-            *claims_table(grid, summary, forest), ""]
+            *claims_table(claims), ""]
 
 
 def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) -> list[str]:
@@ -103,18 +202,16 @@ def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) 
     lines = []
     if forest:
         path = plot_forest(forest, img / f"{grid.name}-claims.png")
+        if any(paper is not None for *_, paper in forest):
+            lines += [PAPER_MARKERS, ""]
         lines += [f"![every claim: difference and 95 % interval]({path.relative_to(out.parent)})", ""]
-    panels, floors = {}, {}
+    panels = {}
     for (task, name), s in summary.items():
         panels.setdefault(task, {})[name] = sorted(s["sweep"].items())
-    for task in panels:
-        rows = [r for (t, _), s in summary.items() if t == task for r in s["rows"]]
-        scores = [r["score"] for r in rows]
-        pearson = rows and rows[0].get("main_metric") == "pearson"
-        floors[task] = 0.5 * statistics.median(scores) if pearson else majority_score(grid, task, rows)
     if panels:
         order = [t for t in grid.tasks if t in panels]
-        path = plot_score_vs_lr({t: panels[t] for t in order}, floors, img / f"{grid.name}-score-vs-lr.png")
+        path = plot_score_vs_lr({t: panels[t] for t in order}, collapse_lines(grid, summary),
+                                img / f"{grid.name}-score-vs-lr.png")
         lines += ["## Score against learning rate", "", "Each method's sweep (seed "
                   f"{grid.sweep_seed}); dashed: the collapse line (the majority-class score; STS-B: half the "
                   "median Pearson); runs below the axis sit on its edge as triangles.", "",

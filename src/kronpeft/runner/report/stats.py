@@ -12,7 +12,7 @@ from scipy.stats import ttest_ind
 
 from ..study.grid import Grid
 from ..study.plan import best_lr, plan
-from .significance import collapsed
+from .significance import STSB_COLLAPSE_FRACTION, collapsed
 
 
 def cell_stats(scores: list[float]) -> tuple[float, float, int]:
@@ -75,6 +75,18 @@ def majority_score(grid: Grid, task: str, rows: list[dict]) -> float | None:
         return constant_baseline(task, [e.label for e in load_split(task, "dev", data_dir)])[rows[0]["main_metric"]]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def collapse_lines(grid: Grid, summary: dict) -> dict[str, float | None]:
+    """{task: the score at or below which a run collapsed}: the majority-class score, on STS-B (Pearson) half the
+    median of the task's runs at the chosen rates; None where neither is known."""
+    lines = {}
+    for task in {t for t, _ in summary}:
+        rows = [r for (t, _), s in summary.items() if t == task for r in s["rows"]]
+        pearson = rows[0].get("main_metric") == "pearson"
+        lines[task] = (STSB_COLLAPSE_FRACTION * statistics.median(r["score"] for r in rows) if pearson
+                       else majority_score(grid, task, rows))
+    return lines
 
 
 def collapses(grid: Grid, summary: dict, task: str, rows: list[dict]) -> list[bool]:

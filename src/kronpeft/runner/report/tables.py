@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 
 from ..study.grid import Grid
 from .stats import (adapter_params, average_verdict, cell_stats, claim_verdict, collapses, complete, model_params,
                     rate_across_tasks)
+from .papers import reported_gap
 from .significance import bootstrap_cells, holm, paired_cells
 
 
@@ -45,24 +47,35 @@ def table(grid: Grid, summary: dict) -> list[str]:
     return lines
 
 
-def _claim_row(text: str, where: str, diff: float | None, ci, p, verdict: str, paired=math.nan,
-               holm_p=math.nan, boot=None) -> str:
-    fmt = lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2g}"  # noqa: E731
-    if verdict in ("holds", "reversed") and not holm_p < 0.05:
-        verdict += " (not after Holm)"
-    return (f"| {text} | {where} | {'—' if diff is None else f'{100 * diff:+.1f}'} | "
-            f"{'—' if ci is None else f'{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}'} | "
-            f"{fmt(p)} | {fmt(paired)} | {fmt(holm_p)} | {fmt(boot)} | {verdict} |")
+@dataclass
+class ClaimRow:
+    """One row of the claims' table: a claim on one task or on the average over its tasks (differences and
+    intervals are fractions; `paper`: the gap a paper reports for it, in points, or None)."""
+    text: str
+    where: str
+    diff: float | None
+    ci: tuple[float, float] | None
+    welch_p: float | None
+    verdict: str
+    paired_p: float
+    bootstrap_p: float | None
+    paper: float | None
+    holm_p: float = math.nan
+
+    def after_holm(self) -> str:
+        """The verdict once Holm's correction is applied: a "holds"/"reversed" whose Holm p is not below 0.05
+        becomes "within noise"."""
+        return self.verdict if self.verdict not in ("holds", "reversed") or self.holm_p < 0.05 else "within noise"
 
 
-def claims_table(grid: Grid, summary: dict, forest: list | None = None) -> list[str]:
+def claim_rows(grid: Grid, summary: dict) -> list[ClaimRow]:
     """One row per claim and task, and per claim its average over tasks; Holm's correction runs over the
-    paired p of every row (the whole table is one family). `forest`, when given, receives (label,
-    difference, interval) of every row that has a difference, for the forest plot."""
-    entries = []  # (text, where, diff, ci, Welch p, verdict, paired p, bootstrap p)
+    paired p of every row (the whole table is one family)."""
+    rows = []
     methods = {e.name: e for e in grid.methods}
     for claim in grid.claims:
         text = f"{claim.text} (`{claim.better}` vs `{claim.worse}`)"
+        families = methods[claim.better].family, methods[claim.worse].family
         for task in grid.tasks:
             b, w = summary.get((task, claim.better)), summary.get((task, claim.worse))
             if b is None or w is None:
@@ -71,27 +84,46 @@ def claims_table(grid: Grid, summary: dict, forest: list | None = None) -> list[
             if b["sweeping"] or w["sweeping"]:
                 verdict = "waiting (sweep not finished)"
             main = b["rows"][0].get("main_metric", "")
-            entries.append((text, task, diff, ci, p, verdict, paired_cells([b["rows"]], [w["rows"]])[1],
-                            bootstrap_cells(task, main, b["rows"], w["rows"], grid.results.parent)))
+            rows.append(ClaimRow(text, task, diff, ci, p, verdict, paired_cells([b["rows"]], [w["rows"]])[1],
+                                 bootstrap_cells(task, main, b["rows"], w["rows"], grid.results.parent),
+                                 reported_gap(*families, [task])))
         shared = [t for t in grid.tasks if t in methods[claim.better].tasks and t in methods[claim.worse].tasks]
         if len(shared) < 2:
             continue
         pairs = [(summary.get((t, claim.better)), summary.get((t, claim.worse))) for t in shared]
         done = sum(1 for b, w in pairs if b and w and complete(b, len(grid.seeds)) and complete(w, len(grid.seeds)))
-        where = f"average of {len(shared)} tasks"
+        where, paper = f"average of {len(shared)} tasks", reported_gap(*families, shared)
         if done < len(shared):
-            entries.append((text, where, None, None, None, f"waiting ({done}/{len(shared)} tasks complete)",
-                            math.nan, None))
+            rows.append(ClaimRow(text, where, None, None, None, f"waiting ({done}/{len(shared)} tasks complete)",
+                                 math.nan, None, paper))
         else:
-            entries.append((text, where, *average_verdict([b["scores"] for b, _ in pairs],
-                                                          [w["scores"] for _, w in pairs]),
-                            paired_cells([b["rows"] for b, _ in pairs], [w["rows"] for _, w in pairs])[1], None))
-    adjusted = holm([e[6] for e in entries])
-    if forest is not None:
-        forest += [(f"{e[0].split(' (`')[0]}: {e[1]}", e[2], e[3]) for e in entries if e[2] is not None]
-    return ["| claim | task | better − worse (×100) | 95 % CI | Welch p | paired p | paired p, Holm | bootstrap p "
-            "| verdict |", "|---|---|---:|---:|---:|---:|---:|---:|---|",
-            *(_claim_row(*e[:6], e[6], h, e[7]) for e, h in zip(entries, adjusted))]
+            rows.append(ClaimRow(text, where, *average_verdict([b["scores"] for b, _ in pairs],
+                                                               [w["scores"] for _, w in pairs]),
+                                 paired_cells([b["rows"] for b, _ in pairs], [w["rows"] for _, w in pairs])[1],
+                                 None, paper))
+    for row, adjusted in zip(rows, holm([r.paired_p for r in rows])):
+        row.holm_p = adjusted
+    return rows
+
+
+def claims_table(rows: list[ClaimRow]) -> list[str]:
+    """The claims' Markdown table; a verdict that does not survive Holm's correction says so."""
+    fmt = lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2g}"  # noqa: E731
+    lines = ["| claim | task | better − worse (×100) | 95 % CI | Welch p | paired p | paired p, Holm | bootstrap p "
+             "| verdict |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        verdict = r.verdict + (" (not after Holm)" if r.after_holm() != r.verdict else "")
+        lines.append(f"| {r.text} | {r.where} | {'—' if r.diff is None else f'{100 * r.diff:+.1f}'} | "
+                     f"{'—' if r.ci is None else f'{100 * r.ci[0]:+.1f} to {100 * r.ci[1]:+.1f}'} | "
+                     f"{fmt(r.welch_p)} | {fmt(r.paired_p)} | {fmt(r.holm_p)} | {fmt(r.bootstrap_p)} | {verdict} |")
+    return lines
+
+
+def forest_points(rows: list[ClaimRow]) -> list[tuple[str, float, tuple[float, float] | None, float | None]]:
+    """(label, difference, interval, paper's gap as a fraction or None) of every claim row with a difference:
+    the forest plot's lines."""
+    return [(f"{r.text.split(' (`')[0]}: {r.where}", r.diff, r.ci, None if r.paper is None else r.paper / 100)
+            for r in rows if r.diff is not None]
 
 
 def lr_table(grid: Grid, summary: dict) -> list[str]:

@@ -1,0 +1,294 @@
+"""The study page's issue-23 sections from hand-written results: the papers' gaps on the forest plot, the
+plain-words summary, the selection-bias table and the budget curve."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kronpeft.runner.report import figures as report_figures
+from kronpeft.runner.report import page as report_page
+from kronpeft.runner.report import stats as report_stats
+from kronpeft.runner.report import tables as report_tables
+from kronpeft.runner.report.papers import reported_gap
+from kronpeft.runner.study import grid as study_grid
+
+GRID = """
+[study]
+name = "r"
+tasks = ["mrpc", "rte"]
+seeds = [0, 1, 2]
+extend_edges = false
+every_seed_every_rate = true
+
+[train]
+epochs = 5
+
+[[method]]
+name = "krona"
+method = "krona"
+family = "krona"
+lrs = [1e-3]
+
+[[method]]
+name = "lora-r1"
+method = "lora"
+family = "lora"
+lrs = [1e-3]
+args = { r = 1 }
+{extra}
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_glue(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GLUE_DIR", raising=False)  # majority-class scores only where a row records one
+
+
+def load(tmp_path, extra=""):
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID.replace("{extra}", extra))
+    return study_grid.load_grid(path)
+
+
+def row(grid, task, name, lr, seed, score, params=1000, **fields):
+    entry = next(e for e in grid.methods if e.name == name)
+    run = study_grid.Run(task, entry, lr, seed, "sweep")
+    return {"key": run.key(grid), "grid": grid.name, "task": task, "name": name, "method": entry.method,
+            "family": entry.family, "lr": lr, "seed": seed, "stage": "sweep", "score": score, "main_metric": "f1",
+            "trainable_params": params, "head_params": 0, "total_params": 10**6, "train_seconds": 1.0,
+            "wall_seconds": 1.0, "steps": 1, "threads": 1, "cpu": "test", "protocol": grid.protocol_of(entry),
+            **fields}
+
+
+def write(grid, rows):
+    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_papers_gaps_are_their_tables_numbers():
+    # KronA (T5-base GLUE average): KronA 86.14, LoRA 85.73, KronA^B 86.28, KronA^B_res 86.57, full 85.65
+    assert reported_gap("krona", "lora", ["mrpc", "rte"]) == pytest.approx(0.41)
+    assert reported_gap("kronab", "krona", ["mrpc", "rte"]) == pytest.approx(0.14)
+    assert reported_gap("kronab-res", "kronab", ["mrpc", "stsb", "cola", "rte"]) == pytest.approx(0.29)
+    assert reported_gap("krona", "lora", ["mrpc"]) is None  # KronA's paper has no per-task scores
+    assert reported_gap("krona-sum", "lora", ["mrpc", "rte"]) is None  # no paper reports a sum
+    # AdaKron (BERT-base dev) against Pfeiffer r = 48: RTE 73.8 - 67.6; over MRPC, STS-B, CoLA, RTE the mean of
+    # +0.1, -0.2, +0.8, +6.2 = 1.725
+    assert reported_gap("adakron", "bottleneck", ["rte"]) == pytest.approx(6.2)
+    assert reported_gap("adakron", "bottleneck", ["mrpc", "stsb", "cola", "rte"]) == pytest.approx(1.725)
+
+
+def test_the_forest_marks_a_papers_gap_on_its_claims_average_row_only(tmp_path, monkeypatch):
+    grid = load(tmp_path, '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
+    scores = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r1"): [0.75, 0.74, 0.76],
+              ("rte", "krona"): [0.60, 0.62, 0.58], ("rte", "lora-r1"): [0.58, 0.57, 0.59]}
+    results = [row(grid, t, n, 1e-3, s, v[s]) for (t, n), v in scores.items() for s in range(3)]
+    write(grid, results)
+    rows = report_tables.claim_rows(grid, report_stats.summarise(grid, results))
+    assert [(r.where, r.paper) for r in rows] == [("mrpc", None), ("rte", None), ("average of 2 tasks", 0.41)]
+    points = report_tables.forest_points(rows)
+    assert points[2][0] == "KronA beats LoRA: average of 2 tasks" and points[2][3] == pytest.approx(0.0041)
+    figures = []
+    monkeypatch.setattr(report_figures, "save_png", lambda fig, path, dpi: (figures.append(fig), Path(path))[1])
+    report_figures.plot_forest(points, tmp_path / "f.png")
+    ax = figures[0].axes[0]
+    diamonds = [line for line in ax.get_lines() if line.get_marker() == "D"]
+    assert len(diamonds) == 1  # the average row (drawn at y 0: rows run top-down), no marker on the tasks' rows
+    assert list(diamonds[0].get_xdata()) == pytest.approx([0.41]) and list(diamonds[0].get_ydata()) == [0]
+    assert diamonds[0].get_markerfacecolor() == "none"
+    assert "paper" in [t.get_text() for t in ax.get_legend().get_texts()]
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    assert "Hollow diamonds (*paper*)" in page
+
+
+def test_the_page_opens_with_what_it_shows_counted_from_its_claims(tmp_path):
+    grid = load(tmp_path, '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
+    scores = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r1"): [0.75, 0.74, 0.76],
+              ("rte", "krona"): [0.60, 0.62, 0.58], ("rte", "lora-r1"): [0.58, 0.57, 0.59]}
+    majority = {"mrpc": {"majority_baseline": 0.745}, "rte": {}}  # rte: no majority score known, nothing flagged
+    write(grid, [row(grid, t, n, 1e-3, s, v[s], **majority[t]) for (t, n), v in scores.items() for s in range(3)])
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    # as in test_study's average test: mrpc holds (paired p 0.0033), rte within noise (0.37), the average holds
+    # (0.0091); Holm over 3: 3 x 0.003317 = 0.00995 (0.01 at two digits), 0.37, 2 x 0.0091 = 0.018: both verdicts
+    # survive. LoRA's mrpc seed 0.74 <= 0.745: collapsed.
+    section = page[page.index("## What this shows"):page.index("Cells complete")]
+    assert section.index("## What this shows") < page.index("Cells complete")  # before the tables
+    assert "- 3 claim rows (1 claims, per task and on their average where a claim spans several tasks): 3 have a " \
+           "verdict, 0 still wait for seeds or a sweep." in section
+    assert "- Before Holm's correction: holds: 2, reversed: 0, within noise: 1; KronA beats LoRA (`krona` vs " \
+           "`lora-r1`) on mrpc: holds; KronA beats LoRA (`krona` vs `lora-r1`) on the average of 2 tasks: holds." \
+           in section
+    assert "- After it (over the 3 rows with a paired test): holds: 2, reversed: 0, within noise: 1." in section
+    assert "- Surviving Holm's correction: KronA beats LoRA (`krona` vs `lora-r1`) on mrpc (holds, Holm p 0.01); " \
+           "KronA beats LoRA (`krona` vs `lora-r1`) on the average of 2 tasks (holds, Holm p 0.018)." in section
+    assert "- One model: all-MiniLM-L6-v2, one small 6-layer encoder" in section
+    assert "- 3 seeds per cell" in section
+    assert "- The dev set chose each rate and each run's best epoch and is also the set reported" in section
+    assert "- 1 of 12 runs at the chosen rates collapsed" in section
+
+
+def test_the_plain_words_name_the_selection_protocol_and_skip_grids_without_claims(tmp_path):
+    (tmp_path / "a").mkdir()
+    grid = load(tmp_path / "a", '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
+    grid.protocol = "selection"  # as `protocol = "selection"` in [study]
+    write(grid, [row(grid, "mrpc", n, 1e-3, 0, 0.8, selection_score=0.7) for n in ("krona", "lora-r1")])
+    page = report_page.render(grid, tmp_path / "a" / "page.md").read_text()
+    assert "- Rates and epochs were chosen on a 10 % selection split of train, and dev, which chose nothing, is " \
+           "reported as the test set." in page
+    assert "0 have a verdict, 2 still wait" in page  # mrpc at one seed of three; the average: rte not run
+    plain = load(tmp_path)
+    write(plain, [row(plain, "mrpc", n, 1e-3, 0, 0.8) for n in ("krona", "lora-r1")])
+    assert "What this shows" not in report_page.render(plain, tmp_path / "page.md").read_text()
+
+
+BIAS = """
+[study]
+name = "b"
+tasks = ["mrpc", "rte"]
+seeds = [0, 1, 2]
+extend_edges = false
+every_seed_every_rate = true
+
+[[method]]
+name = "krona"
+method = "krona"
+lrs = [1e-3, 1e-2]
+tasks = ["mrpc"]
+protocol = "dev"
+
+[[method]]
+name = "second-look"        # krona again under the selection protocol: paired by method, args and rates
+method = "krona"
+lrs = [1e-2, 1e-3]
+tasks = ["mrpc"]
+protocol = "selection"
+
+[[method]]
+name = "lora-r1"
+method = "lora"
+lrs = [1e-3]
+args = { r = 1 }
+
+[[method]]
+name = "lora-r8-sel"        # lora-r1's method and rates but other args: no pair
+method = "lora"
+lrs = [1e-3]
+args = { r = 8 }
+protocol = "selection"
+"""
+
+
+def test_selection_bias_pairs_by_method_args_and_rates_and_counts_the_seeds_each_side_has(tmp_path):
+    from kronpeft.runner.report.bias import protocol_pairs
+
+    (tmp_path / "bias.toml").write_text(BIAS)
+    grid = study_grid.load_grid(tmp_path / "bias.toml")
+    assert [(d.name, s.name) for d, s in protocol_pairs(grid)] == [("krona", "second-look")]
+    rows = [row(grid, "mrpc", "krona", 1e-3, s, v) for s, v in enumerate([0.80, 0.82, 0.84])]
+    rows.append(row(grid, "mrpc", "krona", 1e-2, 0, 0.70))
+    # selection runs: dev at the epoch the split chose (score) and dev after every epoch (curve); dev would
+    # have chosen 0.79 (gap 0.01) and 0.83 (gap 0.03)
+    rows += [row(grid, "mrpc", "second-look", 1e-3, 0, 0.78, selection_score=0.9,
+                 curve=[[0.0, 0.5], [1.0, 0.79], [2.0, 0.78]]),
+             row(grid, "mrpc", "second-look", 1e-3, 1, 0.80, selection_score=0.9,
+                 curve=[[0.0, 0.5], [1.0, 0.80], [2.0, 0.83]])]
+    write(grid, rows)
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    # 1e-3: 82.0 over 3 seeds against 79.0 over 2: bias +3.0; epoch choice alone (1 + 3) / 2 = +2.0
+    assert "| `krona` / `second-look` | mrpc | 0.001 | 82.0 (3 of 3 seeds) | 79.0 (2 of 3 seeds) | +3.0 " \
+           "| +2.0 (2 of 3 seeds) |" in page
+    assert "| `krona` / `second-look` | mrpc | 0.01 | 70.0 (1 of 3 seeds) | — (0 of 3 seeds) | — | — |" in page
+    # sweep seed 0: dev chooses 1e-3 (0.80 > 0.70); the selection protocol has run 1e-3 only
+    assert "- `krona` / `second-look` on mrpc: the dev protocol chooses 0.001, where dev scores 82.0 (3 of 3 " \
+           "seeds); the selection protocol chooses 0.001 (the sweep seed has run 1 of 2 rates), where dev scores " \
+           "79.0 (2 of 3 seeds): the whole protocol's bias is +3.0." in page
+    assert "lora-r8-sel` |" not in page and "rte |" not in page.split("## Selection bias")[1].split("##")[0]
+
+
+def test_the_plain_words_name_each_protocol_of_a_grid_that_mixes_them(tmp_path):
+    (tmp_path / "bias.toml").write_text(BIAS)
+    words = report_page._protocol_words(study_grid.load_grid(tmp_path / "bias.toml"))
+    assert words == ("`krona`, `lora-r1`: the dev set chose each rate and each run's best epoch and is also the set "
+                     "reported, so the scores are optimistic (no held-out test set). `second-look`, `lora-r8-sel`: "
+                     "rates and epochs were chosen on a 10 % selection split of train, and dev, which chose nothing, "
+                     "is reported as the test set.")
+
+
+def test_no_selection_bias_section_without_a_pair(tmp_path):
+    grid = load(tmp_path)
+    write(grid, [row(grid, "mrpc", "krona", 1e-3, 0, 0.8)])
+    assert "Selection bias" not in report_page.render(grid, tmp_path / "page.md").read_text()
+
+
+BUDGET = """
+[study]
+name = "g"
+tasks = ["mrpc", "rte"]
+seeds = [0, 1, 2]
+extend_edges = false
+every_seed_every_rate = true
+
+[[method]]
+name = "krona-small"
+method = "krona"
+lrs = [1e-3]
+
+[[method]]
+name = "krona-big"
+method = "krona"
+lrs = [1e-3]
+tasks = ["mrpc"]
+args = { a_shape = [4, 4] }
+
+[[method]]
+name = "lora-small"
+method = "lora"
+lrs = [1e-3]
+
+[[method]]
+name = "lora-big"
+method = "lora"
+lrs = [1e-3]
+tasks = ["mrpc"]
+args = { r = 3 }
+
+[[method]]
+name = "bottleneck"
+method = "bottleneck"
+lrs = [1e-3]
+"""
+
+
+def test_the_budget_curve_has_the_budget_families_alone_and_a_collapse_does_not_stretch_it(tmp_path, monkeypatch):
+    (tmp_path / "budget.toml").write_text(BUDGET)
+    grid = study_grid.load_grid(tmp_path / "budget.toml")
+    seeds = {"krona-small": (1000, [0.85, 0.84, 0.86]), "krona-big": (3000, [0.86, 0.85, 0.87]),
+             "lora-small": (900, [0.84, 0.83, 0.85]), "lora-big": (2800, [0.86, 0.87, 0.20]),
+             "bottleneck": (5000, [0.88, 0.88, 0.88])}
+    rows = [row(grid, "mrpc", name, 1e-3, s, v, params, majority_baseline=0.812)
+            for name, (params, scores) in seeds.items() for s, v in enumerate(scores)]
+    rows += [row(grid, "rte", name, 1e-3, 0, 0.6) for name in ("krona-small", "lora-small", "bottleneck")]
+    summary = report_stats.summarise(grid, rows)
+    panels = report_figures.budget_panels(grid, summary)
+    # rte has one budget per family: no curve there; bottleneck is no budget family
+    assert list(panels) == ["mrpc"] and list(panels["mrpc"]) == ["krona", "lora"]
+    assert [(p, n) for p, n, _ in panels["mrpc"]["lora"]] == [(900, "lora-small"), (2800, "lora-big")]
+    figures = []
+    monkeypatch.setattr(report_figures, "save_png", lambda fig, path, dpi: (figures.append(fig), Path(path))[1])
+    report_figures.plot_budget(panels, {"mrpc": 0.812}, tmp_path / "b.png")
+    ax = figures[0].axes[0]
+    # seeds above the 0.812 line: 0.83 to 0.87, spread 0.04; the line lies 0.018 below them, within it, so the
+    # axis reaches just under it: 0.812 - 0.02 x (0.87 - 0.812 + 0.05) = 0.80984, and the collapsed 0.20 sits
+    # on that edge as the one point there (lora-big, 2,800 parameters)
+    bottom = ax.get_ylim()[0]
+    assert bottom == pytest.approx(80.984)
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == pytest.approx([81.2])
+    at_edge = [tuple(xy) for c in ax.collections for xy in c.get_offsets() if abs(xy[1] - bottom) < 1e-9]
+    assert at_edge == [(2800, pytest.approx(80.984))]
+    # a collapse line far below the scores (CoLA's Matthews 0) stays out of view
+    assert report_figures._budget_bottom([0.20, 0.25, 0.0], 0.0) == pytest.approx(0.20 - 0.02 * 0.10)
+    write(grid, rows)
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    assert "## Score against parameter budget" in page and "(img/g-budget.png)" in page
