@@ -2,6 +2,10 @@
 1-process run without sharding, for a kronpeft method, a peft baseline and full fine-tuning; a run stopped
 under FSDP resumes under FSDP and in one unsharded process (issue 27)."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ pytestmark = [needs_glue, needs_minilm, pytest.mark.usefixtures("one_thread")]
 ARGS = ["train", "--task", "rte", "--data-dir", str(GLUE), "--max-train-samples", "16", "--max-eval-samples", "16",
         "--max-length", "32", "--max-steps", "3", "--batch-size", "8", "--no-dropout", "--no-eval-before", "--cpu",
         "--log-every", "1", "--lr", "1e-3"]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 WEIGHTS = {"krona": "adapter_model.safetensors", "lora": "adapter_model.safetensors", "full": "model.safetensors"}
 
 
@@ -41,12 +46,24 @@ def assert_same_run(one, two, atol: float = 1e-5):
         assert torch.allclose(a[key], b[key], atol=atol), key
 
 
+def accelerate_launch(config: Path, args: list[str], out: Path):
+    """`accelerate launch --config_file config -m kronpeft <args>`, one thread per process; must exit 0."""
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m",
+                           "kronpeft", *args, "--output-dir", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("method", ["krona", "lora", "full"])
 def test_fsdp_two_processes_equal_one_unsharded(tmp_path, method):
-    run_two_processes([*ARGS, "--method", method, "--fsdp"], tmp_path / "two")
+    """KronA through the example accelerate config (FSDP2, 2 processes), the baselines through --fsdp."""
+    if method == "krona":
+        accelerate_launch(EXAMPLES / "fsdp2.yaml", [*ARGS, "--method", method], tmp_path / "two")
+    else:
+        run_two_processes([*ARGS, "--method", method, "--fsdp"], tmp_path / "two")
     assert cli.main([*ARGS, "--method", method, "--output-dir", str(tmp_path / "one")]) == 0
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert two["num_processes"] == 2 and two["args"]["fsdp"] is True
+    assert two["num_processes"] == 2 and two["sharded"] is True
     assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-5 if method != "full" else 1e-4)
     assert [r["step"] for r in log_lines(tmp_path / "two") if r["type"] == "train"] == [1, 2, 3]  # main writes alone
 
@@ -64,6 +81,15 @@ def test_a_run_stopped_under_fsdp_resumes_sharded_or_in_one_process(tmp_path):
         else:
             assert cli.main([*krona, "--resume", "--output-dir", str(tmp_path / resumed)]) == 0
         assert_same_run(tmp_path / "straight", tmp_path / resumed)
+
+
+def test_an_fsdp1_accelerate_config_is_refused(tmp_path, capsys, monkeypatch):
+    """What `accelerate launch` with an FSDP1 config sets; kronpeft train drives FSDP2 only."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    code = cli.main([*ARGS, "--method", "krona", "--output-dir", str(tmp_path / "f1")])
+    assert_usage_error(capsys, code, "FSDP2, not FSDP1", "fsdp_version: 2")
+    assert not (tmp_path / "f1").exists()
 
 
 def test_fsdp_refuses_a_quantized_base(tmp_path, capsys):

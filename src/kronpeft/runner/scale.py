@@ -7,6 +7,7 @@ to the output of the (quantized) layer and never touch its weight, so nothing he
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import nn
@@ -85,12 +86,16 @@ def check_fsdp(args):
 
 
 def fsdp_plugin(args):
-    """accelerate's FSDP2 plugin for `--fsdp` (None without it): a unit per transformer block, full
-    parameters gathered per unit in forward and backward, freed after (`reshard_after_forward`)."""
-    if not getattr(args, "fsdp", False):
+    """accelerate's FSDP plugin: the `accelerate launch` config's when it asks for FSDP, else for `--fsdp`
+    FSDP2 with a unit per transformer block, full parameters gathered per unit in forward and backward and
+    freed after (`reshard_after_forward`); None for neither."""
+    from_config = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not (from_config or getattr(args, "fsdp", False)):
         return None
     from accelerate import FullyShardedDataParallelPlugin
 
+    if from_config:  # the plugin reads the config from the environment accelerate launch set
+        return FullyShardedDataParallelPlugin()
     return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                           reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
                                           cpu_ram_efficient_loading=False)
@@ -99,7 +104,7 @@ def fsdp_plugin(args):
 def use_fsdp(accelerator, plugin, base: nn.Module) -> bool:
     """Before `accelerator.prepare`; returns whether the model is to be sharded (`--fsdp`, or FSDP2 from an
     `accelerate launch` config). Names the base's transformer blocks as FSDP units unless the config did.
-    accelerate 1.15 turns its FSDP plugin on for GPU-type process groups only and runs plain DDP on CPU
+    accelerate (1.16 here) turns its FSDP plugin on for GPU-type process groups only and runs plain DDP on CPU
     (`MULTI_CPU`); there kronpeft switches the state to FSDP, so that accelerate's own `fully_shard`
     preparation runs on gloo."""
     from accelerate.utils import DistributedType
@@ -110,16 +115,19 @@ def use_fsdp(accelerator, plugin, base: nn.Module) -> bool:
     if state.distributed_type == DistributedType.DEEPSPEED:
         raise UsageError("kronpeft train does not drive DeepSpeed: shard with --fsdp (FSDP2), or train with "
                          "DeepSpeed through the library (docs/scale.md)")
-    if plugin is not None and state.distributed_type != DistributedType.FSDP:
-        state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
-    if state.distributed_type != DistributedType.FSDP:
+    plugin = state.fsdp_plugin if state.distributed_type == DistributedType.FSDP else plugin
+    if plugin is None:
         return False
-    if state.fsdp_plugin.fsdp_version != 2:
-        raise UsageError(f"kronpeft train drives FSDP2, not FSDP{state.fsdp_plugin.fsdp_version}: set "
-                         f"fsdp_version: 2 in the accelerate config, or pass --fsdp")
-    if not state.fsdp_plugin.transformer_cls_names_to_wrap:
+    if plugin.fsdp_version != 2:
+        raise UsageError(f"kronpeft train drives FSDP2, not FSDP{plugin.fsdp_version}: set fsdp_version: 2 in "
+                         f"the accelerate config, or pass --fsdp")
+    if accelerator.num_processes == 1:  # nothing to shard over: a plain run
+        return False
+    if state.distributed_type != DistributedType.FSDP:
+        state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+    if not plugin.transformer_cls_names_to_wrap:
         embeddings = base.get_input_embeddings()  # accelerate gives it a unit of its own: no block may hold it
         blocks = [c.__name__ for c in block_classes(base)
                   if not any(m is embeddings for b in base.modules() if type(b) is c for m in b.modules())]
-        state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(blocks)
+        plugin.transformer_cls_names_to_wrap = sorted(blocks)
     return True

@@ -292,7 +292,8 @@ def summarise(ctx: RunContext, state: dict, eval_sets: dict, sizes: dict, num_tr
         "train_cpu_seconds": None if state["train_cpu_seconds"] is None else round(state["train_cpu_seconds"], 2),
         "cpu_seconds": round(state["cpu_seconds"], 2),
         "peak_memory_mb": round(peak_memory_mb(ctx.accelerator.device), 1),
-        "steps": state["step"], "num_processes": ctx.accelerator.num_processes, "num_train_examples": num_train,
+        "steps": state["step"], "num_processes": ctx.accelerator.num_processes, "sharded": ctx.sharded,
+        "num_train_examples": num_train,
         "text_to_text": text_to_text, "args": vars(args),
     }
 
