@@ -39,7 +39,7 @@ def assert_same_run(one: Path, two: Path, losses_one: list[float]):
 
 
 def test_fsdp2_two_processes_equal_one(tmp_path):
-    methods = ["krona", "kronab"]
+    methods = ["krona", "kronab", "adakron"]
     torchrun("fsdp2", str(tmp_path / "two"), *methods)
     for method in methods:
         losses = train_tiny(method, tmp_path / "one" / method)
@@ -63,9 +63,11 @@ def test_fsdp1_two_processes_equal_one(tmp_path, engine, refusal):
     forward each process's adapter tensors are views of its shard (often empty, or freed): save_pretrained
     gathers them (summon_full_params) instead of writing `[0]`-shaped tensors, and merging is refused
     before it writes into a freed storage (which crashed the process)."""
-    torchrun(engine, str(tmp_path / "two"), "krona")
-    losses = train_tiny("krona", tmp_path / "one" / "krona")
-    assert_same_run(tmp_path / "one" / "krona", tmp_path / "two" / "krona", losses)
+    methods = ["krona", "adakron"] if engine == "fsdp1-flat" else ["krona"]  # AdaKron: a unit per FFN/attn adapter
+    torchrun(engine, str(tmp_path / "two"), *methods)
+    for method in methods:
+        losses = train_tiny(method, tmp_path / "one" / method)
+        assert_same_run(tmp_path / "one" / method, tmp_path / "two" / method, losses)
     error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()  # refused, before changing anything
     assert refusal in error and "merge_and_unload" in error
 
