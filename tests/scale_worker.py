@@ -110,10 +110,51 @@ def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS)
     return losses
 
 
+class GlooFsdpTrainer(T.Trainer):
+    """`Trainer` with `fsdp=` as it runs on GPUs. accelerate (1.16) turns FSDP on for GPU process groups only
+    and runs DDP on gloo; this switches the state as accelerate itself does on GPUs, so Trainer's FSDP2
+    path (sharding in `prepare`, gathered saves) runs here."""
+
+    def create_accelerator_and_postprocess(self):
+        from accelerate import FullyShardedDataParallelPlugin
+
+        from kronpeft.runner.scale import switch_to_fsdp
+
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and self.accelerator.num_processes > 1:
+            switch_to_fsdp(self.accelerator, FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args))
+            self.is_fsdp_enabled = True
+
+
+def train_with_trainer(out: Path, fsdp: bool, steps: int = STEPS) -> list[float]:
+    """KronA on the tiny decoder through `transformers.Trainer` (+ `KronSaveCallback`), `fsdp=` when
+    sharded; every row is the same sequence, so each step's global batch is the same at any world size.
+    Returns the logged loss per step."""
+    model = get_model(tiny_decoder(), METHODS["krona"]())
+    ids = batches(1)[0][0]
+    rows = [{"input_ids": ids, "labels": ids}] * (GLOBAL_BATCH * steps)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sharding = {"fsdp": "full_shard auto_wrap", "fsdp_config": {
+        "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True,
+        "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}} if fsdp else {}
+    args = TrainingArguments(out / "trainer", per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=steps,
+                             learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, seed=0, **sharding)
+    trainer = GlooFsdpTrainer(model=model, args=args, train_dataset=rows, callbacks=[KronSaveCallback()])
+    trainer.train()
+    trainer.save_model()  # Trainer's own gathered save (model.safetensors: the KronModel's trained tensors)
+    return [r["loss"] for r in trainer.state.log_history if "loss" in r]
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     engine, out, methods = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     dist.init_process_group("gloo")
+    if engine == "trainer-fsdp2":
+        losses = train_with_trainer(out, fsdp=True)
+        if dist.get_rank() == 0:
+            (out / "losses.json").write_text(json.dumps(losses))
+        methods = []
     for method in methods:
         losses = train_tiny(method, out / method, engine)
         if dist.get_rank() == 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from scale_worker import train_tiny
+from scale_worker import train_tiny, train_with_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORKER = Path(__file__).with_name("scale_worker.py")
@@ -70,6 +70,21 @@ def test_fsdp1_two_processes_equal_one(tmp_path, engine, refusal):
         assert_same_run(tmp_path / "one" / method, tmp_path / "two" / method, losses)
     error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()  # refused, before changing anything
     assert refusal in error and "merge_and_unload" in error
+
+
+def test_trainer_with_fsdp2_on_two_processes_equals_one(tmp_path):
+    """The docs/scale.md recipe: `Trainer(fsdp=..., fsdp_config={"version": 2, ...})` + `KronSaveCallback`,
+    on gloo (accelerate's FSDP switch made as on GPUs: `GlooFsdpTrainer`): the logged losses, the adapter
+    the callback writes and `trainer.save_model()`'s file equal a 1-process Trainer run's."""
+    torchrun("trainer-fsdp2", str(tmp_path / "two"))
+    losses = train_with_trainer(tmp_path / "one", fsdp=False)
+    assert json.loads((tmp_path / "two" / "losses.json").read_text()) == pytest.approx(losses, rel=1e-5)
+    assert losses[-1] < losses[0]
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        a, b = (load_file(tmp_path / run / "trainer" / name) for run in ("one", "two"))
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert a[key].shape == b[key].shape and torch.allclose(a[key], b[key], atol=1e-6), (name, key)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")

@@ -123,11 +123,21 @@ def use_fsdp(accelerator, plugin, base: nn.Module) -> bool:
                          f"the accelerate config, or pass --fsdp")
     if accelerator.num_processes == 1:  # nothing to shard over: a plain run
         return False
-    if state.distributed_type != DistributedType.FSDP:
-        state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+    switch_to_fsdp(accelerator, plugin)
     if not plugin.transformer_cls_names_to_wrap:
         embeddings = base.get_input_embeddings()  # accelerate gives it a unit of its own: no block may hold it
         blocks = [c.__name__ for c in block_classes(base)
                   if not any(m is embeddings for b in base.modules() if type(b) is c for m in b.modules())]
         plugin.transformer_cls_names_to_wrap = sorted(blocks)
     return True
+
+
+def switch_to_fsdp(accelerator, plugin):
+    """Set accelerate's state to FSDP with `plugin`, as `AcceleratorState` does on GPUs: its own field and the
+    shared `PartialState` one (every later `AcceleratorState()` copies that one back)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        accelerator.state.fsdp_plugin = plugin
+        accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
