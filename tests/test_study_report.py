@@ -292,3 +292,16 @@ def test_the_budget_curve_has_the_budget_families_alone_and_a_collapse_does_not_
     write(grid, rows)
     page = report_page.render(grid, tmp_path / "page.md").read_text()
     assert "## Score against parameter budget" in page and "(img/g-budget.png)" in page
+
+
+def test_the_forest_axis_holds_every_difference_but_cuts_an_interval_a_collapse_widened():
+    """The half-width is the largest of: 5 points, 1.25 × the largest difference or paper gap, and the 75th
+    percentile of the interval ends (×100). One wide interval among few still sets it; among many it is cut."""
+    narrow = [(f"c{i}", 0.01 * i, (0.01 * i - 0.01, 0.01 * i + 0.01), None) for i in (1, 2, 3)]
+    wide = ("stsb", 0.17, (-0.95, 1.29), None)  # a collapsed seed's interval
+    # |ends| sorted: 0, 1, 2, 2, 3, 4, 95, 129; index (3 · 8) // 4 = 6 → 95
+    assert report_figures.forest_limit([*narrow, wide]) == pytest.approx(95.0)
+    many = [*narrow, *[(f"d{i}", 0.0, (-0.02, 0.02), None) for i in range(4)], wide]
+    # |ends| sorted: 0, 1, ten 2s, 3, 4, 95, 129; index 12 → 3; the largest difference 17 → 1.25 · 17 = 21.25
+    assert report_figures.forest_limit(many) == pytest.approx(21.25)
+    assert report_figures.forest_limit([("p", 0.0, None, 0.02)]) == 5.0  # a paper gap of 2: the floor

@@ -174,13 +174,19 @@ def plot_forest(claims: list[tuple[str, float, tuple[float, float] | None, float
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(claims) + 1.2))
+    limit = forest_limit(claims)
     for y, (label, diff, ci, paper) in enumerate(reversed(claims)):
         if ci is not None:
-            ax.plot([100 * ci[0], 100 * ci[1]], [y, y], color="tab:blue")
+            low, high = max(100 * ci[0], -limit), min(100 * ci[1], limit)
+            ax.plot([low, high], [y, y], color="tab:blue")
+            for end, edge, marker in ((100 * ci[0], -limit, "<"), (100 * ci[1], limit, ">")):
+                if abs(end) > limit:  # an interval wider than the axis: an arrow at the edge
+                    ax.plot([edge], [y], marker, color="tab:blue", ms=5)
         ax.plot([100 * diff], [y], "o", color="tab:blue", label="measured (95 % interval)")
         if paper is not None:
             ax.plot([100 * paper], [y], "D", mfc="none", mec="tab:red", ms=7, label="paper")
     ax.axvline(0, color="grey", lw=1)
+    ax.set_xlim(-limit * 1.04, limit * 1.04)
     ax.set_yticks(range(len(claims)), [label for label, *_ in reversed(claims)], fontsize=7)
     ax.set(xlabel="better − worse (×100), 95 % interval", title="the papers' claims")
     ax.grid(axis="x", alpha=0.3)
@@ -189,6 +195,16 @@ def plot_forest(claims: list[tuple[str, float, tuple[float, float] | None, float
         ax.legend(handles.values(), handles.keys(), fontsize=7, loc="best")
     fig.tight_layout()
     return save_png(fig, path, dpi=120)
+
+
+def forest_limit(claims: list[tuple[str, float, tuple[float, float] | None, float | None]]) -> float:
+    """Half-width of the forest plot's axis (×100): every measured difference and paper gap with room, and
+    the typical interval (the 75th percentile of the ends); a wider interval, as a collapsed run makes, is cut
+    at the edge instead of squeezing every other line."""
+    points = [abs(100 * v) for _, diff, _, paper in claims for v in (diff, paper) if v is not None]
+    ends = sorted(abs(100 * e) for *_, ci, _ in claims if ci is not None for e in ci)
+    typical = ends[(3 * len(ends)) // 4] if ends else 0.0
+    return max(5.0, 1.25 * max(points, default=0.0), typical)
 
 
 def plot_score_vs_lr(panels: dict[str, dict[str, list[tuple[float, float]]]], floors: dict[str, float | None],
