@@ -83,7 +83,17 @@ def test_a_run_stopped_under_fsdp_resumes_sharded_or_in_one_process(tmp_path):
         assert_same_run(tmp_path / "straight", tmp_path / resumed)
 
 
-def test_an_fsdp1_accelerate_config_is_refused(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's state is a process-wide singleton: an FSDP state built here must not reach the next test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_an_fsdp1_accelerate_config_is_refused(tmp_path, capsys, monkeypatch, fresh_accelerate_state):
     """What `accelerate launch` with an FSDP1 config sets; kronpeft train drives FSDP2 only."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
