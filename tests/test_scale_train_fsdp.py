@@ -95,15 +95,22 @@ def fresh_accelerate_state():
 
 
 def test_an_fsdp1_accelerate_config_is_refused(tmp_path, capsys, monkeypatch, fresh_accelerate_state):
-    """What `accelerate launch` with an FSDP1 config sets; kronpeft train drives FSDP2 only."""
+    """What `accelerate launch` with an FSDP1 config sets; kronpeft train drives FSDP2 only. Refused before
+    accelerate starts: the process's environment is left as it was."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
+    before = dict(os.environ)
     code = cli.main([*ARGS, "--method", "krona", "--output-dir", str(tmp_path / "f1")])
     assert_usage_error(capsys, code, "FSDP2, not FSDP1", "fsdp_version: 2")
-    assert not (tmp_path / "f1").exists()
+    assert not (tmp_path / "f1").exists() and dict(os.environ) == before
 
 
-def test_fsdp_refuses_a_quantized_base(tmp_path, capsys):
+def test_fsdp_refuses_a_quantized_base_and_one_process_runs_plain(tmp_path, capsys, fresh_accelerate_state):
+    """A refused --fsdp and a 1-process --fsdp run leave no FSDP mark in the environment (accelerate sets
+    ACCELERATE_USE_FSDP for the whole process when given a plugin: the next run in it would shard)."""
     code = cli.main([*ARGS, "--method", "krona", "--fsdp", "--quantize", "int8", "--output-dir", str(tmp_path / "q")])
     assert_usage_error(capsys, code, "--fsdp", "--quantize int8")
     assert not (tmp_path / "q").exists()
+    assert cli.main([*ARGS, "--method", "krona", "--fsdp", "--max-steps", "1", "--output-dir", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "p" / "metrics.json").read_text())["sharded"] is False
+    assert "ACCELERATE_USE_FSDP" not in os.environ

@@ -76,34 +76,31 @@ def prepare_model(model: nn.Module, args):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def check_fsdp(args):
-    """`--fsdp` with a flag it cannot serve: one line naming the fix."""
-    if not getattr(args, "fsdp", False):
-        return
-    if getattr(args, "quantize", None):
-        raise UsageError(f"--fsdp with --quantize {args.quantize}: FSDP2 cannot shard torchao's quantized weights; "
-                         f"drop one of them")
-
-
 def fsdp_plugin(args):
-    """accelerate's FSDP plugin: the `accelerate launch` config's when it asks for FSDP, else for `--fsdp`
-    FSDP2 with a unit per transformer block, full parameters gathered per unit in forward and backward and
-    freed after (`reshard_after_forward`); None for neither."""
+    """accelerate's FSDP2 plugin, checked before anything is built: the `accelerate launch` config's when it
+    asks for FSDP, else for `--fsdp` a unit per transformer block, full parameters gathered per unit in
+    forward and backward and freed after (`reshard_after_forward`). None for neither, and for one process
+    (nothing to shard over; accelerate would also mark the whole process as FSDP in `os.environ`)."""
     from_config = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if not (from_config or getattr(args, "fsdp", False)):
         return None
+    if getattr(args, "quantize", None):
+        raise UsageError(f"--fsdp with --quantize {args.quantize}: FSDP2 cannot shard torchao's quantized weights; "
+                         f"drop one of them")
     from accelerate import FullyShardedDataParallelPlugin
 
-    if from_config:  # the plugin reads the config from the environment accelerate launch set
-        return FullyShardedDataParallelPlugin()
-    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                          reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
-                                          cpu_ram_efficient_loading=False)
+    plugin = FullyShardedDataParallelPlugin() if from_config else FullyShardedDataParallelPlugin(  # config: read from env
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+    if plugin.fsdp_version != 2:
+        raise UsageError(f"kronpeft train drives FSDP2, not FSDP{plugin.fsdp_version}: set fsdp_version: 2 in "
+                         f"the accelerate config, or pass --fsdp")
+    return plugin if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
 
 def use_fsdp(accelerator, plugin, base: nn.Module) -> bool:
-    """Before `accelerator.prepare`; returns whether the model is to be sharded (`--fsdp`, or FSDP2 from an
-    `accelerate launch` config). Names the base's transformer blocks as FSDP units unless the config did.
+    """Before `accelerator.prepare`; returns whether the model is to be sharded (`plugin`: `fsdp_plugin`'s).
+    Names the base's transformer blocks as FSDP units unless the config did.
     accelerate (1.16 here) turns its FSDP plugin on for GPU-type process groups only and runs plain DDP on CPU
     (`MULTI_CPU`); there kronpeft switches the state to FSDP, so that accelerate's own `fully_shard`
     preparation runs on gloo."""
@@ -115,13 +112,7 @@ def use_fsdp(accelerator, plugin, base: nn.Module) -> bool:
     if state.distributed_type == DistributedType.DEEPSPEED:
         raise UsageError("kronpeft train does not drive DeepSpeed: shard with --fsdp (FSDP2), or train with "
                          "DeepSpeed through the library (docs/scale.md)")
-    plugin = state.fsdp_plugin if state.distributed_type == DistributedType.FSDP else plugin
     if plugin is None:
-        return False
-    if plugin.fsdp_version != 2:
-        raise UsageError(f"kronpeft train drives FSDP2, not FSDP{plugin.fsdp_version}: set fsdp_version: 2 in "
-                         f"the accelerate config, or pass --fsdp")
-    if accelerator.num_processes == 1:  # nothing to shard over: a plain run
         return False
     switch_to_fsdp(accelerator, plugin)
     if not plugin.transformer_cls_names_to_wrap:

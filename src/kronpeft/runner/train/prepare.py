@@ -54,7 +54,6 @@ def check_args(args, world: int):
     if args.method not in baselines.METHODS:
         raise UsageError(f"unknown method {args.method!r}; choose one of: {', '.join(baselines.METHODS)}")
     check_flags(args)
-    scale.check_fsdp(args)
     try:
         spec = get_task(args.task)
     except ValueError as err:
