@@ -58,7 +58,7 @@ def run(args) -> dict | None:
     if resuming:
         check_resume_state(saved, plan.total_steps, spec.main_metric, out / CHECKPOINT / STATE_FILE)
 
-    _, optimizer, scheduler = make_optimizer(model, args, plan.total_steps)
+    optimizer, scheduler = make_optimizer(model, args, plan.total_steps)
     model = model.to(accelerator.device)
     state = new_state(args, digests)
     model, optimizer = accelerator.prepare(model, optimizer)  # DDP or FSDP2 on several processes; device placement

@@ -150,7 +150,7 @@ def plan_steps(args, train_set, world: int) -> Plan:
 
 
 def make_optimizer(model, args, total_steps: int):
-    """(trainable parameters, AdamW with no decay on biases and norms, linear warmup then decay)."""
+    """(AdamW with no decay on biases and norms, its schedule: linear warmup then decay)."""
     from transformers import get_linear_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -160,7 +160,7 @@ def make_optimizer(model, args, total_steps: int):
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total_steps), total_steps)
-    return params, optimizer, scheduler
+    return optimizer, scheduler
 
 
 def new_state(args, digests: dict) -> dict:
