@@ -160,16 +160,15 @@ def _replaced(grid: Grid, taken: list[Taken], first: dict) -> list[str]:
         waiting = "; ".join(f"{why}: {', '.join(names)}" for why, names in by_why.items())
         if not t.methods:
             lines += ["", f"No {title} cell is replaced yet by grid `{other.name}` ({other.path}): a method's cell "
-                          f"is, once that grid has every seed of it ({waiting or 'no method of this grid there'})."]
+                          "is, once that grid has every seed of it" + (f" ({waiting})." if waiting else ".")]
             continue
         protocol = ([f"its protocol: {PROTOCOL_WORDS[other.protocol]}"] if other.protocol != grid.protocol else [])
         changes = differences(grid, other, task) + protocol
         lines += ["", f"†: {title} cells from grid `{other.name}` ({other.path}"
                   + (f": {other.title}" if other.title else "") + "), "
                   + (f"which differs from this grid in {'; '.join(changes)}" if changes else "run as this grid runs")
-                  + f". Replaced: {', '.join(f'`{n}`' for n in t.methods)}; "
-                  + (f"kept from this grid: {waiting}" if waiting else "every method of this grid there") + ". "
-                  "A claim between a † cell and another compares across these differences; the learning rates, "
+                  + f". Replaced: {', '.join(f'`{n}`' for n in t.methods)}"
+                  + (f"; kept from this grid: {waiting}. " if waiting else ". ") + "A claim between a † cell and another compares across these differences; the learning rates, "
                   "the score against learning rate and the training times below are this grid's own runs.", "",
                   f"*{title} as first run*: this grid's own cells that † replaces, as the table showed them (‡ "
                   "against the first run's median):", "", *first_run_table(grid, first, task, t.methods)]

@@ -31,9 +31,10 @@ def take_cells(grid: Grid, rows: list[dict]) -> tuple[list[dict], list[Taken]]:
             cell = summary.get((task, entry.name))
             if entry.name not in names:
                 kept[entry.name] = f"not in grid {other.name}"
-            elif cell is None or not complete(cell, len(other.seeds)):
-                kept[entry.name] = f"{0 if cell is None else len(cell['scores'])} of {len(other.seeds)} seeds there" \
-                    + (", sweep not finished" if cell and cell["sweeping"] else "")
+            elif cell is None or len(cell["scores"]) < len(other.seeds):
+                kept[entry.name] = f"{0 if cell is None else len(cell['scores'])} of {len(other.seeds)} seeds there"
+            elif not complete(cell, len(other.seeds)):
+                kept[entry.name] = "sweep not finished there"
             else:
                 replaced.append(entry.name)
         rows = [r for r in rows if not (r["task"] == task and r["name"] in replaced)] + \

@@ -74,7 +74,7 @@ class Grid:
     reuse: tuple[str, ...] = ()  # other grids whose rows count here when their key (flags) matches a run's
     every_seed_every_rate: bool = False  # run every seed at every rate (no seed stage): measures the selection
     page: Path | None = None  # where `kronpeft report` writes by default (else <grid file>.md)
-    replace_cells: tuple[Replacement, ...] = ()
+    replace_cells: tuple[Replacement, ...] = ()  # tasks whose cells the page takes from other grids, per method
 
     def protocol_of(self, entry: MethodEntry) -> str:
         return entry.protocol or self.protocol
