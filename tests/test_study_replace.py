@@ -99,7 +99,8 @@ FIRST = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r1"): [0.75, 0.74
 def write(grid, other, theirs: dict):
     """This grid's FIRST rows and `theirs` ({(name, lr): seed scores}) on STS-B in the other grid, one file."""
     rows = [row(grid, t, n, 1e-3, s, v) for (t, n), scores in FIRST.items() for s, v in enumerate(scores)]
-    rows += [row(other, "stsb", n, lr, s, v) for (n, lr), scores in theirs.items() for s, v in enumerate(scores)]
+    rows += [{**row(other, "stsb", n, lr, s, v), "curve": [[0.0, 0.1], [1.0, v]]}  # dev after each epoch
+             for (n, lr), scores in theirs.items() for s, v in enumerate(scores)]
     grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -116,6 +117,7 @@ def test_a_complete_cell_replaces_that_methods_cell_alone_everywhere_the_scores_
     assert "Rendered by `kronpeft report main.toml` from `results.jsonl` (15 runs)" in page  # 12 own + 3 of sl's
     assert "- 0 of 12 runs at the chosen rates collapsed" in page
     assert "| stsb | lora-r1 | 0.001† | 85.0 | 84.0 | 86.0 |" in page and "| stsb | krona | 0.001 | 84.0 | 82.0 |" in page
+    assert "| stsb | lora-r1† | 85.0 | — | 3 |" in page  # the only curves: sl's rows, epoch 1 (krona's: not shown)
     assert "- The † cells (STS-B: `lora-r1`) come from grid `sl`" in page
     assert "†: STS-B cells from grid `sl` (label-mean.toml: STS-B, head at the mean label), which differs from this " \
            "grid in `--label-mean-bias`; its protocol: rates and epochs were chosen on a 10 % selection split of " \

@@ -194,8 +194,8 @@ def seeds_table(grid: Grid, summary: dict) -> list[str]:
 def epochs_table(grid: Grid, summary: dict) -> list[str]:
     """Dev score after each epoch at each cell's chosen rate, mean over the seeds whose rows carry a curve;
     [] when no row does. Shows whether the epochs were enough: the last column is the last epoch's gain."""
-    cells = [(task, e.name, [r["curve"] for r in summary[(task, e.name)]["rows"] if r.get("curve")])
-             for task in grid.tasks for e in grid.methods if (task, e.name) in summary]
+    cells = [(task, e.name + mark(grid, s), [r["curve"] for r in s["rows"] if r.get("curve")])
+             for task in grid.tasks for e in grid.methods if (s := summary.get((task, e.name))) is not None]
     cells = [c for c in cells if c[2]]
     if not cells:
         return []
