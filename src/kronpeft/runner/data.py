@@ -126,6 +126,11 @@ def get_task(name: str) -> TaskSpec:
         raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}") from None
 
 
+def task_title(task: str) -> str:
+    """A GLUE task's name as its papers print it ("STS-B"); other tasks as named."""
+    return _TSV[task].directory if task in _TSV else task
+
+
 def load_split(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[Example]:
     """Load ``split`` ("train", "dev" or one of the task's ``eval_splits``) of ``task``.
 

@@ -6,15 +6,17 @@ from collections import defaultdict
 from pathlib import Path
 
 from ...atomic import write_atomic
+from ..data import task_title
 from ..selection import SELECTION
 from ..study.grid import Grid, argv
 from ..study.results import cpu_seconds, current_rows, read_results
 from .bias import bias_table, rate_choice_lines
 from .figures import (BUDGET_FAMILIES, budget_panels, plot_budget, plot_forest, plot_score_vs_lr, plot_score_vs_params,
                       plot_times)
+from .replace import Taken, differences, take_cells
 from .stats import collapse_lines, collapses, complete, summarise, time_ratios
-from .tables import (ClaimRow, claim_rows, claims_table, epochs_table, forest_points, lr_table, seeds_table,
-                     table)
+from .tables import (ClaimRow, claim_rows, claims_table, epochs_table, first_run_table, forest_points, lr_table,
+                     seeds_table, table)
 
 PAPER_MARKERS = ("Hollow diamonds (*paper*): the gap the paper reports for the claim, where it reports one: KronA's "
                  "paper only its GLUE average on T5-base (on our average rows), AdaKron's paper every task on "
@@ -35,32 +37,35 @@ def is_report_page(path: Path) -> bool:
 
 def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     """Write `out` (Markdown) and its plots in `out.parent / "img"`; returns `out`."""
-    rows, stale = current_rows(grid, read_results(grid.results))
-    summary = summarise(grid, rows)
+    own, stale = current_rows(grid, read_results(grid.results))
+    rows, taken = take_cells(grid, own)
+    summary, first = summarise(grid, rows), summarise(grid, own)  # first: this grid's cells alone (its sweeps)
+    shown = own + [r for r in rows if not grid.holds(r)]  # every run the page shows
     img = out.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
     lines = [PAGE_MARK, f"# {grid.title or 'Study ' + grid.name}", "",
-             f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(rows)} runs) alone"
+             f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(shown)} runs) alone"
              + (f"; {stale} row(s) recorded under earlier settings of this grid are not shown." if stale else "."), ""]
-    if not rows:
+    if not shown:
         lines.append("No runs recorded yet.")
     else:
         claims = claim_rows(grid, summary)
-        lines += _what_this_shows(grid, summary, claims)
+        lines += _what_this_shows(grid, summary, claims, taken)
         lines += _scores(grid, summary)
+        lines += _replaced(grid, taken, first)
         lines += _score_plot(grid, summary, out, img)
         lines += _budget(grid, summary, out, img)
         lines += _selection_bias(grid, rows, summary)
         lines += _claims(grid, claims)
-        lines += _extra_plots(grid, summary, forest_points(claims), out, img)
-        lines += _rates(grid, summary)
+        lines += _extra_plots(grid, first, forest_points(claims), out, img)
+        lines += _rates(grid, first)
         lines += _seeds_and_epochs(grid, summary)
         reference = reference or next((e.name for e in grid.methods if e.family == "lora"), grid.methods[0].name)
-        lines += _times(grid, summary, reference, out, img)
+        lines += _times(grid, first, reference, out, img)
     if grid.notes is not None and grid.notes.is_file():
         lines += ["", grid.notes.read_text().rstrip()]
-    if rows:
-        lines += ["", "## Setup", ""] + setup(grid, rows)
+    if shown:
+        lines += ["", "## Setup", ""] + setup(grid, shown)
     write_atomic(out, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return out
 
@@ -70,7 +75,7 @@ MODEL_WORDS = {"all-MiniLM-L6-v2": "all-MiniLM-L6-v2, one small 6-layer encoder,
                                    "BERT-base"}
 
 
-def _what_this_shows(grid: Grid, summary: dict, claims: list[ClaimRow]) -> list[str]:
+def _what_this_shows(grid: Grid, summary: dict, claims: list[ClaimRow], taken: list[Taken]) -> list[str]:
     """The page's findings in plain words, from the claims' rows, and the caveats every reader needs ([] when
     the grid has no claims)."""
     if not grid.claims:
@@ -96,6 +101,9 @@ def _what_this_shows(grid: Grid, summary: dict, claims: list[ClaimRow]) -> list[
             f"- {len(grid.seeds)} seeds per cell: only large differences are resolved, and *within noise* means "
             "not resolved, not equal.",
             f"- {_protocol_words(grid)}",
+            *[f"- The † cells ({task_title(t.replacement.task)}: {', '.join(f'`{n}`' for n in t.methods)}) come "
+              f"from grid `{t.replacement.grid.name}`, with its own settings (under the table of scores)."
+              for t in taken if t.methods],
             f"- {_collapse_words(grid, summary)}", ""]
 
 
@@ -104,18 +112,20 @@ def _the(where: str) -> str:
     return f"the {where}" if where.startswith("average") else where
 
 
+PROTOCOL_WORDS = {"dev": "the dev set chose each rate and each run's best epoch and is also the set reported, so "
+                          "the scores are optimistic (no held-out test set)",
+                  SELECTION: "rates and epochs were chosen on a 10 % selection split of train, and dev, which chose "
+                             "nothing, is reported as the test set"}
+
+
 def _protocol_words(grid: Grid) -> str:
     """Which split chose the rates and epochs, in words, per protocol the grid's methods use."""
     by_protocol = defaultdict(list)
     for entry in grid.methods:
         by_protocol[grid.protocol_of(entry)].append(f"`{entry.name}`")
-    words = {"dev": "the dev set chose each rate and each run's best epoch and is also the set reported, so the "
-                    "scores are optimistic (no held-out test set)",
-             SELECTION: "rates and epochs were chosen on a 10 % selection split of train, and dev, which chose "
-                        "nothing, is reported as the test set"}
     if len(by_protocol) == 1:
-        return next(iter(words[p] for p in by_protocol)).capitalize() + "."
-    return " ".join(f"{', '.join(names)}: {words[p]}." for p, names in by_protocol.items())
+        return next(iter(PROTOCOL_WORDS[p] for p in by_protocol)).capitalize() + "."
+    return " ".join(f"{', '.join(names)}: {PROTOCOL_WORDS[p]}." for p, names in by_protocol.items())
 
 
 def _collapse_words(grid: Grid, summary: dict) -> str:
@@ -135,6 +145,34 @@ def _scores(grid: Grid, summary: dict) -> list[str]:
             "more; MRPC F1, STS-B Pearson, CoLA Matthews, RTE/SST-2 accuracy), at each method's best learning "
             "rate on the sweep seed. ‡: one per collapsed seed (at or below the majority-class score; on "
             "STS-B a Pearson below half the median of the task's runs):", "", *table(grid, summary)]
+
+
+def _replaced(grid: Grid, taken: list[Taken], first: dict) -> list[str]:
+    """Under the table of scores, per [study] replace_cells: the cells it replaced (†), where they come from and
+    how that grid differs, the methods that kept their cell, and this grid's own cells it replaced."""
+    lines = []
+    for t in taken:
+        other, task = t.replacement.grid, t.replacement.task
+        title = task_title(task)
+        by_why = defaultdict(list)
+        for name, why in t.kept.items():
+            by_why[why].append(f"`{name}`")
+        waiting = "; ".join(f"{why}: {', '.join(names)}" for why, names in by_why.items())
+        if not t.methods:
+            lines += ["", f"No {title} cell is replaced yet by grid `{other.name}` ({other.path}): a method's cell "
+                          "is, once that grid has every seed of it" + (f" ({waiting})." if waiting else ".")]
+            continue
+        protocol = ([f"its protocol: {PROTOCOL_WORDS[other.protocol]}"] if other.protocol != grid.protocol else [])
+        changes = differences(grid, other, task) + protocol
+        lines += ["", f"†: {title} cells from grid `{other.name}` ({other.path}"
+                  + (f": {other.title}" if other.title else "") + "), "
+                  + (f"which differs from this grid in {'; '.join(changes)}" if changes else "run as this grid runs")
+                  + f". Replaced: {', '.join(f'`{n}`' for n in t.methods)}"
+                  + (f"; kept from this grid: {waiting}. " if waiting else ". ") + "A claim between a † cell and another compares across these differences; the learning rates, "
+                  "the score against learning rate and the training times below are this grid's own runs.", "",
+                  f"*{title} as first run*: this grid's own cells that † replaces, as the table showed them (‡ "
+                  "against the first run's median):", "", *first_run_table(grid, first, task, t.methods)]
+    return lines
 
 
 def _score_plot(grid: Grid, summary: dict, out: Path, img: Path) -> list[str]:

@@ -33,7 +33,8 @@ def model_params(row: dict) -> int:
 
 def summarise(grid: Grid, rows: list[dict]) -> dict:
     """{(task, name): {lr, sweep: {lr: score}, scores, rows, sweeping}} for every pair that has a sweep row;
-    `sweeping`: a sweep run (an edge extension) is still to come, so the chosen rate may change."""
+    `sweeping`: a sweep run (an edge extension) is still to come, so the chosen rate may change (never for a
+    cell whose rows come from another grid, [study] replace_cells: it is replaced once complete there)."""
     out = {}
     sweeping = {(run.task, run.entry.name) for run in plan(grid, rows)[0] if run.stage == "sweep"}
     by_pair = defaultdict(list)
@@ -50,7 +51,7 @@ def summarise(grid: Grid, rows: list[dict]) -> dict:
                 at_lr[r["seed"]] = r
         out[(task, name)] = {"lr": lr, "sweep": {r["lr"]: r["score"] for r in sweep},
                              "scores": [r["score"] for r in at_lr.values()], "rows": list(at_lr.values()),
-                             "sweeping": (task, name) in sweeping}
+                             "sweeping": (task, name) in sweeping and grid.holds(pair[0])}
     return out
 
 

@@ -21,6 +21,18 @@ def _fmt_cell(stats, wanted: int, sweeping: bool, median: float | None = None, c
     return text + (f" ({', '.join(notes)})" if notes else "")
 
 
+def cell_text(grid: Grid, summary: dict, task: str, s: dict) -> str:
+    """A main-table cell: mean ± std [median], a ‡ per collapsed seed, the notes of an unfinished cell."""
+    flags = collapses(grid, summary, task, s["rows"])
+    return _fmt_cell(cell_stats(s["scores"]), len(grid.seeds), s["sweeping"], statistics.median(s["scores"]),
+                     sum(flags))
+
+
+def mark(grid: Grid, s: dict) -> str:
+    """"†" for a cell whose rows come from another grid ([study] replace_cells), else ""."""
+    return "" if grid.holds(s["rows"][0]) else "†"
+
+
 def table(grid: Grid, summary: dict) -> list[str]:
     tasks = list(grid.tasks)
     lines = ["| method | trainable params (no head) | % of model | " + " | ".join(tasks) + " | avg |",
@@ -33,10 +45,8 @@ def table(grid: Grid, summary: dict) -> list[str]:
                 cells.append("—" if task not in entry.tasks else "not run")
                 continue
             any_row = any_row or s["rows"][0]
-            stats = cell_stats(s["scores"])
-            flags = collapses(grid, summary, task, s["rows"])
-            cells.append(_fmt_cell(stats, len(grid.seeds), s["sweeping"], statistics.median(s["scores"]), sum(flags)))
-            means.append(stats[0])
+            cells.append(cell_text(grid, summary, task, s) + mark(grid, s))
+            means.append(statistics.fmean(s["scores"]))
         if any_row is None:
             continue
         complete = len(means) == len(tasks)
@@ -44,6 +54,16 @@ def table(grid: Grid, summary: dict) -> list[str]:
         n = adapter_params(any_row)
         lines.append(f"| {entry.name} | {n:,} | {100 * n / model_params(any_row):.3f} | " + " | ".join(cells)
                      + f" | {avg} |")
+    return lines
+
+
+def first_run_table(grid: Grid, first: dict, task: str, names: list[str]) -> list[str]:
+    """This grid's own cells of `task` for the methods `names` (those another grid's cells replace), as the main
+    table shows them from `first`, the summary of this grid's rows alone."""
+    lines = [f"| method | lr | {task} |", "|---|---:|---:|"]
+    for name in names:
+        s = first.get((task, name))
+        lines.append(f"| {name} | " + (f"{s['lr']:g} | {cell_text(grid, first, task, s)} |" if s else "— | not run |"))
     return lines
 
 
@@ -166,7 +186,7 @@ def seeds_table(grid: Grid, summary: dict) -> list[str]:
             s = summary.get((task, entry.name))
             if s is not None:
                 by_seed = {r["seed"]: r["score"] for r in s["rows"]}
-                lines.append(f"| {task} | {entry.name} | {s['lr']:g} | " + " | ".join(
+                lines.append(f"| {task} | {entry.name} | {s['lr']:g}{mark(grid, s)} | " + " | ".join(
                     f"{100 * by_seed[seed]:.1f}" if seed in by_seed else "—" for seed in grid.seeds) + " |")
     return lines
 
@@ -174,8 +194,8 @@ def seeds_table(grid: Grid, summary: dict) -> list[str]:
 def epochs_table(grid: Grid, summary: dict) -> list[str]:
     """Dev score after each epoch at each cell's chosen rate, mean over the seeds whose rows carry a curve;
     [] when no row does. Shows whether the epochs were enough: the last column is the last epoch's gain."""
-    cells = [(task, e.name, [r["curve"] for r in summary[(task, e.name)]["rows"] if r.get("curve")])
-             for task in grid.tasks for e in grid.methods if (task, e.name) in summary]
+    cells = [(task, e.name + mark(grid, s), [r["curve"] for r in s["rows"] if r.get("curve")])
+             for task in grid.tasks for e in grid.methods if (s := summary.get((task, e.name))) is not None]
     cells = [c for c in cells if c[2]]
     if not cells:
         return []

@@ -43,6 +43,14 @@ class Claim:
     worse: str
 
 
+@dataclass(frozen=True)
+class Replacement:
+    """[study] replace_cells: the page shows `task`'s cells from grid `grid`, method by method, where `grid` has
+    every seed of that method (the rest keep this grid's cells)."""
+    task: str
+    grid: Grid
+
+
 @dataclass
 class Grid:
     path: Path
@@ -66,6 +74,7 @@ class Grid:
     reuse: tuple[str, ...] = ()  # other grids whose rows count here when their key (flags) matches a run's
     every_seed_every_rate: bool = False  # run every seed at every rate (no seed stage): measures the selection
     page: Path | None = None  # where `kronpeft report` writes by default (else <grid file>.md)
+    replace_cells: tuple[Replacement, ...] = ()  # tasks whose cells the page takes from other grids, per method
 
     def protocol_of(self, entry: MethodEntry) -> str:
         return entry.protocol or self.protocol
@@ -109,6 +118,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     claims = _claims(raw, names, where)
     edge_factor = _edge_factor(study, where)
     results = Path(study.get("results", "results.jsonl"))
+    replacements = _replacements(study, path, (seeds, sweep_seed, tasks), where) if "replace_cells" in study else ()
     return Grid(path=path, name=study["name"], model=study.get("model", "all-MiniLM-L6-v2"),
                 results=results if results.is_absolute() else path.parent / results, seeds=seeds,
                 sweep_seed=sweep_seed, tasks=tasks, train=dict(raw.get("train", {})), methods=methods,
@@ -121,7 +131,52 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 split_seed=_whole(study.get("split_seed", 0), f"{where}: [study] split_seed"),
                 reuse=_list(study["reuse"], (str,), "grid names", f"{where}: [study] reuse") if "reuse" in study else (),
                 every_seed_every_rate=_flag(study.get("every_seed_every_rate", False),
-                                            f"{where}: [study] every_seed_every_rate"))
+                                            f"{where}: [study] every_seed_every_rate"),
+                replace_cells=replacements)
+
+
+def _replacements(study: dict, path: Path, basics: tuple, where: str) -> tuple[Replacement, ...]:
+    """[study] replace_cells, checked: a list of `{ task = "stsb", grid = "<name>" }`, each task once and among
+    this grid's, each grid found beside this one, holding that task, with the same seeds and no replacements
+    of its own."""
+    seeds, sweep_seed, tasks = basics
+    field = f"{where}: [study] replace_cells"
+    value = study["replace_cells"]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, dict) and set(v) == {"task", "grid"} and all(isinstance(x, str) for x in v.values())
+            for v in value):
+        raise UsageError(f'{field} must be a list of tables {{ task = "stsb", grid = "<grid name>" }}, got {value!r}')
+    out = []
+    for task, name in ((v["task"], v["grid"]) for v in value):
+        if task not in tasks:
+            raise UsageError(f"{field}: task {task!r} is not one of [study] tasks {list(tasks)}")
+        if task in [r.task for r in out]:
+            raise UsageError(f"{field}: task {task!r} is replaced twice; give each task one grid")
+        found = find_grid(path.parent, name) if name != study["name"] else None
+        if found is None:
+            raise UsageError(f"{field}: grid {name!r} not found: no other grid file in {path.parent} has "
+                             f"[study] name = {name!r} (looked at {name}.toml first)")
+        if "replace_cells" in _read_toml(found).get("study", {}):
+            raise UsageError(f"{field}: grid {name!r} ({found}) replaces cells itself; its cells must be its own")
+        other = load_grid(found)
+        if task not in other.tasks or (other.seeds, other.sweep_seed) != (seeds, sweep_seed):
+            raise UsageError(f"{field}: grid {name!r} ({found}) must run task {task!r} with this grid's seeds "
+                             f"{list(seeds)} and sweep seed {sweep_seed}; it runs {list(other.tasks)} with seeds "
+                             f"{list(other.seeds)}, sweep seed {other.sweep_seed}")
+        out.append(Replacement(task, other))
+    return tuple(out)
+
+
+def find_grid(folder: Path, name: str) -> Path | None:
+    """The grid file in `folder` whose [study] name is `name` (`<name>.toml` first), or None."""
+    for file in [folder / f"{name}.toml", *sorted(folder.glob("*.toml"))]:
+        try:
+            study = tomllib.loads(file.read_text()).get("study")
+        except (OSError, tomllib.TOMLDecodeError):
+            continue
+        if isinstance(study, dict) and study.get("name") == name:
+            return file
+    return None
 
 
 def _read_toml(path: Path) -> dict:
