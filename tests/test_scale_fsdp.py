@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from scale_worker import train_tiny, train_with_trainer
+from scale_worker import METHODS, tiny_decoder, train_tiny, train_with_trainer
+
+from kronpeft import get_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORKER = Path(__file__).with_name("scale_worker.py")
@@ -99,3 +101,17 @@ def test_deepspeed_zero_two_processes_equal_one(tmp_path, stage):
     if stage == 3:
         error = (tmp_path / "two" / "krona" / "merge_error.txt").read_text()
         assert "partitioned by DeepSpeed ZeRO-3" in error and "merge_and_unload" in error
+
+
+def test_only_the_main_process_writes_an_unsharded_adapter(tmp_path, monkeypatch):
+    """ZeRO-2 and DDP keep whole parameters on every process: save_pretrained called on every process (as for
+    a sharded model) wrote from each at once, and two processes renamed into one folder (ENOTEMPTY in CI)."""
+    from kronpeft import sharding
+
+    model = get_model(tiny_decoder(), METHODS["krona"]())
+    monkeypatch.setattr(sharding, "is_main_process", lambda: False)
+    model.save_pretrained(tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+    monkeypatch.setattr(sharding, "is_main_process", lambda: True)
+    model.save_pretrained(tmp_path / "main")
+    assert (tmp_path / "main" / "adapter_model.safetensors").is_file()

@@ -280,7 +280,8 @@ class KronModel(nn.Module):
         """Write adapters as `adapter_config.json` + the weights file it names (adapter and its
         `modules_to_save`): `adapter_name` alone into `save_directory`; otherwise every adapter (or
         `selected_adapters`) as PEFT does, "default" in `save_directory` and any other in
-        `save_directory/<name>`. Each folder is written crash-safe (see `write_adapter`).
+        `save_directory/<name>`. Each folder is written crash-safe (see `write_adapter`). In a process group
+        only rank 0 writes; on a sharded model (FSDP, ZeRO-3) every process must call it, to gather.
         """
         self._check_usable()
         check_path(save_directory, "save_pretrained's save_directory")
@@ -289,8 +290,9 @@ class KronModel(nn.Module):
         for name in names:  # check every name before writing anything
             self._check_name(name)
         states, sharded = full_states(self.base_model, names, self.adapter_state_dict)
-        if sharded and not sharding.is_main_process():  # the main process alone writes
-            sharding.barrier()
+        if not sharding.is_main_process():  # the main process alone writes (ZeRO-2, DDP: every process could)
+            if sharded:
+                sharding.barrier()
             return
         for name in names:
             meta = adapter_meta(self.base_model, name, self.configs[name], self.saved_modules[name])
