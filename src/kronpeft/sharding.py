@@ -99,15 +99,6 @@ def _trained_units(model: torch.nn.Module) -> set[int]:
     return units
 
 
-def saving_is_collective(model: torch.nn.Module) -> bool:
-    """Whether saving `model`'s adapters gathers over processes (FSDP2 DTensors, FSDP1 units, ZeRO-3
-    partitions): then every process must call `save_pretrained` (the main one alone writes)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    return any(_is_dtensor(p) or hasattr(p, "ds_id") for p in model.parameters()) or \
-        any(isinstance(m, FSDP) for m in model.modules())
-
-
 def is_main_process() -> bool:
     """Rank 0 of the default process group, or the only process."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

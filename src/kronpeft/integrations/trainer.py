@@ -19,13 +19,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..choices import DEFAULT_LR
 from ..model import KronModel
-from ..sharding import saving_is_collective
 
 
 class KronSaveCallback(TrainerCallback):
     """`Trainer(model=kron_model, ..., callbacks=[KronSaveCallback()])`: kronpeft adapters in
-    every checkpoint folder and in `output_dir` at the end of training (written by the main process; on
-    a sharded model every process takes part in gathering the tensors)."""
+    every checkpoint folder and in `output_dir` at the end of training. Called on every process, as Trainer
+    calls callbacks: `save_pretrained` writes from rank 0 alone, and a sharded model gathers on every process."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
@@ -37,13 +36,10 @@ class KronSaveCallback(TrainerCallback):
                                   f"TrainingArguments(..., learning_rate={usual:g})", stacklevel=2)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero or saving_is_collective(model):
-            _kron_model(model).save_pretrained(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        _kron_model(model).save_pretrained(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        # after load_best_model_at_end, so the best adapter is written; a sharded model gathers on every process
-        if state.is_world_process_zero or saving_is_collective(model):
-            _kron_model(model).save_pretrained(args.output_dir)
+        _kron_model(model).save_pretrained(args.output_dir)  # after load_best_model_at_end: the best adapter
 
 
 def _kron_model(model) -> KronModel:
