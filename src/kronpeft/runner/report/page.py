@@ -2,6 +2,7 @@
 runs were made."""
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,30 +39,14 @@ def is_report_page(path: Path) -> bool:
 def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     """Write `out` (Markdown) and its plots in `out.parent / "img"`; returns `out`."""
     own, stale = current_rows(grid, read_results(grid.results))
-    rows, taken = take_cells(grid, own)
-    summary, first = summarise(grid, rows), summarise(grid, own)  # first: this grid's cells alone (its sweeps)
-    shown = own + [r for r in rows if not grid.holds(r)]  # every run the page shows
+    shown = own + [r for r in take_cells(grid, own)[0] if not grid.holds(r)]  # every run the page shows
     img = out.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
     lines = [PAGE_MARK, f"# {grid.title or 'Study ' + grid.name}", "",
              f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(shown)} runs) alone"
              + (f"; {stale} row(s) recorded under earlier settings of this grid are not shown." if stale else "."), ""]
-    if not shown:
-        lines.append("No runs recorded yet.")
-    else:
-        claims = claim_rows(grid, summary)
-        lines += _what_this_shows(grid, summary, claims, taken)
-        lines += _scores(grid, summary)
-        lines += _replaced(grid, taken, first)
-        lines += _score_plot(grid, summary, out, img)
-        lines += _budget(grid, summary, out, img)
-        lines += _selection_bias(grid, rows, summary)
-        lines += _claims(grid, claims)
-        lines += _extra_plots(grid, first, forest_points(claims), out, img)
-        lines += _rates(grid, first)
-        lines += _seeds_and_epochs(grid, summary)
-        reference = reference or next((e.name for e in grid.methods if e.family == "lora"), grid.methods[0].name)
-        lines += _times(grid, first, reference, out, img)
+    lines += _results(grid, own, out, img, reference) if shown else ["No runs recorded yet."]
+    lines += _companions(grid, out, img)
     if grid.notes is not None and grid.notes.is_file():
         lines += ["", grid.notes.read_text().rstrip()]
     if shown:
@@ -70,9 +55,52 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     return out
 
 
+def _results(grid: Grid, own: list[dict], out: Path, img: Path, reference: str | None = None,
+             whole: bool = True) -> list[str]:
+    """The grid's sections from its rows `own`; `whole=False` (a companion's summary on another page): its
+    findings, scores, budget curve, selection bias, claims and their plots, without its sweeps, seeds, epochs
+    and times."""
+    rows, taken = take_cells(grid, own)
+    summary, first = summarise(grid, rows), summarise(grid, own)  # first: this grid's cells alone (its sweeps)
+    claims = claim_rows(grid, summary)
+    lines = _what_this_shows(grid, summary, claims, taken) + _scores(grid, summary) + _replaced(grid, taken, first)
+    lines.append("")
+    if whole:
+        lines += _score_plot(grid, summary, out, img)
+    lines += _budget(grid, summary, out, img) + _selection_bias(grid, rows, summary) + _claims(grid, claims)
+    lines += _extra_plots(grid, first, forest_points(claims), out, img)
+    if whole:
+        lines += _rates(grid, first) + _seeds_and_epochs(grid, summary)
+        reference = reference or next((e.name for e in grid.methods if e.family == "lora"), grid.methods[0].name)
+        lines += _times(grid, first, reference, out, img)
+    return lines
+
+
+def _companions(grid: Grid, out: Path, img: Path) -> list[str]:
+    """[study] companions: each other grid's findings, scores and claims under a heading of its own, with a
+    link to its whole page ([] without companions)."""
+    if not grid.companions:
+        return []
+    lines = ["", "## The other grids of this study", "",
+             "Each grid below is summarised from the same results file: its findings, its scores, its budget "
+             "curve, selection bias and claims where it has them. Its own page (linked) adds its sweeps, every "
+             "seed, the epochs and the training times.", ""]
+    for other in grid.companions:
+        own, _ = current_rows(other, read_results(other.results))
+        page = other.page or other.path.with_suffix(".md")
+        lines += [f"### {other.title or other.name}", "",
+                  f"Grid `{other.name}` ({other.path}; its page: [{page.name}]({os.path.relpath(page, out.parent)})), "
+                  f"{len(own)} runs recorded; model: {other.model}.", ""]
+        body = _results(other, own, out, img, whole=False) if own else ["No runs recorded yet.", ""]
+        lines += ["###" + line[1:] if line.startswith("## ") else line for line in body]
+    return lines
+
+
 VERDICTS = ("holds", "reversed", "within noise")
 MODEL_WORDS = {"all-MiniLM-L6-v2": "all-MiniLM-L6-v2, one small 6-layer encoder, not the papers' T5-base or "
-                                   "BERT-base"}
+                                   "BERT-base",
+               "mpnet": "all-mpnet-base-v2 (`mpnet`), a 12-layer encoder of BERT-base's size (d = 768, 109 M), "
+                        "not the papers' T5-base or BERT-base themselves"}
 
 
 def _what_this_shows(grid: Grid, summary: dict, claims: list[ClaimRow], taken: list[Taken]) -> list[str]:

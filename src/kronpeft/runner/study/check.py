@@ -13,7 +13,7 @@ GRID_KEYS = {  # table -> {key: the types it may hold}; anything else in a grid 
     "study": {"name": _TEXT, "title": _TEXT, "model": _TEXT, "results": _TEXT, "tasks": _LATER, "seeds": _LATER,
               "sweep_seed": (int,), "extend_edges": _FLAG, "edge_factor": _LATER, "notes": _TEXT,
               "runs_dir": _TEXT, "page": _TEXT, "protocol": _TEXT, "split_seed": _LATER, "reuse": _LATER,
-              "every_seed_every_rate": _FLAG, "replace_cells": _LATER},
+              "every_seed_every_rate": _FLAG, "replace_cells": _LATER, "companions": _LATER},
     "method": {"name": _TEXT, "method": _TEXT, "family": _TEXT, "lrs": _LATER, "tasks": _LATER, "args": (dict,),
                "protocol": _TEXT},
     "claim": {"text": _TEXT, "better": _TEXT, "worse": _TEXT},

@@ -75,6 +75,7 @@ class Grid:
     every_seed_every_rate: bool = False  # run every seed at every rate (no seed stage): measures the selection
     page: Path | None = None  # where `kronpeft report` writes by default (else <grid file>.md)
     replace_cells: tuple[Replacement, ...] = ()  # tasks whose cells the page takes from other grids, per method
+    companions: tuple[Grid, ...] = ()  # other grids whose results the page summarises in a section of their own
 
     def protocol_of(self, entry: MethodEntry) -> str:
         return entry.protocol or self.protocol
@@ -119,6 +120,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     edge_factor = _edge_factor(study, where)
     results = Path(study.get("results", "results.jsonl"))
     replacements = _replacements(study, path, (seeds, sweep_seed, tasks), where) if "replace_cells" in study else ()
+    companions = _companions(study, path, where) if "companions" in study else ()
     return Grid(path=path, name=study["name"], model=study.get("model", "all-MiniLM-L6-v2"),
                 results=results if results.is_absolute() else path.parent / results, seeds=seeds,
                 sweep_seed=sweep_seed, tasks=tasks, train=dict(raw.get("train", {})), methods=methods,
@@ -132,7 +134,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 reuse=_list(study["reuse"], (str,), "grid names", f"{where}: [study] reuse") if "reuse" in study else (),
                 every_seed_every_rate=_flag(study.get("every_seed_every_rate", False),
                                             f"{where}: [study] every_seed_every_rate"),
-                replace_cells=replacements)
+                replace_cells=replacements, companions=companions)
 
 
 def _replacements(study: dict, path: Path, basics: tuple, where: str) -> tuple[Replacement, ...]:
@@ -164,6 +166,24 @@ def _replacements(study: dict, path: Path, basics: tuple, where: str) -> tuple[R
                              f"{list(seeds)} and sweep seed {sweep_seed}; it runs {list(other.tasks)} with seeds "
                              f"{list(other.seeds)}, sweep seed {other.sweep_seed}")
         out.append(Replacement(task, other))
+    return tuple(out)
+
+
+def _companions(study: dict, path: Path, where: str) -> tuple[Grid, ...]:
+    """[study] companions, checked: names of other grids beside this one, each found, none with companions of its
+    own (a summary of a summary would nest without end)."""
+    field = f"{where}: [study] companions"
+    names = _list(study["companions"], (str,), "grid names", field)
+    out = []
+    for name in names:
+        found = find_grid(path.parent, name) if name != study["name"] else None
+        if found is None:
+            raise UsageError(f"{field}: grid {name!r} not found: no other grid file in {path.parent} has "
+                             f"[study] name = {name!r} (looked at {name}.toml first)")
+        if "companions" in _read_toml(found).get("study", {}):
+            raise UsageError(f"{field}: grid {name!r} ({found}) has companions of its own; list its companions "
+                             "here instead")
+        out.append(load_grid(found))
     return tuple(out)
 
 
