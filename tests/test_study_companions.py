@@ -2,7 +2,6 @@
 their own, with a link to each one's whole page; hand-written rows, hand-computed numbers."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from kronpeft.runner.errors import UsageError
 from kronpeft.runner.report import page as report_page
 from kronpeft.runner.study import grid as study_grid
+from study_rows import study_row, write_rows
 
 MAIN = """
 [study]
@@ -67,22 +67,13 @@ def grids(tmp_path, companions='companions = ["a", "b"]', other=OTHER):
     return study_grid.load_grid(Path("main.toml"))
 
 
-def row(grid, name, lr, seed, score):
-    entry = next(e for e in grid.methods if e.name == name)
-    return {"key": study_grid.Run("mrpc", entry, lr, seed, "sweep").key(grid), "grid": grid.name, "task": "mrpc",
-            "name": name, "method": entry.method, "family": entry.family, "lr": lr, "seed": seed, "stage": "sweep",
-            "score": score, "selection_score": score, "main_metric": "f1", "trainable_params": 1000,
-            "head_params": 0, "total_params": 10**6, "train_seconds": 1.0, "wall_seconds": 1.0, "steps": 1,
-            "threads": 1, "cpu": "test", "protocol": grid.protocol_of(entry)}
-
-
 def test_each_companion_gets_its_findings_scores_claims_and_plots_under_its_own_heading(tmp_path):
     grid = grids(tmp_path)
     a, b = grid.companions
-    rows = [row(grid, "krona", 1e-3, s, v) for s, v in enumerate([0.80, 0.82, 0.84])]
-    rows += [row(a, "krona", 1e-2, s, v) for s, v in enumerate([0.86, 0.88, 0.90])]
-    rows += [row(a, "lora-r1", 1e-3, s, v) for s, v in enumerate([0.84, 0.85, 0.86])]
-    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [study_row(grid, "mrpc", "krona", 1e-3, s, v) for s, v in enumerate([0.80, 0.82, 0.84])]
+    rows += [study_row(a, "mrpc", "krona", 1e-2, s, v, selection_score=v) for s, v in enumerate([0.86, 0.88, 0.90])]
+    rows += [study_row(a, "mrpc", "lora-r1", 1e-3, s, v, selection_score=v) for s, v in enumerate([0.84, 0.85, 0.86])]
+    write_rows(grid, rows)
     page = report_page.render(grid, tmp_path / "docs" / "page.md").read_text()
     head, rest = page.split("## The other grids of this study")
     assert "| krona | 1,000 | 0.100 | 82.0 ± 2.0 [82.0] | 82.0 |" in head and "Grid a" not in head
@@ -104,7 +95,7 @@ def test_each_companion_gets_its_findings_scores_claims_and_plots_under_its_own_
 def test_a_page_without_companions_has_no_such_section(tmp_path):
     grid = grids(tmp_path, companions="")
     assert grid.companions == ()
-    grid.results.write_text(json.dumps(row(grid, "krona", 1e-3, 0, 0.8)) + "\n")
+    write_rows(grid, [study_row(grid, "mrpc", "krona", 1e-3, 0, 0.8)])
     assert "other grids" not in report_page.render(grid, tmp_path / "page.md").read_text()
 
 

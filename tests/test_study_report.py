@@ -2,7 +2,6 @@
 plain-words summary, the selection-bias table and the budget curve."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from kronpeft.runner.report import stats as report_stats
 from kronpeft.runner.report import tables as report_tables
 from kronpeft.runner.report.papers import reported_gap
 from kronpeft.runner.study import grid as study_grid
+from study_rows import study_row, write_rows
 
 GRID = """
 [study]
@@ -53,20 +53,6 @@ def load(tmp_path, extra=""):
     return study_grid.load_grid(path)
 
 
-def row(grid, task, name, lr, seed, score, params=1000, **fields):
-    entry = next(e for e in grid.methods if e.name == name)
-    run = study_grid.Run(task, entry, lr, seed, "sweep")
-    return {"key": run.key(grid), "grid": grid.name, "task": task, "name": name, "method": entry.method,
-            "family": entry.family, "lr": lr, "seed": seed, "stage": "sweep", "score": score, "main_metric": "f1",
-            "trainable_params": params, "head_params": 0, "total_params": 10**6, "train_seconds": 1.0,
-            "wall_seconds": 1.0, "steps": 1, "threads": 1, "cpu": "test", "protocol": grid.protocol_of(entry),
-            **fields}
-
-
-def write(grid, rows):
-    grid.results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def test_the_papers_gaps_are_their_tables_numbers():
     # KronA (T5-base GLUE average): KronA 86.14, LoRA 85.73, KronA^B 86.28, KronA^B_res 86.57, full 85.65
     assert reported_gap("krona", "lora", ["mrpc", "rte"]) == pytest.approx(0.41)
@@ -84,8 +70,8 @@ def test_the_forest_marks_a_papers_gap_on_its_claims_average_row_only(tmp_path, 
     grid = load(tmp_path, '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
     scores = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r1"): [0.75, 0.74, 0.76],
               ("rte", "krona"): [0.60, 0.62, 0.58], ("rte", "lora-r1"): [0.58, 0.57, 0.59]}
-    results = [row(grid, t, n, 1e-3, s, v[s]) for (t, n), v in scores.items() for s in range(3)]
-    write(grid, results)
+    results = [study_row(grid, t, n, 1e-3, s, v[s]) for (t, n), v in scores.items() for s in range(3)]
+    write_rows(grid, results)
     rows = report_tables.claim_rows(grid, report_stats.summarise(grid, results))
     assert [(r.where, r.paper) for r in rows] == [("mrpc", None), ("rte", None), ("average of 2 tasks", 0.41)]
     points = report_tables.forest_points(rows)
@@ -108,7 +94,8 @@ def test_the_page_opens_with_what_it_shows_counted_from_its_claims(tmp_path):
     scores = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r1"): [0.75, 0.74, 0.76],
               ("rte", "krona"): [0.60, 0.62, 0.58], ("rte", "lora-r1"): [0.58, 0.57, 0.59]}
     majority = {"mrpc": {"majority_baseline": 0.745}, "rte": {}}  # rte: no majority score known, nothing flagged
-    write(grid, [row(grid, t, n, 1e-3, s, v[s], **majority[t]) for (t, n), v in scores.items() for s in range(3)])
+    write_rows(grid, [study_row(grid, t, n, 1e-3, s, v[s], **majority[t])
+                      for (t, n), v in scores.items() for s in range(3)])
     page = report_page.render(grid, tmp_path / "page.md").read_text()
     # as in test_study's average test: mrpc holds (paired p 0.0033), rte within noise (0.37), the average holds
     # (0.0091); Holm over 3: 3 x 0.003317 = 0.00995 (0.01 at two digits), 0.37, 2 x 0.0091 = 0.018: both verdicts
@@ -133,13 +120,13 @@ def test_the_plain_words_name_the_selection_protocol_and_skip_grids_without_clai
     (tmp_path / "a").mkdir()
     grid = load(tmp_path / "a", '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
     grid.protocol = "selection"  # as `protocol = "selection"` in [study]
-    write(grid, [row(grid, "mrpc", n, 1e-3, 0, 0.8, selection_score=0.7) for n in ("krona", "lora-r1")])
+    write_rows(grid, [study_row(grid, "mrpc", n, 1e-3, 0, 0.8, selection_score=0.7) for n in ("krona", "lora-r1")])
     page = report_page.render(grid, tmp_path / "a" / "page.md").read_text()
     assert "- Rates and epochs were chosen on a 10 % selection split of train, and dev, which chose nothing, is " \
            "reported as the test set." in page
     assert "0 have a verdict, 2 still wait" in page  # mrpc at one seed of three; the average: rte not run
     plain = load(tmp_path)
-    write(plain, [row(plain, "mrpc", n, 1e-3, 0, 0.8) for n in ("krona", "lora-r1")])
+    write_rows(plain, [study_row(plain, "mrpc", n, 1e-3, 0, 0.8) for n in ("krona", "lora-r1")])
     assert "What this shows" not in report_page.render(plain, tmp_path / "page.md").read_text()
 
 
@@ -186,15 +173,15 @@ def test_selection_bias_pairs_by_method_args_and_rates_and_counts_the_seeds_each
     (tmp_path / "bias.toml").write_text(BIAS)
     grid = study_grid.load_grid(tmp_path / "bias.toml")
     assert [(d.name, s.name) for d, s in protocol_pairs(grid)] == [("krona", "second-look")]
-    rows = [row(grid, "mrpc", "krona", 1e-3, s, v) for s, v in enumerate([0.80, 0.82, 0.84])]
-    rows.append(row(grid, "mrpc", "krona", 1e-2, 0, 0.70))
+    rows = [study_row(grid, "mrpc", "krona", 1e-3, s, v) for s, v in enumerate([0.80, 0.82, 0.84])]
+    rows.append(study_row(grid, "mrpc", "krona", 1e-2, 0, 0.70))
     # selection runs: dev at the epoch the split chose (score) and dev after every epoch (curve); dev would
     # have chosen 0.79 (gap 0.01) and 0.83 (gap 0.03)
-    rows += [row(grid, "mrpc", "second-look", 1e-3, 0, 0.78, selection_score=0.9,
+    rows += [study_row(grid, "mrpc", "second-look", 1e-3, 0, 0.78, selection_score=0.9,
                  curve=[[0.0, 0.5], [1.0, 0.79], [2.0, 0.78]]),
-             row(grid, "mrpc", "second-look", 1e-3, 1, 0.80, selection_score=0.9,
+             study_row(grid, "mrpc", "second-look", 1e-3, 1, 0.80, selection_score=0.9,
                  curve=[[0.0, 0.5], [1.0, 0.80], [2.0, 0.83]])]
-    write(grid, rows)
+    write_rows(grid, rows)
     page = report_page.render(grid, tmp_path / "page.md").read_text()
     # 1e-3: 82.0 over 3 seeds against 79.0 over 2: bias +3.0; epoch choice alone (1 + 3) / 2 = +2.0
     assert "| `krona` / `second-look` | mrpc | 0.001 | 82.0 (3 of 3 seeds) | 79.0 (2 of 3 seeds) | +3.0 " \
@@ -218,7 +205,7 @@ def test_the_plain_words_name_each_protocol_of_a_grid_that_mixes_them(tmp_path):
 
 def test_no_selection_bias_section_without_a_pair(tmp_path):
     grid = load(tmp_path)
-    write(grid, [row(grid, "mrpc", "krona", 1e-3, 0, 0.8)])
+    write_rows(grid, [study_row(grid, "mrpc", "krona", 1e-3, 0, 0.8)])
     assert "Selection bias" not in report_page.render(grid, tmp_path / "page.md").read_text()
 
 
@@ -267,9 +254,9 @@ def test_the_budget_curve_has_the_budget_families_alone_and_a_collapse_does_not_
     seeds = {"krona-small": (1000, [0.85, 0.84, 0.86]), "krona-big": (3000, [0.86, 0.85, 0.87]),
              "lora-small": (900, [0.84, 0.83, 0.85]), "lora-big": (2800, [0.86, 0.87, 0.20]),
              "bottleneck": (5000, [0.88, 0.88, 0.88])}
-    rows = [row(grid, "mrpc", name, 1e-3, s, v, params, majority_baseline=0.812)
+    rows = [study_row(grid, "mrpc", name, 1e-3, s, v, params, majority_baseline=0.812)
             for name, (params, scores) in seeds.items() for s, v in enumerate(scores)]
-    rows += [row(grid, "rte", name, 1e-3, 0, 0.6) for name in ("krona-small", "lora-small", "bottleneck")]
+    rows += [study_row(grid, "rte", name, 1e-3, 0, 0.6) for name in ("krona-small", "lora-small", "bottleneck")]
     summary = report_stats.summarise(grid, rows)
     panels = report_figures.budget_panels(grid, summary)
     # rte has one budget per family: no curve there; bottleneck is no budget family
@@ -289,7 +276,7 @@ def test_the_budget_curve_has_the_budget_families_alone_and_a_collapse_does_not_
     assert at_edge == [(2800, pytest.approx(80.984))]
     # a collapse line far below the scores (CoLA's Matthews 0) stays out of view
     assert report_figures._budget_bottom([0.20, 0.25, 0.0], 0.0) == pytest.approx(0.20 - 0.02 * 0.10)
-    write(grid, rows)
+    write_rows(grid, rows)
     page = report_page.render(grid, tmp_path / "page.md").read_text()
     assert "## Score against parameter budget" in page and "(img/g-budget.png)" in page
 

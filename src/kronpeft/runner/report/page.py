@@ -196,7 +196,8 @@ def _replaced(grid: Grid, taken: list[Taken], first: dict) -> list[str]:
                   + (f": {other.title}" if other.title else "") + "), "
                   + (f"which differs from this grid in {'; '.join(changes)}" if changes else "run as this grid runs")
                   + f". Replaced: {', '.join(f'`{n}`' for n in t.methods)}"
-                  + (f"; kept from this grid: {waiting}. " if waiting else ". ") + "A claim between a † cell and another compares across these differences; the learning rates, "
+                  + (f"; kept from this grid: {waiting}. " if waiting else ". ")
+                  + "A claim between a † cell and another compares across these differences; the learning rates, "
                   "the score against learning rate and the training times below are this grid's own runs.", "",
                   f"*{title} as first run*: this grid's own cells that † replaces, as the table showed them (‡ "
                   "against the first run's median):", "", *first_run_table(grid, first, task, t.methods)]

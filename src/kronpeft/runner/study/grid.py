@@ -131,7 +131,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 claims=claims, protocol=_protocol(study, "dev", f"{where}: [study]"),
                 page=path.parent / study["page"] if "page" in study else None,
                 split_seed=_whole(study.get("split_seed", 0), f"{where}: [study] split_seed"),
-                reuse=_list(study["reuse"], (str,), "grid names", f"{where}: [study] reuse") if "reuse" in study else (),
+                reuse=(_list(study["reuse"], (str,), "grid names", f"{where}: [study] reuse")
+                       if "reuse" in study else ()),
                 every_seed_every_rate=_flag(study.get("every_seed_every_rate", False),
                                             f"{where}: [study] every_seed_every_rate"),
                 replace_cells=replacements, companions=companions)
