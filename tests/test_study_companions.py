@@ -85,6 +85,8 @@ def test_each_companion_gets_its_findings_scores_claims_and_plots_under_its_own_
     assert "| krona | 1,000 | 0.100 | 88.0 ± 2.0 [88.0] | 88.0 |" in section_a
     assert "| lora-r1 | 1,000 | 0.100 | 85.0 ± 1.0 [85.0] | 85.0 |" in section_a
     assert "| KronA beats LoRA (`krona` vs `lora-r1`) | mrpc | +3.0 |" in section_a
+    assert "Columns and verdicts as in the first claims table of this page." in section_a  # not explained again
+    assert "Score against learning rate" not in rest  # one rate per sweep: nothing to plot
     assert "#### The papers' claims" in section_a and "\n## " not in rest.split("## Setup")[0]  # demoted headings
     assert "(img/a-claims.png)" in section_a and (tmp_path / "docs/img/a-claims.png").is_file()
     assert "## Every seed" not in rest and "## Learning rates" not in rest  # on its own page only

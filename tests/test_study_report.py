@@ -292,3 +292,8 @@ def test_the_forest_axis_holds_every_difference_but_cuts_an_interval_a_collapse_
     # |ends| sorted: 0, 1, ten 2s, 3, 4, 95, 129; index 12 → 3; the largest difference 17 → 1.25 · 17 = 21.25
     assert report_figures.forest_limit(many) == pytest.approx(21.25)
     assert report_figures.forest_limit([("p", 0.0, None, 0.02)]) == 5.0  # a paper gap of 2: the floor
+
+
+def test_a_bootstrap_with_no_resample_past_zero_prints_as_below_its_resolution():
+    assert report_tables.bootstrap_words(0.0) == "< 0.002"  # two-sided, 1,000 resamples: 2 / 1000
+    assert report_tables.bootstrap_words(0.0123) == "0.012" and report_tables.bootstrap_words(None) == "—"

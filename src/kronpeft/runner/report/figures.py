@@ -73,10 +73,10 @@ def _legend_below(fig, axes, cols: int):
     """One legend for every panel's families, under the panels, and the layout that leaves room for it."""
     handles, labels = [], []
     for ax in axes:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in labels:
-                handles.append(h)
-                labels.append(l)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
     per_row = 3 * cols  # legend entries that fit the figure's width
     legend_rows = math.ceil(max(len(labels), 1) / per_row)
     legend_height = 0.3 * legend_rows + 0.15  # inches

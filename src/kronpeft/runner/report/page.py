@@ -15,6 +15,7 @@ from .bias import bias_table, rate_choice_lines
 from .figures import (BUDGET_FAMILIES, budget_panels, plot_budget, plot_forest, plot_score_vs_lr, plot_score_vs_params,
                       plot_times)
 from .replace import Taken, differences, take_cells
+from .significance import BOOTSTRAP_RESAMPLES
 from .stats import collapse_lines, collapses, complete, summarise, time_ratios
 from .tables import (ClaimRow, claim_rows, claims_table, epochs_table, first_run_table, forest_points, lr_table,
                      seeds_table, table)
@@ -67,7 +68,7 @@ def _results(grid: Grid, own: list[dict], out: Path, img: Path, reference: str |
     lines.append("")
     if whole:
         lines += _score_plot(grid, summary, out, img)
-    lines += _budget(grid, summary, out, img) + _selection_bias(grid, rows, summary) + _claims(grid, claims)
+    lines += _budget(grid, summary, out, img) + _selection_bias(grid, rows, summary) + _claims(grid, claims, whole)
     lines += _extra_plots(grid, first, forest_points(claims), out, img)
     if whole:
         lines += _rates(grid, first) + _seeds_and_epochs(grid, summary)
@@ -240,10 +241,14 @@ def _budget(grid: Grid, summary: dict, out: Path, img: Path) -> list[str]:
             f"![score against trainable parameters, budget families]({path.relative_to(out.parent)})", ""]
 
 
-def _claims(grid: Grid, claims: list[ClaimRow]) -> list[str]:
-    """The claims' section, how to read it and its table ([] when the grid has no claims)."""
+def _claims(grid: Grid, claims: list[ClaimRow], explain: bool = True) -> list[str]:
+    """The claims' section, how to read it (`explain`; else a pointer to the page's first claims table) and its
+    table ([] when the grid has no claims)."""
     if not grid.claims:
         return []
+    if not explain:
+        return ["## The papers' claims", "", "Columns and verdicts as in the first claims table of this page.", "",
+                *claims_table(claims), ""]
     return ["## The papers' claims", "", "Each claim per task: the difference of the two cells' means, "
             "its 95 % confidence interval and p from Welch's t-test (unequal variances; with three "
             "seeds a cell, about 2-4 degrees of freedom, so the interval spans about ±3 to ±4 "
@@ -260,12 +265,14 @@ def _claims(grid: Grid, claims: list[ClaimRow]) -> list[str]:
             "head initialisation), a paired t-test; on an average row, of the per-seed averages over "
             "tasks. *paired p, Holm*: Holm's correction over every row of this table (one family); a "
             "verdict that does not survive it says so. *bootstrap p*: a paired bootstrap over dev "
-            "examples (1,000 resamples) from the runs' kept predictions, where both cells have them.", "",
+            f"examples ({BOOTSTRAP_RESAMPLES:,} resamples) from the runs' kept predictions, where both cells have "
+            f"them (no resample past zero: p < {2 / BOOTSTRAP_RESAMPLES:.2g}).", "",
             *claims_table(claims), ""]
 
 
 def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) -> list[str]:
-    """The forest plot of the claims and score against learning rate per task (Markdown lines)."""
+    """The forest plot of the claims, and score against learning rate per task where some sweep has two rates or
+    more (Markdown lines)."""
     lines = []
     if forest:
         path = plot_forest(forest, img / f"{grid.name}-claims.png")
@@ -275,7 +282,7 @@ def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) 
     panels = {}
     for (task, name), s in summary.items():
         panels.setdefault(task, {})[name] = sorted(s["sweep"].items())
-    if panels:
+    if any(len(sweep) > 1 for by_method in panels.values() for sweep in by_method.values()):
         order = [t for t in grid.tasks if t in panels]
         path = plot_score_vs_lr({t: panels[t] for t in order}, collapse_lines(grid, summary),
                                 img / f"{grid.name}-score-vs-lr.png")

@@ -98,8 +98,11 @@ def paired_cells(better: list[list[dict]], worse: list[list[dict]]) -> tuple[flo
                        [statistics.fmean(c[s]["score"] for c in w) for s in seeds])
 
 
+BOOTSTRAP_RESAMPLES = 1000  # the claims table's paired bootstrap: its smallest non-zero p is 2 / 1000
+
+
 def bootstrap_cells(task: str, main_metric: str, better: list[dict], worse: list[dict], folder,
-                    resamples: int = 1000) -> float | None:
+                    resamples: int = BOOTSTRAP_RESAMPLES) -> float | None:
     """Paired bootstrap p of a claim on one task from the rows' kept dev predictions (`folder`: where the
     results file is); None unless every paired seed has predictions on both sides."""
     from pathlib import Path

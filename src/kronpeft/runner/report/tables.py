@@ -9,7 +9,7 @@ from ..study.grid import Grid
 from .stats import (adapter_params, average_verdict, cell_stats, claim_verdict, collapses, complete, model_params,
                     rate_across_tasks)
 from .papers import reported_gap
-from .significance import bootstrap_cells, holm, paired_cells
+from .significance import BOOTSTRAP_RESAMPLES, bootstrap_cells, holm, paired_cells
 
 
 def _fmt_cell(stats, wanted: int, sweeping: bool, median: float | None = None, collapsed: int = 0) -> str:
@@ -135,8 +135,16 @@ def claims_table(rows: list[ClaimRow]) -> list[str]:
         verdict = r.verdict + (" (not after Holm)" if r.after_holm() != r.verdict else "")
         lines.append(f"| {r.text} | {r.where} | {'—' if r.diff is None else f'{100 * r.diff:+.1f}'} | "
                      f"{'—' if r.ci is None else f'{100 * r.ci[0]:+.1f} to {100 * r.ci[1]:+.1f}'} | "
-                     f"{fmt(r.welch_p)} | {fmt(r.paired_p)} | {fmt(r.holm_p)} | {fmt(r.bootstrap_p)} | {verdict} |")
+                     f"{fmt(r.welch_p)} | {fmt(r.paired_p)} | {fmt(r.holm_p)} | {bootstrap_words(r.bootstrap_p)} | "
+                     f"{verdict} |")
     return lines
+
+
+def bootstrap_words(p: float | None) -> str:
+    """A bootstrap p as the table prints it: no resample on the far side of zero is p below 2 / resamples, not 0."""
+    if p is None:
+        return "—"
+    return f"< {2 / BOOTSTRAP_RESAMPLES:.2g}" if p == 0 else f"{p:.2g}"
 
 
 def forest_points(rows: list[ClaimRow]) -> list[tuple[str, float, tuple[float, float] | None, float | None]]:
