@@ -74,7 +74,11 @@ def test_each_companion_gets_its_findings_scores_claims_and_plots_under_its_own_
     rows += [study_row(a, "mrpc", "krona", 1e-2, s, v, selection_score=v) for s, v in enumerate([0.86, 0.88, 0.90])]
     rows += [study_row(a, "mrpc", "lora-r1", 1e-3, s, v, selection_score=v) for s, v in enumerate([0.84, 0.85, 0.86])]
     write_rows(grid, rows)
+    before = {f for f in tmp_path.rglob("*") if f.is_file()}
     page = report_page.render(grid, tmp_path / "docs" / "page.md").read_text()
+    written = {f for f in tmp_path.rglob("*") if f.is_file()} - before
+    assert all(f.parent in (tmp_path / "docs", tmp_path / "docs" / "img") for f in written)  # only the named folder
+    assert {f.name for f in written} >= {"page.md", "a-claims.png"} and before <= set(tmp_path.rglob("*"))
     head, rest = page.split("## The other grids of this study")
     assert "| krona | 1,000 | 0.100 | 82.0 ± 2.0 [82.0] | 82.0 |" in head and "Grid a" not in head
     section_a, section_b = rest.split("### Grid b")
