@@ -12,6 +12,7 @@ from kronpeft.runner.report import stats as report_stats
 from kronpeft.runner.report import tables as report_tables
 from kronpeft.runner.report.papers import reported_gap
 from kronpeft.runner.study import grid as study_grid
+from kronpeft.runner.study.results import read_results
 from study_rows import study_row, write_rows
 
 GRID = """
@@ -104,16 +105,20 @@ def test_the_page_opens_with_what_it_shows_counted_from_its_claims(tmp_path):
     assert section.index("## What this shows") < page.index("Cells complete")  # before the tables
     assert "- 3 claim rows (1 claims, per task and on their average where a claim spans several tasks): 3 have a " \
            "verdict, 0 still wait for seeds or a sweep." in section
-    assert "- Before Holm's correction: holds: 2, reversed: 0, within noise: 1; KronA beats LoRA (`krona` vs " \
-           "`lora-r1`) on mrpc: holds; KronA beats LoRA (`krona` vs `lora-r1`) on the average of 2 tasks: holds." \
+    assert "- Before Holm's correction: holds: 2, reversed: 0, within noise: 1, optimisation failure: 0; KronA beats " \
+           "LoRA (`krona` vs `lora-r1`) on mrpc: holds; KronA beats LoRA (`krona` vs `lora-r1`) on the average of 2 " \
+           "tasks: holds." \
            in section
-    assert "- After it (over the 3 rows with a paired test): holds: 2, reversed: 0, within noise: 1." in section
+    assert "- After it (over the 3 rows with a paired test): holds: 2, reversed: 0, within noise: 1, " \
+           "optimisation failure: 0." in section
     assert "- Surviving Holm's correction: KronA beats LoRA (`krona` vs `lora-r1`) on mrpc (holds, Holm p 0.01); " \
            "KronA beats LoRA (`krona` vs `lora-r1`) on the average of 2 tasks (holds, Holm p 0.018)." in section
     assert "- One model: all-MiniLM-L6-v2, one small 6-layer encoder" in section
     assert "- 3 seeds per cell" in section
     assert "- The dev set chose each rate and each run's best epoch and is also the set reported" in section
     assert "- 1 of 12 runs at the chosen rates collapsed" in section
+    assert "Not flagged, their majority-class score unknown (rows without it, no `$GLUE_DIR` or [train] data_dir): " \
+           "rte." in section  # a page rendered without the dev data says so instead of "0 collapsed"
 
 
 def test_the_plain_words_name_the_selection_protocol_and_skip_grids_without_claims(tmp_path):
@@ -297,3 +302,34 @@ def test_the_forest_axis_holds_every_difference_but_cuts_an_interval_a_collapse_
 def test_a_bootstrap_with_no_resample_past_zero_prints_as_below_its_resolution():
     assert report_tables.bootstrap_words(0.0) == "< 0.002"  # two-sided, 1,000 resamples: 2 / 1000
     assert report_tables.bootstrap_words(0.0123) == "0.012" and report_tables.bootstrap_words(None) == "—"
+
+
+def test_a_side_collapsed_at_every_seed_is_an_optimisation_failure_not_a_comparison(tmp_path):
+    grid = load(tmp_path, '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
+    majority = {"mrpc": {"majority_baseline": 0.745}, "rte": {}}  # rte: no majority score known, nothing flagged
+    scores = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r1"): [0.70, 0.71, 0.72],  # all <= 0.745
+              ("rte", "krona"): [0.60, 0.62, 0.58], ("rte", "lora-r1"): [0.58, 0.57, 0.59]}
+    write_rows(grid, [study_row(grid, t, n, 1e-3, s, v[s], **majority[t]) for (t, n), v in scores.items()
+                      for s in range(3)])
+    rows = report_tables.claim_rows(grid, report_stats.summarise(grid, read_results(grid.results)))
+    # mrpc: +14.0 points with sd 2 and 1 would "hold", but every LoRA seed sits at or below the majority class;
+    # the average spans mrpc, so it fails too; rte compares two trained cells (within noise, paired p 0.37)
+    assert [(r.where, r.verdict) for r in rows] == [("mrpc", "optimisation failure"), ("rte", "within noise"),
+                                                    ("average of 2 tasks", "optimisation failure")]
+    assert rows[0].diff == pytest.approx(0.14) and rows[0].after_holm() == "optimisation failure"
+    assert report_tables.forest_points(rows)[0][0] == "KronA beats LoRA: mrpc (optimisation failure)"
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    assert "- Before Holm's correction: holds: 0, reversed: 0, within noise: 1, optimisation failure: 2." in page
+    assert "- No comparison where an optimisation failed (every seed of one side collapsed): KronA beats LoRA " \
+           "(`krona` vs `lora-r1`) on mrpc; KronA beats LoRA (`krona` vs `lora-r1`) on the average of 2 tasks." in page
+
+
+def test_a_side_with_one_trained_seed_is_still_compared(tmp_path):
+    grid = load(tmp_path, '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
+    scores = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r1"): [0.70, 0.71, 0.80]}  # 0.80 > 0.745
+    results = [study_row(grid, t, n, 1e-3, s, v[s], majority_baseline=0.745) for (t, n), v in scores.items()
+               for s in range(3)]
+    rows = report_tables.claim_rows(grid, report_stats.summarise(grid, results))
+    # diff 0.1133, Welch se sqrt(0.0004/3 + 0.003033/3) = 0.0338, t 3.35 on 2.5 df: the interval holds zero
+    assert [(r.where, r.verdict) for r in rows][0] == ("mrpc", "within noise")
+    assert rows[0].diff == pytest.approx(0.85 - 0.73667, abs=1e-4)

@@ -17,8 +17,8 @@ from .figures import (BUDGET_FAMILIES, budget_panels, plot_budget, plot_forest, 
 from .replace import Taken, differences, take_cells
 from .significance import BOOTSTRAP_RESAMPLES
 from .stats import collapse_lines, collapses, complete, summarise, time_ratios
-from .tables import (ClaimRow, claim_rows, claims_table, epochs_table, first_run_table, forest_points, lr_table,
-                     seeds_table, table)
+from .tables import (FAILURE, ClaimRow, claim_rows, claims_table, epochs_table, first_run_table, forest_points,
+                     lr_table, seeds_table, table)
 
 PAPER_MARKERS = ("Hollow diamonds (*paper*): the gap the paper reports for the claim, where it reports one: KronA's "
                  "paper only its GLUE average on T5-base (on our average rows), AdaKron's paper every task on "
@@ -97,7 +97,7 @@ def _companions(grid: Grid, out: Path, img: Path) -> list[str]:
     return lines
 
 
-VERDICTS = ("holds", "reversed", "within noise")
+VERDICTS = ("holds", "reversed", "within noise", FAILURE)
 MODEL_WORDS = {"all-MiniLM-L6-v2": "all-MiniLM-L6-v2, one small 6-layer encoder, not the papers' T5-base or "
                                    "BERT-base",
                "mpnet": "all-mpnet-base-v2 (`mpnet`), a 12-layer encoder of BERT-base's size (d = 768, 109 M), "
@@ -112,7 +112,8 @@ def _what_this_shows(grid: Grid, summary: dict, claims: list[ClaimRow], taken: l
     decided = [c for c in claims if c.verdict in VERDICTS]
     before = ", ".join(f"{v}: {sum(c.verdict == v for c in decided)}" for v in VERDICTS)
     after = ", ".join(f"{v}: {sum(c.after_holm() == v for c in decided)}" for v in VERDICTS)
-    found = [c for c in decided if c.verdict != "within noise"]
+    found = [c for c in decided if c.verdict in ("holds", "reversed")]
+    failed = [f"{c.text} on {_the(c.where)}" for c in decided if c.verdict == FAILURE]
     named = "".join(f"; {c.text} on {_the(c.where)}: {c.verdict}" for c in found)
     survivors = [f"{c.text} on {_the(c.where)} ({c.verdict}, Holm p {c.holm_p:.2g})" for c in found
                  if c.after_holm() == c.verdict]
@@ -125,6 +126,8 @@ def _what_this_shows(grid: Grid, summary: dict, claims: list[ClaimRow], taken: l
             f"- Before Holm's correction: {before}{named}.",
             f"- After it (over the {tested} rows with a paired test): {after}.",
             "- Surviving Holm's correction: " + ("; ".join(survivors) if survivors else f"none{chance}") + ".",
+            *([f"- No comparison where an optimisation failed (every seed of one side collapsed): {'; '.join(failed)}."]
+              if failed else []),
             f"- One model: {MODEL_WORDS.get(grid.model, grid.model)}; a gap measured here need not carry over to "
             "other models.",
             f"- {len(grid.seeds)} seeds per cell: only large differences are resolved, and *within noise* means "
@@ -158,10 +161,14 @@ def _protocol_words(grid: Grid) -> str:
 
 
 def _collapse_words(grid: Grid, summary: dict) -> str:
-    """How many runs at the chosen rates collapsed (the table's ‡)."""
+    """How many runs at the chosen rates collapsed (the table's ‡), and the tasks whose majority-class score is
+    unknown (so no run of theirs is flagged)."""
     flags = [flag for (task, _), s in summary.items() for flag in collapses(grid, summary, task, s["rows"])]
+    unknown = sorted(task for task, line in collapse_lines(grid, summary).items() if line is None)
     return (f"{sum(flags)} of {len(flags)} runs at the chosen rates collapsed (‡ in the table: at or below the "
-            "majority-class score; STS-B below half the median Pearson); they stay in the means and the tests.")
+            "majority-class score; STS-B below half the median Pearson); they stay in the means and the tests."
+            + (f" Not flagged, their majority-class score unknown (rows without it, no `$GLUE_DIR` or [train] "
+               f"data_dir): {', '.join(unknown)}." if unknown else ""))
 
 
 def _scores(grid: Grid, summary: dict) -> list[str]:
@@ -254,7 +261,9 @@ def _claims(grid: Grid, claims: list[ClaimRow], explain: bool = True) -> list[st
             "seeds a cell, about 2-4 degrees of freedom, so the interval spans about ±3 to ±4 "
             "standard errors), "
             "and a verdict once both cells have every seed: *holds* or *reversed* when the interval "
-            "excludes zero (p < 0.05), *within noise* otherwise. Three seeds resolve only large "
+            "excludes zero (p < 0.05), *within noise* otherwise, *optimisation failure* when every seed of "
+            "one side collapsed (‡ on all of them; on an average row, on one of its tasks): such a row compares a "
+            "failed optimisation, not the methods. Three seeds resolve only large "
             "differences, and among many claim-task pairs where nothing differs about one in twenty "
             "still gets a verdict by chance: a lone verdict is weaker than a pattern across tasks. "
             "Where a claim spans several tasks, its last row tests the average over them (the "

@@ -88,9 +88,19 @@ class ClaimRow:
         return self.verdict if self.verdict not in ("holds", "reversed") or self.holm_p < 0.05 else "within noise"
 
 
+FAILURE = "optimisation failure"
+
+
+def _failed(grid: Grid, summary: dict, task: str, *cells: dict) -> bool:
+    """Whether every run of one of the `cells` on `task` collapsed (stats.collapses): that side's optimisation
+    failed, so a claim row on it compares no trained model."""
+    return any(all(collapses(grid, summary, task, cell["rows"])) for cell in cells)
+
+
 def claim_rows(grid: Grid, summary: dict) -> list[ClaimRow]:
     """One row per claim and task, and per claim its average over tasks; Holm's correction runs over the
-    paired p of every row (the whole table is one family)."""
+    paired p of every row (the whole table is one family). A row where every seed of one side collapsed, and an
+    average over such a task, gets the verdict FAILURE instead of a comparison."""
     rows = []
     methods = {e.name: e for e in grid.methods}
     for claim in grid.claims:
@@ -103,6 +113,8 @@ def claim_rows(grid: Grid, summary: dict) -> list[ClaimRow]:
             diff, ci, p, verdict = claim_verdict(b["scores"], w["scores"], len(grid.seeds))
             if b["sweeping"] or w["sweeping"]:
                 verdict = "waiting (sweep not finished)"
+            elif verdict in ("holds", "reversed", "within noise") and _failed(grid, summary, task, b, w):
+                verdict = FAILURE
             main = b["rows"][0].get("main_metric", "")
             rows.append(ClaimRow(text, task, diff, ci, p, verdict, paired_cells([b["rows"]], [w["rows"]])[1],
                                  bootstrap_cells(task, main, b["rows"], w["rows"], grid.results.parent),
@@ -117,8 +129,10 @@ def claim_rows(grid: Grid, summary: dict) -> list[ClaimRow]:
             rows.append(ClaimRow(text, where, None, None, None, f"waiting ({done}/{len(shared)} tasks complete)",
                                  math.nan, None, paper))
         else:
-            rows.append(ClaimRow(text, where, *average_verdict([b["scores"] for b, _ in pairs],
-                                                               [w["scores"] for _, w in pairs]),
+            diff, ci, p, verdict = average_verdict([b["scores"] for b, _ in pairs], [w["scores"] for _, w in pairs])
+            if any(_failed(grid, summary, t, b, w) for t, (b, w) in zip(shared, pairs)):
+                verdict = FAILURE
+            rows.append(ClaimRow(text, where, diff, ci, p, verdict,
                                  paired_cells([b["rows"] for b, _ in pairs], [w["rows"] for _, w in pairs])[1],
                                  None, paper))
     for row, adjusted in zip(rows, holm([r.paired_p for r in rows])):
@@ -150,8 +164,8 @@ def bootstrap_words(p: float | None) -> str:
 def forest_points(rows: list[ClaimRow]) -> list[tuple[str, float, tuple[float, float] | None, float | None]]:
     """(label, difference, interval, paper's gap as a fraction or None) of every claim row with a difference:
     the forest plot's lines."""
-    return [(f"{r.text.split(' (`')[0]}: {r.where}", r.diff, r.ci, None if r.paper is None else r.paper / 100)
-            for r in rows if r.diff is not None]
+    return [(f"{r.text.split(' (`')[0]}: {r.where}" + (f" ({FAILURE})" if r.verdict == FAILURE else ""), r.diff,
+             r.ci, None if r.paper is None else r.paper / 100) for r in rows if r.diff is not None]
 
 
 def lr_table(grid: Grid, summary: dict) -> list[str]:
