@@ -333,3 +333,24 @@ def test_a_side_with_one_trained_seed_is_still_compared(tmp_path):
     # diff 0.1133, Welch se sqrt(0.0004/3 + 0.003033/3) = 0.0338, t 3.35 on 2.5 df: the interval holds zero
     assert [(r.where, r.verdict) for r in rows][0] == ("mrpc", "within noise")
     assert rows[0].diff == pytest.approx(0.85 - 0.73667, abs=1e-4)
+
+
+def test_under_the_selection_protocol_the_rate_tables_show_and_use_the_scores_that_chose(tmp_path):
+    """KronA's sweep: 1e-3 wins on the selection split (0.70 vs 0.60) though dev prefers 1e-2 (0.80 vs 0.85) on
+    both tasks. The table prints "selection / dev" and "one rate for every task" follows selection (dev chose
+    nothing): 1e-3, 0.0 below the best; dev would have said 1e-2."""
+    text = GRID.replace("lrs = [1e-3]\n\n[[method]]", "lrs = [1e-3, 1e-2]\n\n[[method]]", 1)
+    text = text.replace("every_seed_every_rate = true\n", "")  # the sweep is finished at seed 0
+    (tmp_path / "grid.toml").write_text(text.replace("{extra}", ""))
+    grid = study_grid.load_grid(tmp_path / "grid.toml")
+    grid.protocol = "selection"
+    chosen = {1e-3: (0.80, 0.70), 1e-2: (0.85, 0.60)}  # lr: (dev, selection)
+    write_rows(grid, [study_row(grid, task, "krona", lr, 0, dev, selection_score=sel)
+                      for task in ("mrpc", "rte") for lr, (dev, sel) in chosen.items()])
+    summary = report_stats.summarise(grid, read_results(grid.results))
+    assert summary[("mrpc", "krona")]["lr"] == 1e-3
+    assert report_stats.rate_across_tasks(grid, summary)["krona"] == (1e-3, 0.0, 2)
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    assert "| krona | **0.001** ↓ (0.001: 70.0 / 80.0, 0.01: 60.0 / 85.0) |" in page
+    assert "| **0.001** (0.0 below the best, on average over 2 tasks) |" in page
+    assert "the selection split's, which chose the winner, then dev's (*selection / dev*)" in page

@@ -295,21 +295,32 @@ def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) 
         order = [t for t in grid.tasks if t in panels]
         path = plot_score_vs_lr({t: panels[t] for t in order}, collapse_lines(grid, summary),
                                 img / f"{grid.name}-score-vs-lr.png")
-        lines += ["## Score against learning rate", "", "Each method's sweep (seed "
-                  f"{grid.sweep_seed}); dashed: the collapse line (the majority-class score; STS-B: half the "
+        chose = (" (the selection split chose the rate: its scores are in the table of learning rates)"
+                 if _chosen_off_dev(summary) else "")
+        lines += ["## Score against learning rate", "", f"Each method's sweep (seed {grid.sweep_seed}), dev "
+                  f"score{chose}; dashed: the collapse line (the majority-class score; STS-B: half the "
                   "median Pearson); runs below the axis sit on its edge as triangles.", "",
                   f"![score against learning rate]({path.relative_to(out.parent)})", ""]
     return lines
 
 
+def _chosen_off_dev(summary: dict) -> bool:
+    """Some sweep chose its rate by other scores than dev's (the selection split's)."""
+    return any(s["chose"] != s["sweep"] for s in summary.values())
+
+
 def _rates(grid: Grid, summary: dict) -> list[str]:
+    chose = _chosen_off_dev(summary)
+    scores = ("scores: the selection split's, which chose the winner, then dev's (*selection / dev*)" if chose
+              else "dev score")
     return ["## Learning rates", "", "The winner in bold; each sweep value with its seed-"
-            f"{grid.sweep_seed} dev score. ↑ / ↓: the winner is the highest / lowest rate swept, so the "
+            f"{grid.sweep_seed} {scores}. ↑ / ↓: the winner is the highest / lowest rate swept, so the "
             "best rate may lie beyond the sweep" + ("." if grid.extend_edges else " (this grid does not "
             "extend a sweep past its edge: with two values the winner always sits at one)."), "",
             "*One rate for every task*: of the rates a method swept on every task whose sweep has "
             "finished, the one whose score falls least below each task's best, on average (in points, "
-            "whatever the task's metric).", "", *lr_table(grid, summary)]
+            "whatever the task's metric)" + (", on the scores that chose the rates." if chose else "."), "",
+            *lr_table(grid, summary)]
 
 
 def _seeds_and_epochs(grid: Grid, summary: dict) -> list[str]:

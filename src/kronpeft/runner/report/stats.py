@@ -11,6 +11,7 @@ from scipy.stats import t as student_t
 from scipy.stats import ttest_ind
 
 from ..study.grid import Grid
+from ..selection import choice_score
 from ..study.plan import best_lr, plan
 from .significance import STSB_COLLAPSE_FRACTION, collapsed
 
@@ -32,9 +33,11 @@ def model_params(row: dict) -> int:
 
 
 def summarise(grid: Grid, rows: list[dict]) -> dict:
-    """{(task, name): {lr, sweep: {lr: score}, scores, rows, sweeping}} for every pair that has a sweep row;
-    `sweeping`: a sweep run (an edge extension) is still to come, so the chosen rate may change (never for a
-    cell whose rows come from another grid, [study] replace_cells: it is replaced once complete there)."""
+    """{(task, name): {lr, sweep: {lr: score}, chose: {lr: score}, scores, rows, sweeping}} for every pair
+    that has a sweep row; `sweep`: the sweep seed's dev scores, `chose`: the scores its rate was chosen by (the
+    selection split's under the selection protocol, else the same dev scores); `sweeping`: a sweep run (an
+    edge extension) is still to come, so the chosen rate may change (never for a cell whose rows come from
+    another grid, [study] replace_cells: it is replaced once complete there)."""
     out = {}
     sweeping = {(run.task, run.entry.name) for run in plan(grid, rows)[0] if run.stage == "sweep"}
     by_pair = defaultdict(list)
@@ -50,6 +53,7 @@ def summarise(grid: Grid, rows: list[dict]) -> dict:
             if r["lr"] == lr:
                 at_lr[r["seed"]] = r
         out[(task, name)] = {"lr": lr, "sweep": {r["lr"]: r["score"] for r in sweep},
+                             "chose": {r["lr"]: choice_score(r) for r in sweep},
                              "scores": [r["score"] for r in at_lr.values()], "rows": list(at_lr.values()),
                              "sweeping": (task, name) in sweeping and grid.holds(pair[0])}
     return out
@@ -144,10 +148,11 @@ def average_verdict(better: list[list[float]], worse: list[list[float]]
 def rate_across_tasks(grid: Grid, summary: dict) -> dict[str, tuple[float, float, int]]:
     """{name: (lr, shortfall ×100, tasks)} for each method whose sweep has finished on two tasks or more: of
     the rates swept on all of them, the one whose sweep-seed score falls least below each task's best, on
-    average (the smaller rate on a tie), as one rate to use everywhere."""
+    average (the smaller rate on a tie), as one rate to use everywhere; scores as the rates were chosen
+    (the selection split's under the selection protocol: dev chooses nothing)."""
     out = {}
     for entry in grid.methods:
-        sweeps = [s["sweep"] for task in grid.tasks
+        sweeps = [s["chose"] for task in grid.tasks
                   if (s := summary.get((task, entry.name))) is not None and not s["sweeping"]]
         shared = set.intersection(*(set(sweep) for sweep in sweeps)) if len(sweeps) > 1 else set()
         shortfall = {lr: statistics.fmean(100 * (max(sweep.values()) - sweep[lr]) for sweep in sweeps)

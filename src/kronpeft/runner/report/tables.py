@@ -180,10 +180,10 @@ def lr_table(grid: Grid, summary: dict) -> list[str]:
                 cells.append("—")
                 continue
             swept = sorted(s["sweep"])
-            sweep = ", ".join(f"{lr:g}: {100 * s['sweep'][lr]:.1f}" for lr in swept)
+            sweep = ", ".join(f"{lr:g}: {_sweep_scores(s, lr)}" for lr in swept)
             if len(swept) < 2:
                 edge = ""
-            elif len(set(s["sweep"].values())) == 1:  # the sweep chose nothing: no edge to look beyond
+            elif len(set(s["chose"].values())) == 1:  # the sweep chose nothing: no edge to look beyond
                 edge = " (every rate tied: the smallest by rule)"
             else:
                 edge = " ↑" if s["lr"] == swept[-1] else " ↓" if s["lr"] == swept[0] else ""
@@ -196,6 +196,12 @@ def lr_table(grid: Grid, summary: dict) -> list[str]:
             cells.append("—")
         lines.append(f"| {entry.name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _sweep_scores(s: dict, lr: float) -> str:
+    """One swept rate's scores ×100: dev's, or "selection / dev" when another split chose the rate."""
+    dev, chose = 100 * s["sweep"][lr], 100 * s["chose"][lr]
+    return f"{dev:.1f}" if s["chose"] == s["sweep"] else f"{chose:.1f} / {dev:.1f}"
 
 
 def seeds_table(grid: Grid, summary: dict) -> list[str]:
