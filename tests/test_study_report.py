@@ -354,3 +354,15 @@ def test_under_the_selection_protocol_the_rate_tables_show_and_use_the_scores_th
     assert "| krona | **0.001** ↓ (0.001: 70.0 / 80.0, 0.01: 60.0 / 85.0) |" in page
     assert "| **0.001** (0.0 below the best, on average over 2 tasks) |" in page
     assert "the selection split's, which chose the winner, then dev's (*selection / dev*)" in page
+
+
+def test_a_grid_with_claims_but_no_pair_of_cells_says_so_instead_of_an_empty_table(tmp_path):
+    """One task (no average row): before LoRA's first row the claim has no row at all."""
+    (tmp_path / "grid.toml").write_text(GRID.replace('tasks = ["mrpc", "rte"]', 'tasks = ["mrpc"]').replace(
+        "{extra}", '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n'))
+    grid = study_grid.load_grid(tmp_path / "grid.toml")
+    write_rows(grid, [study_row(grid, "mrpc", "krona", 1e-3, 0, 0.8)])  # lora-r1 has no row yet
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    assert "- Nothing yet: none of the 1 claims has both its cells." in page
+    assert "None of the 1 claims has both its cells yet." in page
+    assert "| claim | task |" not in page and "0 claim rows" not in page

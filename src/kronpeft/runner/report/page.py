@@ -109,6 +109,9 @@ def _what_this_shows(grid: Grid, summary: dict, claims: list[ClaimRow], taken: l
     the grid has no claims)."""
     if not grid.claims:
         return []
+    if not claims:
+        return ["## What this shows and what it does not", "",
+                f"- Nothing yet: none of the {len(grid.claims)} claims has both its cells.", ""]
     decided = [c for c in claims if c.verdict in VERDICTS]
     before = ", ".join(f"{v}: {sum(c.verdict == v for c in decided)}" for v in VERDICTS)
     after = ", ".join(f"{v}: {sum(c.after_holm() == v for c in decided)}" for v in VERDICTS)
@@ -253,6 +256,8 @@ def _claims(grid: Grid, claims: list[ClaimRow], explain: bool = True) -> list[st
     table ([] when the grid has no claims)."""
     if not grid.claims:
         return []
+    if not claims:
+        return ["## The papers' claims", "", f"None of the {len(grid.claims)} claims has both its cells yet.", ""]
     if not explain:
         return ["## The papers' claims", "", "Columns and verdicts as in the first claims table of this page.", "",
                 *claims_table(claims), ""]
