@@ -908,3 +908,16 @@ def test_score_plot_shows_every_seed_and_a_failed_one_does_not_squash_the_panel(
     low, high = ax.get_ylim()
     mean, std = statistics.fmean([85, 86, 20]), statistics.stdev([85, 86, 20])
     assert low < 20 and 86 < high < mean + std  # the failed seed in view; lora-r8's ±std bar (to 101.4) cut
+
+
+def test_rows_name_the_processor_from_cpuinfo_with_the_flags_that_change_its_speed():
+    """Two processors, as a VM shows them: the first one's name, family, model and SIMD flags, in the form the
+    time ratios group rows by; a cpuinfo without a model name gives None (platform's name is used instead)."""
+    info = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 167\n"
+            "model name\t: Intel(R) Xeon(R) Processor\n"
+            "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
+            "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n")
+    assert study_results.cpu_name(info) == \
+        "Intel(R) Xeon(R) Processor (family 6 model 167; avx2, avx512f, avx512_bf16, amx_bf16)"
+    assert study_results.cpu_name(info.split("\n\n")[1]) == "AMD EPYC (family 25 model 1; avx2)"
+    assert study_results.cpu_name("processor\t: 0\nflags\t: fpu\n") is None

@@ -181,7 +181,7 @@ def kron_sum_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.
 
 def kron_sum_matrix(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """The full `(a1*b1, a2*b2)` matrix `Σᵢ A[i] ⊗ B[i]`, built only to merge it into a weight."""
-    (k, a1, a2), (_, b1, b2) = A.shape, B.shape
+    (_, a1, a2), (_, b1, b2) = A.shape, B.shape
     return torch.einsum("kij,kpq->ipjq", A, B).reshape(a1 * b1, a2 * b2)
 
 
@@ -234,7 +234,7 @@ def kron_sum_svd(A: torch.Tensor, B: torch.Tensor, K: int, oversample: int = 10,
     """Top-`K` SVD of `Σᵢ A[i] ⊗ B[i]` by a randomised range finder (Halko et al.) whose every product with
     the matrix is a `kron_sum_linear` (`(ΣAᵢ⊗Bᵢ)ᵀ = ΣAᵢᵀ⊗Bᵢᵀ`): the dense matrix is never formed. Exact
     (to rounding) when the sketch `K + oversample` reaches the matrix's rank; at the full width, one pass."""
-    (k, a1, a2), (_, b1, b2) = A.shape, B.shape
+    (_, a1, a2), (_, b1, b2) = A.shape, B.shape
     At, Bt = A.transpose(1, 2), B.transpose(1, 2)
     apply = lambda X: kron_sum_linear(X.T, A, B).T  # noqa: E731  (ΣAᵢ⊗Bᵢ) X
     apply_t = lambda Y: kron_sum_linear(Y.T, At, Bt).T  # noqa: E731  (ΣAᵢ⊗Bᵢ)ᵀ Y

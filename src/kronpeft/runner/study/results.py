@@ -81,19 +81,27 @@ def current_rows(grid: Grid, rows: list[dict]) -> tuple[list[dict], int]:
     return fresh + reused, len(mine) - len(fresh)
 
 
+def cpu_name(cpuinfo: str) -> str | None:
+    """The first processor of a /proc/cpuinfo text as rows record it: "<model name> (family F model M; <SIMD
+    flags that change speed>)"; None without a model name."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return None
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in fields.get("flags", "").split()]
+    return (f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; "
+            f"{', '.join(simd) or 'no AVX2'})")
+
+
 def machine() -> dict:
     """CPU/GPU model and library versions, recorded with every row."""
-    cpu = platform.processor() or platform.machine()
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
-        fam = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("cpu family")), "?")
-        model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model\t")), "?")
-        flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
-        simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-        cpu = f"{name} (family {fam} model {model}; {', '.join(simd) or 'no AVX2'})"
-    except (OSError, StopIteration):
-        pass
+        cpu = cpu_name(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        cpu = None
+    cpu = cpu or platform.processor() or platform.machine()
     out = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "gpu": None}
     import torch
 
