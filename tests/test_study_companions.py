@@ -98,6 +98,19 @@ def test_each_companion_gets_its_findings_scores_claims_and_plots_under_its_own_
     assert "No runs recorded yet." in section_b
 
 
+def test_a_companions_rate_plot_points_to_its_own_page_for_the_scores_that_chose(tmp_path):
+    """Companion a sweeps KronA at two rates under the selection protocol: its plot (dev scores) is on this page,
+    the table of the selection split's scores that chose only on a's own page, and the caption says so."""
+    grid = grids(tmp_path, other=OTHER.replace("lrs = [1e-2]", "lrs = [1e-3, 1e-2]"))
+    a = grid.companions[0]
+    write_rows(grid, [study_row(a, "mrpc", "krona", lr, 0, dev, selection_score=sel)
+                      for lr, dev, sel in ((1e-3, 0.80, 0.70), (1e-2, 0.85, 0.60))])
+    rest = report_page.render(grid, tmp_path / "page.md").read_text().split("## The other grids of this study")[1]
+    assert "#### Score against learning rate" in rest and "(img/a-score-vs-lr.png)" in rest
+    assert "its scores are in the table of learning rates of its own page)" in rest
+    assert "## Learning rates" not in rest
+
+
 def test_a_page_without_companions_has_no_such_section(tmp_path):
     grid = grids(tmp_path, companions="")
     assert grid.companions == ()

@@ -354,6 +354,7 @@ def test_under_the_selection_protocol_the_rate_tables_show_and_use_the_scores_th
     assert "| krona | **0.001** ↓ (0.001: 70.0 / 80.0, 0.01: 60.0 / 85.0) |" in page
     assert "| **0.001** (0.0 below the best, on average over 2 tasks) |" in page
     assert "the selection split's, which chose the winner, then dev's (*selection / dev*)" in page
+    assert "(the selection split chose the rate: its scores are in the table of learning rates)" in page
 
 
 def test_a_grid_with_claims_but_no_pair_of_cells_says_so_instead_of_an_empty_table(tmp_path):

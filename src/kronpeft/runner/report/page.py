@@ -69,7 +69,7 @@ def _results(grid: Grid, own: list[dict], out: Path, img: Path, reference: str |
     if whole:
         lines += _score_plot(grid, summary, out, img)
     lines += _budget(grid, summary, out, img) + _selection_bias(grid, rows, summary) + _claims(grid, claims, whole)
-    lines += _extra_plots(grid, first, forest_points(claims), out, img)
+    lines += _extra_plots(grid, first, forest_points(claims), out, img, whole)
     if whole:
         lines += _rates(grid, first) + _seeds_and_epochs(grid, summary)
         reference = reference or next((e.name for e in grid.methods if e.family == "lora"), grid.methods[0].name)
@@ -284,9 +284,9 @@ def _claims(grid: Grid, claims: list[ClaimRow], explain: bool = True) -> list[st
             *claims_table(claims), ""]
 
 
-def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) -> list[str]:
+def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path, whole: bool = True) -> list[str]:
     """The forest plot of the claims, and score against learning rate per task where some sweep has two rates or
-    more (Markdown lines)."""
+    more (Markdown lines); `whole=False`: a companion's, whose table of learning rates is on its own page."""
     lines = []
     if forest:
         path = plot_forest(forest, img / f"{grid.name}-claims.png")
@@ -300,8 +300,8 @@ def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path) 
         order = [t for t in grid.tasks if t in panels]
         path = plot_score_vs_lr({t: panels[t] for t in order}, collapse_lines(grid, summary),
                                 img / f"{grid.name}-score-vs-lr.png")
-        chose = (" (the selection split chose the rate: its scores are in the table of learning rates)"
-                 if _chosen_off_dev(summary) else "")
+        chose = (" (the selection split chose the rate: its scores are in the table of learning rates"
+                 f"{'' if whole else ' of its own page'})" if _chosen_off_dev(summary) else "")
         lines += ["## Score against learning rate", "", f"Each method's sweep (seed {grid.sweep_seed}), dev "
                   f"score{chose}; dashed: the collapse line (the majority-class score; STS-B: half the "
                   "median Pearson); runs below the axis sit on its edge as triangles.", "",
