@@ -633,6 +633,21 @@ def test_estimate_uses_measured_cpu_seconds_over_wall_time(grid, monkeypatch):
     assert seconds == pytest.approx(150.0)  # 1.5 CPU-s per step x 100 steps, not 6 x 100
 
 
+def test_estimate_counts_only_the_steps_an_interrupted_run_has_left(grid, monkeypatch, tmp_path):
+    """A run cut at step 60 of 100 resumes from its checkpoint: 40 steps at 3 CPU-s are left, not 100."""
+    monkeypatch.setattr(study_estimate, "_train_size", lambda task, data_dir: None)
+    grid.runs_dir = tmp_path / "runs"
+    todo, _ = study_plan.plan(grid, [])
+    row = fake_row(grid, todo[0], 0.8, train_seconds=295.0)  # 3 CPU-s per step, 100 steps
+    assert study_estimate.estimate_seconds(grid, [todo[1]], [row])[0] == pytest.approx(300.0)
+    state = todo[1].folder(grid) / "checkpoint" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"step": 60, "train_seconds": 180.0}))
+    assert study_estimate.estimate_seconds(grid, [todo[1]], [row])[0] == pytest.approx(120.0)
+    state.write_text("{not json")  # a damaged state: the run would start over, and so does the estimate
+    assert study_estimate.estimate_seconds(grid, [todo[1]], [row])[0] == pytest.approx(300.0)
+
+
 def test_estimate_on_a_new_machine_scales_old_rows_by_the_speed_measured_on_shared_cells(grid, monkeypatch):
     """The grid resumes on a faster processor: rows recorded on the old one count at the measured speed ratio."""
     monkeypatch.setattr(study_estimate, "_train_size", lambda task, data_dir: None)

@@ -1,11 +1,13 @@
 """`kronpeft study --dry-run`: the runs left, and the CPU time they should take, from recorded rows."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
 from collections import defaultdict
 
+from ..train.checkpoints import CHECKPOINT, STATE_FILE
 from .grid import Grid, Run
 from .plan import maybe_needed, plan
 from .results import cpu_seconds, machine, read_results
@@ -21,6 +23,18 @@ def _train_size(task: str, data_dir: str | None) -> tuple[int, float] | None:
         return None
     chars = [len(e.text_a) + len(e.text_b or "") for e in examples]
     return len(examples), sum(chars) / len(chars)
+
+
+def _steps_done(run: Run, grid: Grid) -> int:
+    """Steps an interrupted run has behind it: its checkpoint's (it resumes there), 0 without one (or before
+    its sweep has chosen its rate, `lr` None)."""
+    if run.lr is None:
+        return 0
+    try:
+        step = json.loads((run.folder(grid) / CHECKPOINT / STATE_FILE).read_text()).get("step", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return step if isinstance(step, int) and step > 0 else 0
 
 
 def _step_cost(row: dict) -> float:
@@ -45,7 +59,8 @@ def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict], here: str | 
     """CPU-seconds (wall x threads) the runs should take on processor `here` (default: this machine's), and how
     many of them were guessed.
 
-    Steps per run: a recorded run of the same task and schedule, else the task's training-set size.
+    Steps per run: a recorded run of the same task and schedule, else the task's training-set size, less
+    the steps an interrupted run's checkpoint already holds.
     Cost per step: the median of recorded runs of the same task and method, else of the task, else of
     any task scaled by the tasks' mean characters per example; a row from another processor counts at the
     speed ratio measured on cells both ran (`_speed_factors`). `rows` may come from any grid; only
@@ -81,7 +96,7 @@ def estimate_seconds(grid: Grid, runs: list[Run], rows: list[dict], here: str | 
         if rate is None or steps is None:
             unknown += 1
             rate, steps = rate or 3.0, steps or 500
-        total += rate * steps
+        total += rate * max(steps - _steps_done(run, grid), 0)
     return total, unknown
 
 
