@@ -30,7 +30,7 @@ import transformers as T
 from torch import nn
 
 import kronpeft
-from harness import interleaved_medians
+from harness import cpu_model, interleaved_medians
 from kronpeft.export import to_lora
 from kronpeft.injection import sites
 from kronpeft.kron import kron_shapes
@@ -211,9 +211,7 @@ def main():
     parser.add_argument("--tmp", default="/tmp/kronpeft-beyond-bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    print(json.dumps({"cpu": cpu, "threads": args.threads, "torch": torch.__version__}))
+    print(json.dumps({"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__}))
     for name, bench in (("rank", lambda: rank_k(args.reps)), ("mixed", lambda: mixed(args.reps)),
                         ("export", lambda: export(args.tmp, args.model)), ("kpsvd", lambda: kpsvd_cost(args.model)),
                         ("rank_model", lambda: rank_k_model(args.reps))):

@@ -11,11 +11,23 @@ of freed-but-cached pages or of other processes.
 from __future__ import annotations
 
 import itertools
+import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+from kronpeft.runner.study.results import cpu_name
+
+
+def cpu_model() -> str:
+    """The processor as study rows record it: model name, family and model, the SIMD flags that change speed."""
+    try:
+        return cpu_name(Path("/proc/cpuinfo").read_text()) or platform.processor()
+    except OSError:
+        return platform.processor()
 
 
 def synchronize(device: torch.device):

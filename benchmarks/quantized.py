@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harness import cpu_model
+
 VARIANTS = {"fp32": [], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"]}
 
 
@@ -85,12 +87,6 @@ def main():
         r["rss_vs_fp32"] = round(r["peak_rss_mb"] / ref["peak_rss_mb"], 2)
         r["cpu_step_vs_fp32"] = round(r["train_cpu_s_per_step"] / ref["train_cpu_s_per_step"], 2)
         print(json.dumps(r), flush=True)
-
-
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo").read_text().splitlines()
-    pick = lambda key: next((l.split(":", 1)[1].strip() for l in info if l.split(":")[0].strip() == key), "?")  # noqa: E731
-    return f"{pick('model name')} (family {pick('cpu family')} model {pick('model')})"
 
 
 if __name__ == "__main__":

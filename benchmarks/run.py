@@ -21,6 +21,7 @@ from kronpeft.atomic import write_atomic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import layer_level  # noqa: E402
+from harness import cpu_model  # noqa: E402
 import mixed_precision  # noqa: E402
 import model_level  # noqa: E402
 
@@ -47,20 +48,11 @@ def parse_args(argv=None):
 
 def machine(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "processor": _cpu_model(), "threads": torch.get_num_threads()}
+            "processor": cpu_model(), "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _ms(seconds: float) -> str:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import transformers as T
 
 import kronpeft
+from harness import cpu_model
 
 
 def decoder_config(layers: int, d: int = 2048, ffn: int = 8192, heads: int = 32, kv_heads: int = 8, vocab: int = 32000):
@@ -164,12 +165,6 @@ def main():
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def test_predict_in_length_order_returns_predictions_in_example_order(regression
     with torch.no_grad():
         one_by_one = [model(**{k: torch.tensor([v[i]]) for k, v in data.features.items()}).logits[0]
                       for i in range(23)]
-    expected = np.array([float(l[0]) if regression else int(l.argmax()) for l in one_by_one])
+    expected = np.array([float(row[0]) if regression else int(row.argmax()) for row in one_by_one])
     got = predict(model, data, batch_size, "cpu")
     assert got.shape == (23,)
     if regression:

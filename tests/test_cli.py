@@ -269,8 +269,8 @@ def test_resume_equals_uninterrupted(tmp_path, capsys, grouping):
     wa = load_file(tmp_path / "full" / "checkpoint" / "trainable.safetensors")
     wb = load_file(tmp_path / "cut" / "checkpoint" / "trainable.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    log_a = [json.loads(l) for l in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
-    log_b = [json.loads(l) for l in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    log_a = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert [(r["type"], r["step"]) for r in log_a] == [(r["type"], r["step"]) for r in log_b]
     assert [r.get("loss") for r in log_a] == [r.get("loss") for r in log_b]
 

@@ -4,7 +4,6 @@ data; the best epoch is chosen on it; the chosen epoch's dev predictions are sto
 import json
 from collections import Counter
 
-import numpy as np
 import pytest
 from conftest import GLUE_DIR as GLUE
 from conftest import needs_glue, needs_minilm

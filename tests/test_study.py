@@ -225,7 +225,7 @@ def test_an_unwritable_results_file_is_refused_before_any_run(tmp_path, capsys, 
 def test_task_and_method_filters_in_the_cli(grid, capsys, monkeypatch):
     monkeypatch.setattr(study_estimate, "_train_size", lambda task, data_dir: None)
     assert main(["study", str(grid.path), "--dry-run", "--tasks", "rte"]) == 0
-    listed = [l.split()[1] for l in capsys.readouterr().out.splitlines() if l.startswith("sweep")]
+    listed = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("sweep")]
     assert listed == ["rte/krona/lr0.001/seed0", "rte/krona/lr0.003/seed0", "rte/krona/lr0.01/seed0"]
     for flag, value, words in [("--tasks", "sst2", "--tasks sst2: not in grid"),
                                ("--methods", "lora-r8,zz", "--methods zz: not in grid")]:
@@ -243,7 +243,7 @@ def test_concurrent_appends_never_corrupt_or_duplicate(tmp_path):
     for p in procs:
         p.join()
     lines = path.read_text().splitlines()
-    assert len(lines) == 160 and all(json.loads(l)["pad"] == "x" * 5000 for l in lines)
+    assert len(lines) == 160 and all(json.loads(line)["pad"] == "x" * 5000 for line in lines)
     assert not study_results.append_row(path, {"key": "0-0", "task": "mrpc", "name": "x", "lr": 1e-3, "seed": 0,
                                                "score": 0.9})
     assert len(path.read_text().splitlines()) == 160

@@ -307,7 +307,7 @@ def draw_curves(ctx: RunContext):
     from ..plots import plot_curves
 
     try:
-        plot_curves([json.loads(l) for l in ctx.log_path.read_text().splitlines()], ctx.out / "curves.png",
+        plot_curves([json.loads(line) for line in ctx.log_path.read_text().splitlines()], ctx.out / "curves.png",
                     ctx.spec.main_metric)
     except Exception as err:  # a plot must never lose a finished run
         print(f"kronpeft: warning: could not draw curves.png ({err})", file=sys.stderr)
