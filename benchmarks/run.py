@@ -54,7 +54,6 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 

@@ -166,6 +166,5 @@ def main():
             dist.destroy_process_group()
 
 
-
 if __name__ == "__main__":
     main()
