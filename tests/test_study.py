@@ -642,7 +642,8 @@ def test_estimate_counts_only_the_steps_an_interrupted_run_has_left(grid, monkey
     assert study_estimate.estimate_seconds(grid, [todo[1]], [row])[0] == pytest.approx(300.0)
     state = todo[1].folder(grid) / "checkpoint" / "state.json"
     state.parent.mkdir(parents=True)
-    state.write_text(json.dumps({"step": 60, "train_seconds": 180.0}))
+    state.write_text(json.dumps({"step": 60, "evals": [], "train_seconds": 180.0, "args": {}, "param_groups": [],
+                                 "scheduler": {}}))
     assert study_estimate.estimate_seconds(grid, [todo[1]], [row])[0] == pytest.approx(120.0)
     state.write_text("{not json")  # a damaged state gives no step to go by: the whole run is counted
     assert study_estimate.estimate_seconds(grid, [todo[1]], [row])[0] == pytest.approx(300.0)

@@ -1,13 +1,13 @@
 """`kronpeft study --dry-run`: the runs left, and the CPU time they should take, from recorded rows."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 from collections import defaultdict
 
-from ..train.checkpoints import CHECKPOINT, STATE_FILE
+from ..errors import UsageError
+from ..train.checkpoints import CHECKPOINT, STATE_FILE, read_checkpoint_state
 from .grid import Grid, Run
 from .plan import maybe_needed, plan
 from .results import cpu_seconds, machine, read_results
@@ -28,13 +28,12 @@ def _train_size(task: str, data_dir: str | None) -> tuple[int, float] | None:
 def _steps_done(run: Run, grid: Grid) -> int:
     """Steps an interrupted run has behind it: its checkpoint's (it resumes there), 0 without one (or before
     its sweep has chosen its rate, `lr` None)."""
-    if run.lr is None:
+    if run.lr is None or not (run.folder(grid) / CHECKPOINT / STATE_FILE).is_file():
         return 0
     try:
-        step = json.loads((run.folder(grid) / CHECKPOINT / STATE_FILE).read_text()).get("step", 0)
-    except (OSError, ValueError, AttributeError):
+        return max(read_checkpoint_state(run.folder(grid) / CHECKPOINT)["step"], 0)
+    except UsageError:  # not a checkpoint `--resume` accepts: the whole run is counted
         return 0
-    return step if isinstance(step, int) and step > 0 else 0
 
 
 def _step_cost(row: dict) -> float:
