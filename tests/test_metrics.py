@@ -6,9 +6,11 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kronpeft.runner.data import TASKS
-from kronpeft.runner.metrics import compute_metrics, main_metric
+from kronpeft.runner.metrics import batched_metric, compute_metrics, main_metric
 
 
 def test_keys_follow_the_task_registry():
@@ -110,3 +112,48 @@ def test_bad_inputs(predictions, labels):
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task"):
         compute_metrics("glue", [0], [0])
+
+
+# -- batched_metric: the bootstrap's vectorised scores, each row against compute_metrics (sklearn/scipy) --------
+
+@st.composite
+def prediction_sets(draw, regression: bool, classes: int = 2):
+    """(predictions (R, n), labels (R, n)): small integer or few-valued float sets, so ties, constant rows and
+    empty classes (zero division) all occur."""
+    rows, n = draw(st.integers(1, 6)), draw(st.integers(1, 12))
+    values = st.sampled_from([0.0, 0.5, 1.0, 2.5, 4.0, 5.0]) if regression else st.integers(0, classes - 1)
+    shape = st.lists(st.lists(values, min_size=n, max_size=n), min_size=rows, max_size=rows)
+    return np.array(draw(shape)), np.array(draw(shape))
+
+
+@pytest.mark.parametrize("task, name, classes", [
+    ("mrpc", "accuracy", 2), ("mrpc", "f1", 2), ("cola", "matthews_correlation", 2),
+    ("mnli", "accuracy", 3), ("bbc-news", "macro_f1", 5)])
+@pytest.mark.filterwarnings("ignore:A single label was found")
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_batched_classification_metrics_match_compute_metrics(task, name, classes, data):
+    predictions, labels = data.draw(prediction_sets(False, classes))
+    expected = [compute_metrics(task, p, y)[name] for p, y in zip(predictions, labels)]
+    assert batched_metric(task, name)(predictions, labels) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["pearson", "spearmanr", "combined"])
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_batched_correlations_match_compute_metrics(name, data):
+    predictions, labels = data.draw(prediction_sets(True))
+    expected = [compute_metrics("stsb", p, y)[name] for p, y in zip(predictions, labels)]
+    assert batched_metric("stsb", name)(predictions, labels) == pytest.approx(expected, abs=1e-12)
+
+
+def test_batched_matthews_multiclass_by_hand():
+    # one row, 3 classes: pred 0 1 2 2, label 0 1 1 2 -> c = 3, s = 4, t = (1, 2, 1), q = (1, 1, 2)
+    # (c s - t.q) / sqrt((s^2 - q.q)(s^2 - t.t)) = (12 - 5) / sqrt((16 - 6)(16 - 6)) = 7 / 10
+    score = batched_metric("cola", "matthews_correlation")(np.array([[0, 1, 2, 2]]), np.array([[0, 1, 1, 2]]))
+    assert score == pytest.approx([0.7])
+
+
+def test_batched_metric_names_the_task_and_its_metrics():
+    with pytest.raises(ValueError, match="'rte' has no metric 'f1'; its metrics: accuracy"):
+        batched_metric("rte", "f1")

@@ -4,11 +4,10 @@ import math
 import numpy as np
 import pytest
 
+from kronpeft.runner.metrics import batched_metric, compute_metrics
 from kronpeft.runner.report.significance import collapsed, holm, paired_bootstrap, paired_test
 
-
-def accuracy(preds, labels):
-    return float(np.mean(preds == labels))
+accuracy = batched_metric("rte", "accuracy")  # (R, n) sets -> (R,) scores
 
 
 def test_holm_by_hand():
@@ -50,6 +49,28 @@ def test_paired_bootstrap_by_hand():
     assert diff == pytest.approx(-1 / 16) and low <= diff <= high <= 0 and 0 < p <= 1
     assert paired_bootstrap(accuracy, [one_off], [right], labels, resamples=50, seed=3) == \
         paired_bootstrap(accuracy, [one_off], [right], labels, resamples=50, seed=3)
+
+
+def test_paired_bootstrap_equals_scoring_each_resample_alone():
+    # the slow obvious bootstrap: the same resamples (same generator, drawn one by one), each scored by
+    # compute_metrics (sklearn's F1) alone; the vectorised one must give the same difference, interval and p
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, 60)
+    better = [np.where(rng.random(60) < 0.8, labels, 1 - labels) for _ in range(3)]
+    worse = [np.where(rng.random(60) < 0.7, labels, 1 - labels) for _ in range(3)]
+
+    def f1(idx):
+        score = lambda preds: compute_metrics("mrpc", preds[idx], labels[idx])["f1"]  # noqa: E731
+        return np.mean([score(b) - score(w) for b, w in zip(better, worse)])
+
+    draws_rng = np.random.default_rng(5)
+    draws = np.array([f1(draws_rng.integers(0, 60, 60)) for _ in range(300)])
+    observed = f1(np.arange(60))
+    far = np.mean(draws <= 0) if observed > 0 else np.mean(draws >= 0)
+    diff, (low, high), p = paired_bootstrap(batched_metric("mrpc", "f1"), better, worse, labels, resamples=300, seed=5)
+    assert diff == pytest.approx(observed, abs=1e-12)
+    assert (low, high) == pytest.approx(tuple(np.percentile(draws, [2.5, 97.5])), abs=1e-12)
+    assert p == pytest.approx(min(1.0, 2 * far))
 
 
 def test_collapse_rule():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
+from scipy.stats import pearsonr, rankdata, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
 from .data import get_task
@@ -34,6 +34,54 @@ _METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "spearmanr": _spearman,
     "combined": lambda p, y: (_pearson(p, y) + _spearman(p, y)) / 2,
 }
+
+
+def _batched_f1(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    tp, fp, fn = ((p == 1) & (y == 1)).sum(1), ((p == 1) & (y != 1)).sum(1), ((p != 1) & (y == 1)).sum(1)
+    denominator = 2 * tp + fp + fn
+    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+
+
+def _batched_matthews(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """sklearn's multiclass Matthews from class counts: (c s - t.q) / sqrt((s^2 - q.q)(s^2 - t.t)), 0 if undefined."""
+    classes = np.union1d(np.unique(p), np.unique(y))
+    t = np.stack([(y == k).sum(1) for k in classes], 1).astype(float)  # (R, K) true counts
+    q = np.stack([(p == k).sum(1) for k in classes], 1).astype(float)  # (R, K) predicted counts
+    c, s = (p == y).sum(1).astype(float), float(p.shape[1])
+    denominator = (s * s - (q * q).sum(1)) * (s * s - (t * t).sum(1))
+    return np.where(denominator > 0, (c * s - (t * q).sum(1)) / np.sqrt(np.maximum(denominator, 1e-300)), 0.0)
+
+
+def _batched_pearson(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    pc, yc = p - p.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+    denominator = np.sqrt((pc * pc).sum(1) * (yc * yc).sum(1))
+    constant = (np.ptp(p, 1) == 0) | (np.ptp(y, 1) == 0)
+    return np.where(constant, 0.0, np.clip((pc * yc).sum(1) / np.where(constant, 1.0, denominator), -1.0, 1.0))
+
+
+def _batched_spearman(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return _batched_pearson(rankdata(p, axis=1), rankdata(y, axis=1))
+
+
+_BATCHED: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "accuracy": lambda p, y: (p == y).mean(1),
+    "f1": _batched_f1,
+    "matthews_correlation": _batched_matthews,
+    "pearson": _batched_pearson,
+    "spearmanr": _batched_spearman,
+    "combined": lambda p, y: (_batched_pearson(p, y) + _batched_spearman(p, y)) / 2,
+}
+
+
+def batched_metric(task: str, name: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Metric `name` of `task` on many prediction sets at once: (predictions (R, n), labels (R, n)) -> scores (R,),
+    row r the score `compute_metrics` gives row r (vectorised where it can be; a bootstrap scores thousands)."""
+    spec = get_task(task)
+    if name not in spec.metric_names:
+        raise ValueError(f"task {task!r} has no metric {name!r}; its metrics: {', '.join(spec.metric_names)}")
+    dtype = float if spec.is_regression else np.int64
+    one = _BATCHED.get(name) or (lambda p, y: np.array([_METRICS[name](a, b) for a, b in zip(p, y)]))
+    return lambda predictions, labels: one(np.asarray(predictions).astype(dtype), np.asarray(labels).astype(dtype))
 
 
 def main_metric(task: str) -> str:

@@ -32,26 +32,28 @@ def paired_test(better: Sequence[float], worse: Sequence[float]) -> tuple[float,
     return mean, float(sps.ttest_rel(better, worse).pvalue)
 
 
-def paired_bootstrap(metric: Callable[[np.ndarray, np.ndarray], float], better: Sequence[np.ndarray],
+def paired_bootstrap(metric: Callable[[np.ndarray, np.ndarray], np.ndarray], better: Sequence[np.ndarray],
                      worse: Sequence[np.ndarray], labels: np.ndarray, resamples: int = 2000,
                      seed: int = 0) -> tuple[float, tuple[float, float], float]:
     """Paired bootstrap over examples of the difference of mean scores (seeds averaged).
 
     `better[s]`, `worse[s]`: seed s's predictions on the n examples whose gold labels are `labels` (n,);
-    `metric(predictions, labels)` scores one set. Returns (observed difference, 95 % percentile interval,
-    two-sided p: twice the share of resamples on the far side of 0, at most 1)."""
+    `metric(predictions (R, n), labels (R, n))` scores R sets at once, (R,) (`metrics.batched_metric`).
+    Returns (observed difference, 95 % percentile interval, two-sided p: twice the share of resamples on the
+    far side of 0, at most 1)."""
     if len(better) != len(worse) or not better:
         raise ValueError("paired bootstrap needs the same seeds, at least one, on both sides")
     labels = np.asarray(labels)
 
-    def diff(idx):
-        return float(np.mean([metric(b[idx], labels[idx]) - metric(w[idx], labels[idx])
-                              for b, w in zip(better, worse)]))
+    def diff(idx):  # idx (R, n) -> (R,)
+        gold = labels[idx]
+        return np.mean([metric(np.asarray(b)[idx], gold) - metric(np.asarray(w)[idx], gold)
+                        for b, w in zip(better, worse)], axis=0)
 
     n = len(labels)
-    observed = diff(np.arange(n))
+    observed = float(diff(np.arange(n)[None])[0])
     rng = np.random.default_rng(seed)
-    draws = np.array([diff(rng.integers(0, n, n)) for _ in range(resamples)])
+    draws = diff(np.stack([rng.integers(0, n, n) for _ in range(resamples)]))
     low, high = np.percentile(draws, [2.5, 97.5])
     far = np.mean(draws <= 0) if observed > 0 else np.mean(draws >= 0) if observed < 0 else 1.0
     return observed, (float(low), float(high)), float(min(1.0, 2 * far))
@@ -107,7 +109,7 @@ def bootstrap_cells(task: str, main_metric: str, better: list[dict], worse: list
     results file is); None unless every paired seed has predictions on both sides."""
     from pathlib import Path
 
-    from ..metrics import compute_metrics
+    from ..metrics import batched_metric
     from ..selection import load_predictions
 
     b, w = by_seed(better), by_seed(worse)
@@ -119,6 +121,5 @@ def bootstrap_cells(task: str, main_metric: str, better: list[dict], worse: list
     except (OSError, ValueError):
         return None
     labels = loaded[id(b[seeds[0]])]["dev_labels"]
-    score = lambda preds, gold: compute_metrics(task, preds, gold)[main_metric]  # noqa: E731
-    return paired_bootstrap(score, [loaded[id(b[s])]["dev"] for s in seeds], [loaded[id(w[s])]["dev"] for s in seeds],
-                            labels, resamples)[2]
+    dev = lambda side: [loaded[id(side[s])]["dev"] for s in seeds]  # noqa: E731
+    return paired_bootstrap(batched_metric(task, main_metric), dev(b), dev(w), labels, resamples)[2]
