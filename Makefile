@@ -17,6 +17,11 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+.PHONY: lint
+# pyflakes and pycodestyle errors (E, F) at the house's line length, 120 ([tool.ruff] in pyproject.toml).
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+
 .PHONY: bench
 # Benchmarks (docs/performance.md): `make bench`, or `make bench BENCH_ARGS=--quick` (< 3 minutes).
 BENCH_ARGS ?=

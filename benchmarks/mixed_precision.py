@@ -24,7 +24,8 @@ def run(quick: bool, reps: int, device: torch.device) -> dict:
     input_ids = torch.randint(1000, base.config.vocab_size, (batch, seq), device=device)
     labels = torch.randint(0, 2, (batch,), device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)  # lr 0: same weights
-    contexts = {"fp32": contextlib.nullcontext, "bf16 autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16)}
+    contexts = {"fp32": contextlib.nullcontext,
+                "bf16 autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16)}
 
     def step(context):
         def run_step():

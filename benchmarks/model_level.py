@@ -149,8 +149,8 @@ def run_model(case: ModelCase, quick: bool, reps: int, dtype, device) -> dict:
         optimizers[method] = torch.optim.AdamW(params, lr=1e-5) if method != "base" else None
     steps = {m: training_step(models[m], optimizers[m], input_ids) for m in models}
     times = interleaved_medians(steps, reps, device)  # the warm-up step also creates the AdamW state
-    result = {"model": case.name, "note": case.note, "weights": _weights(base), "tokens": case.batch * seq, "step_s": times,
-              "trainable": {}, "peak_bytes": {}, "static_bytes": {}}
+    result = {"model": case.name, "note": case.note, "weights": _weights(base), "tokens": case.batch * seq,
+              "step_s": times, "trainable": {}, "peak_bytes": {}, "static_bytes": {}}
     for method, step in steps.items():
         model, optimizer = models[method], optimizers[method]
         static = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())

@@ -63,9 +63,9 @@ def _ratio(a: float, b: float) -> str:
 
 
 def layer_table(rows: list[dict]) -> str:
-    head = ("| out x in | tokens | base ms | KronA ms | LoKr ms | LoRA r=8 ms | LoRA same-params ms (r) | kron ref ms "
-            "| KronA/base | KronA/LoKr | KronA/LoRA8 | KronA/LoRA same | extra MB KronA | extra MB LoKr | extra MB LoRA8 "
-            "| KronA/LoKr extra mem |")
+    head = ("| out x in | tokens | base ms | KronA ms | LoKr ms | LoRA r=8 ms | LoRA same-params ms (r) "
+            "| kron ref ms | KronA/base | KronA/LoKr | KronA/LoRA8 | KronA/LoRA same | extra MB KronA | extra MB LoKr "
+            "| extra MB LoRA8 | KronA/LoKr extra mem |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         t, e = r["time_s"], r["extra_bytes"]
@@ -104,9 +104,10 @@ def inference_table(result: dict) -> str:
 
 def generation_table(result: dict) -> str:
     t, rate = result["seconds"], result["tokens_per_s"]
-    lines = [f"**{result['model']}** greedy generation ({result['weights']} weights, {result['layers']} layers; batch 1, "
-             f"{result['prompt_tokens']}-token prompt + {result['new_tokens']} new tokens, KV cache; merged KronA "
-             f"generates the unmerged one's tokens: {'yes' if result['merged_same_tokens_as_unmerged'] else 'NO'})", "",
+    same = "yes" if result["merged_same_tokens_as_unmerged"] else "NO"
+    lines = [f"**{result['model']}** greedy generation ({result['weights']} weights, {result['layers']} layers; "
+             f"batch 1, {result['prompt_tokens']}-token prompt + {result['new_tokens']} new tokens, KV cache; "
+             f"merged KronA generates the unmerged one's tokens: {same})", "",
              "| model | seconds | tokens/s | tokens/s / base |", "|---|---|---|---|"]
     for name, seconds in t.items():
         lines.append(f"| {name} | {seconds:.2f} | {rate[name]:.1f} | {_ratio(rate[name], rate['base'])} |")

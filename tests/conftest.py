@@ -45,7 +45,8 @@ def tiny_t5():
 
 
 def tiny_gpt2():
-    return T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0))
+    return T.GPT2LMHeadModel(T.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0))
 
 
 def tiny_llama():

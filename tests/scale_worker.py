@@ -97,7 +97,8 @@ def train_tiny(method: str, out: Path, engine: str = "none", steps: int = STEPS)
             dist.all_reduce(mean)
             mean /= world
         losses.append(mean.item())
-    kron_model = model.module if engine in ("fsdp1", "fsdp1-flat", "zero2", "zero3") else model  # they wrap; FSDP2 changes the class
+    # FSDP1 and DeepSpeed wrap the model; FSDP2 changes its class in place
+    kron_model = model.module if engine in ("fsdp1", "fsdp1-flat", "zero2", "zero3") else model
     kron_model.save_pretrained(out / "adapter")
     if engine == "fsdp2":  # Trainer runs its callbacks on every process: the sharded model gathers on each
         trainer_state = TrainerState(is_world_process_zero=rank == 0)

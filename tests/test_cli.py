@@ -185,7 +185,8 @@ def test_merge_then_eval(krona_run, tmp_path, capsys):
     assert (merged / "config.json").is_file()
     torch.testing.assert_close(loaded_logits(merged)[0], loaded_logits(krona_run / "adapter")[0], rtol=1e-5, atol=1e-5)
     args = ["--data-dir", str(GLUE), "--max-eval-samples", "15"]
-    assert cli.main(["eval", "--adapter", str(merged), "--task", "rte", *args, "--output", str(tmp_path / "m.json")]) == 0
+    assert cli.main(["eval", "--adapter", str(merged), "--task", "rte", *args,
+                     "--output", str(tmp_path / "m.json")]) == 0
     assert cli.main(["eval", "--adapter", str(krona_run / "adapter"), *args, "--output", str(tmp_path / "a.json")]) == 0
     m = json.loads((tmp_path / "m.json").read_text())["metrics"]
     a = json.loads((tmp_path / "a.json").read_text())["metrics"]
@@ -290,7 +291,8 @@ def test_group_by_length_flag_reaches_the_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(train_loop, "epoch_batches", recording)
     assert train(tmp_path / "a", "--max-steps", "1", "--no-eval-before", "--max-length", "128") == 0
     shuffled, seen[:] = list(seen), []
-    assert train(tmp_path / "b", "--max-steps", "1", "--no-eval-before", "--max-length", "128", "--group-by-length") == 0
+    assert train(tmp_path / "b", "--max-steps", "1", "--no-eval-before", "--max-length", "128",
+                 "--group-by-length") == 0
     assert shuffled and all(lengths is None for lengths in shuffled)
     grouped = [lengths for lengths in seen if lengths is not None]  # the epoch's batches, not the step count
     assert grouped and all(len(lengths) == 16 and len(set(lengths)) > 1 for lengths in grouped)

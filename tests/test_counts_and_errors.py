@@ -50,7 +50,8 @@ def test_sequence_classifier_head_is_trained_and_saved_by_default():
     assert model.modules_to_save == ["pre_classifier", "classifier"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     # each adapter trains its own copy of the head
-    assert {"base_model.classifier.kronpeft.default.weight", "base_model.pre_classifier.kronpeft.default.bias"} <= trainable
+    heads = {"base_model.classifier.kronpeft.default.weight", "base_model.pre_classifier.kronpeft.default.bias"}
+    assert heads <= trainable
     assert "base_model.classifier.weight" not in trainable
 
 

@@ -84,7 +84,8 @@ def test_a_shape_without_lokr_equivalent_is_refused(tmp_path):
 
 
 def test_peft_adapter_loaded_by_kronpeft_is_named_not_corrupt(tmp_path):
-    peft.get_peft_model(make_model("bert"), peft.LoraConfig(target_modules=["query"])).save_pretrained(tmp_path / "lora")
+    lora = peft.get_peft_model(make_model("bert"), peft.LoraConfig(target_modules=["query"]))
+    lora.save_pretrained(tmp_path / "lora")
     with pytest.raises(ValueError, match=r"holds a PEFT LORA adapter .* peft.PeftModel.from_pretrained") as err:
         KronModel.from_pretrained(make_model("bert"), tmp_path / "lora")
     assert "corrupt" not in str(err.value)

@@ -38,7 +38,8 @@ def test_minilm_step_zero_step_one_save_load(method, load, tmp_path):
 
     randomize_adapters(model, std=0.05)  # from the zero-initialised factors some gradients are zero by construction
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == adapter_names(model) | {f"base_model.classifier.kronpeft.default.{t}" for t in ("weight", "bias")}
+    head = {f"base_model.classifier.kronpeft.default.{t}" for t in ("weight", "bias")}
+    assert trainable == adapter_names(model) | head
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # no weight decay: AdamW's decay moves every parameter it holds, even one whose gradient is zero
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)

@@ -27,7 +27,8 @@ def _close(got, want, dtype):
 def test_kron_linear_under_autocast_matches_reference(dtype, shapes):
     g = torch.Generator().manual_seed(0)
     (a1, a2), (b1, b2) = shapes
-    leaves = [torch.randn(5, 7, a2 * b2, generator=g), torch.randn(a1, a2, generator=g), torch.randn(b1, b2, generator=g)]
+    leaves = [torch.randn(5, 7, a2 * b2, generator=g), torch.randn(a1, a2, generator=g),
+              torch.randn(b1, b2, generator=g)]
     results = []
     for fn in (kron_linear, lambda x, A, B: x @ torch.kron(A, B).T):
         x, A, B = (t.clone().requires_grad_(True) for t in leaves)

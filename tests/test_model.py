@@ -142,7 +142,8 @@ def test_save_then_load_into_fresh_base_is_identical(arch, method, tmp_path):
     inputs = model_inputs(model.base_model)
     want = outputs(model, inputs)
     model.save_pretrained(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert saved == ["adapter_config.json", "adapter_model.safetensors"]
     fresh = make_model(arch)  # same seed: same base weights, a fresh object
     loaded = KronModel.from_pretrained(fresh, tmp_path / "adapter")
     assert torch.equal(outputs(loaded, inputs), want)
@@ -156,7 +157,8 @@ def written_ffn(arch, model):
     if arch == "bert":
         layer = model.bert.encoder.layer[0]
         up, down = layer.intermediate.dense, layer.output.dense
-        return layer.intermediate, down, lambda x: F.linear(F.gelu(F.linear(x, up.weight, up.bias)), down.weight, down.bias)
+        block = lambda x: F.linear(F.gelu(F.linear(x, up.weight, up.bias)), down.weight, down.bias)  # noqa: E731
+        return layer.intermediate, down, block
     if arch == "t5":
         block = model.encoder.block[0].layer[1].DenseReluDense
         return block, block, lambda x: F.relu(x @ block.wi.weight.T) @ block.wo.weight.T
@@ -165,7 +167,8 @@ def written_ffn(arch, model):
         hidden = lambda x: F.gelu(x @ mlp.c_fc.weight + mlp.c_fc.bias, approximate="tanh")  # noqa: E731
         return mlp, mlp, lambda x: hidden(x) @ mlp.c_proj.weight + mlp.c_proj.bias
     mlp = model.model.layers[0].mlp
-    return mlp, mlp, lambda x: (F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    return mlp, mlp, lambda x: (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
 @pytest.mark.parametrize("arch", FFN_ARCHS)

@@ -30,7 +30,8 @@ def test_two_processes_equal_one(tmp_path):
     assert two["num_processes"] == 2 and one["num_processes"] == 1
     assert two["steps"] == one["steps"] == 2
     # only rank 0 wrote: one log line per step, not two
-    logs = {run: [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")}
+    logs = {run: [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")}
     assert [r["step"] for r in logs["two"] if r["type"] == "train"] == [1, 2]
     # the loss and gradient norm of every step: gradients summed over processes instead of averaged would
     # double the norm (Adam's first steps barely see that scale, so the weights alone would not tell)

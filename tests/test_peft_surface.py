@@ -136,7 +136,8 @@ class _FakeHub:
 
 def test_push_to_hub_and_load_by_hub_id(tmp_path, monkeypatch):
     hub = _FakeHub(tmp_path / "hub")
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: hub.create_repo(repo_id, **kw))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: hub.create_repo(repo_id, **kw))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: hub.upload_folder(**kw))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
 

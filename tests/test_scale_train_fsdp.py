@@ -111,6 +111,7 @@ def test_fsdp_refuses_a_quantized_base_and_one_process_runs_plain(tmp_path, caps
     code = cli.main([*ARGS, "--method", "krona", "--fsdp", "--quantize", "int8", "--output-dir", str(tmp_path / "q")])
     assert_usage_error(capsys, code, "--fsdp", "--quantize int8")
     assert not (tmp_path / "q").exists()
-    assert cli.main([*ARGS, "--method", "krona", "--fsdp", "--max-steps", "1", "--output-dir", str(tmp_path / "p")]) == 0
+    assert cli.main([*ARGS, "--method", "krona", "--fsdp", "--max-steps", "1",
+                     "--output-dir", str(tmp_path / "p")]) == 0
     assert json.loads((tmp_path / "p" / "metrics.json").read_text())["sharded"] is False
     assert "ACCELERATE_USE_FSDP" not in os.environ

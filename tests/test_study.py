@@ -185,7 +185,8 @@ def test_runner_skips_recorded_runs_and_resumes_after_an_interruption(grid, monk
     first = list(calls)
     assert len(study_results.read_results(grid.results)) == 2
     calls.clear()
-    monkeypatch.setattr(study_execute, "run_one", lambda g, run, *a: (calls.append(run.label()), fake_row(g, run, 0.6))[1])
+    monkeypatch.setattr(study_execute, "run_one",
+                        lambda g, run, *a: (calls.append(run.label()), fake_row(g, run, 0.6))[1])
     recorded = study_execute.run_grid(grid, parallel=2)
     assert not set(first[:2]) & set(calls), "recorded runs must not run again"
     assert first[2] in calls, "the interrupted run runs again"
@@ -203,7 +204,8 @@ def _append_many(path, worker, n):
 
 def test_task_and_method_filters(grid, monkeypatch):
     ran = []
-    monkeypatch.setattr(study_execute, "run_one", lambda g, run, *a: (ran.append(run.label()), fake_row(g, run, 0.5))[1])
+    monkeypatch.setattr(study_execute, "run_one",
+                        lambda g, run, *a: (ran.append(run.label()), fake_row(g, run, 0.5))[1])
     monkeypatch.setattr(study_execute, "machine", lambda: {})
     study_execute.run_grid(study_grid.select(grid, ["mrpc"], ["lora-r8"]))
     assert ran == ["mrpc/lora-r8/lr0.001/seed0", "mrpc/lora-r8/lr0.003/seed0",
@@ -216,7 +218,8 @@ def test_an_unwritable_results_file_is_refused_before_any_run(tmp_path, capsys, 
     (tmp_path / "a-file").write_text("")
     path = tmp_path / "g.toml"
     path.write_text(GRID.replace('results = "results.jsonl"', 'results = "a-file/results.jsonl"'))
-    monkeypatch.setattr(study_execute, "run_one", lambda *a: pytest.fail("started a run whose row could not be recorded"))
+    monkeypatch.setattr(study_execute, "run_one",
+                        lambda *a: pytest.fail("started a run whose row could not be recorded"))
     assert main(["study", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot write its results file" in err[0] and "[study] results" in err[0]
@@ -490,7 +493,8 @@ def test_parameter_counts_exclude_the_head_for_every_method():
     full = {"method": "full", "trainable_params": 22_713_986, "head_params": 770, "total_params": 22_713_986}
     krona = {"method": "krona", "trainable_params": 10_754, "head_params": 770, "total_params": 22_723_970}
     assert (report_stats.adapter_params(full), report_stats.model_params(full)) == (22_713_216, 22_713_986)
-    assert (report_stats.adapter_params(krona), report_stats.model_params(krona)) == (9_984, 22_713_986)  # the same model
+    # the same model
+    assert (report_stats.adapter_params(krona), report_stats.model_params(krona)) == (9_984, 22_713_986)
 
 
 CROWDED = [(9_984, 85.2, "krona"), (9_216, 85.3, "lora-r1"), (9_984, 85.1, "lokr"), (10_000, 85.25, "kronab"),
@@ -892,7 +896,8 @@ def test_a_claim_on_several_tasks_is_also_tested_on_their_average(tmp_path, monk
     # 0.0091): 0.0033 x 3, then 0.0091 x 2 = 0.018, then 0.37
     assert "| KronA beats LoRA (`krona` vs `lora-r8`) | average of 2 tasks | +6.0 | +3.8 to +8.2 | 0.00064 | 0.0091 " \
         "| 0.018 | — | holds |" in out.read_text()
-    assert "| rte | +2.0 | -2.2 to +6.2 | 0.22 | 0.37 | 0.37 | — | within noise |" in out.read_text()  # paired: 2, 5, -1
+    # paired differences: 2, 5, -1
+    assert "| rte | +2.0 | -2.2 to +6.2 | 0.22 | 0.37 | 0.37 | — | within noise |" in out.read_text()
     text = out.read_text()
     assert text.index("| rte | +2.0 |") < text.index("| average of 2 tasks | +6.0")  # after the tasks' rows
 
@@ -914,7 +919,8 @@ def test_score_plot_shows_every_seed_and_a_failed_one_does_not_squash_the_panel(
     todo, _ = study_plan.plan(grid, [])
     rows = [fake_row(grid, run, 0.85 if run.lr == 1e-3 else 0.80) for run in todo if run.task == "mrpc"]
     later = [run for run in study_plan.plan(grid, rows)[0] if run.task == "mrpc"]
-    rows += [fake_row(grid, run, {1: 0.86, 2: 0.20 if run.entry.name == "lora-r8" else 0.84}[run.seed]) for run in later]
+    rows += [fake_row(grid, run, {1: 0.86, 2: 0.20 if run.entry.name == "lora-r8" else 0.84}[run.seed])
+             for run in later]
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     report_figures.plot_score_vs_params(grid, report_stats.summarise(grid, rows), tmp_path / "p.png")

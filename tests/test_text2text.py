@@ -88,7 +88,8 @@ def test_target_masking_and_target_only_loss(tokenizer, tiny_llama_dir):
     logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
     keep = labels != -100
     by_hand = F.cross_entropy(logits[keep], labels[keep])
-    assert keep.sum() == sum(len(t) for t in data.targets) and out.loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert keep.sum() == sum(len(t) for t in data.targets)
+    assert out.loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
 
 
 def test_truncation_keeps_separator_and_longest_target(tokenizer):
@@ -146,7 +147,8 @@ def test_train_eval_on_decoder(tiny_llama_dir, tmp_path, method):
         owners = {k.split(".kronpeft.")[0].split(".")[-1] for k in saved}
         assert owners == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         assert len(saved) == 2 * 7 * 2 and not any("lm_head" in k for k in saved)
-    assert cli.main(["eval", "--adapter", str(out / "adapter"), "--data-dir", str(GLUE), "--max-eval-samples", "8"]) == 0
+    assert cli.main(["eval", "--adapter", str(out / "adapter"), "--data-dir", str(GLUE),
+                     "--max-eval-samples", "8"]) == 0
     evaluated = json.loads((out / "adapter" / "eval_sst2.json").read_text())["metrics"]
     assert evaluated["accuracy"] == pytest.approx(m["best"]["accuracy"])
 

@@ -56,7 +56,8 @@ def main():
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rows = [(run, adapter_shares(run, args.data_dir, args.examples)) for run in args.runs]
     layers = len(rows[0][1]["share"])
-    print("| run | " + " | ".join(f"layer {i}" for i in range(layers)) + " | rms of z per layer | largest abs h / rms h |")
+    print("| run | " + " | ".join(f"layer {i}" for i in range(layers))
+          + " | rms of z per layer | largest abs h / rms h |")
     print("|---|" + "---:|" * layers + "---|---|")
     for run, stats in rows:
         print(f"| {'/'.join(run.parts[-3:])} | " + " | ".join(f"{s:.2f}" for s in stats["share"])

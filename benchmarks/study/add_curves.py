@@ -8,7 +8,8 @@ score and its last is the row's final score. Rows whose log is missing or disagr
 The results file is replaced atomically; refused while a runner trains a run of the grid (it could append
 to the file being replaced).
 
-    python benchmarks/study/add_curves.py benchmarks/study/glue-minilm.toml --runs-dir /work/study/runs/study/glue-minilm
+    python benchmarks/study/add_curves.py benchmarks/study/glue-minilm.toml \
+        --runs-dir /work/study/runs/study/glue-minilm
 """
 from __future__ import annotations
 

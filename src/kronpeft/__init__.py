@@ -14,11 +14,11 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .budget import match_budget
-    from .config import AdaKronConfig, AdapterConfig, BottleneckConfig, KronABConfig, KronAConfig
-    from .kron import kron_linear, kron_shapes, kron_vectors
-    from .model import KronModel, get_model
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports each name on first use
+    from .budget import match_budget  # noqa: F401
+    from .config import AdaKronConfig, AdapterConfig, BottleneckConfig, KronABConfig, KronAConfig  # noqa: F401
+    from .kron import kron_linear, kron_shapes, kron_vectors  # noqa: F401
+    from .model import KronModel, get_model  # noqa: F401
 
 
 def __getattr__(name: str):

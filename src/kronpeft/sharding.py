@@ -130,7 +130,8 @@ def unmergeable_weight(module_name: str, weight: torch.Tensor, shape: tuple[int,
     if _storage_freed(weight):
         return (f"{module_name}.weight is an FSDP1 flat-parameter view (use_orig_params=False) whose storage is "
                 f"freed outside forward. Save the adapter (save_pretrained gathers it), then merge it into an "
-                f"unsharded base (KronModel.from_pretrained(base, adapter_dir).merge_and_unload(), or `kronpeft merge`)")
+                f"unsharded base (KronModel.from_pretrained(base, adapter_dir).merge_and_unload(), "
+                f"or `kronpeft merge`)")
     if tuple(weight.shape) != tuple(shape):
         return (f"{module_name}.weight holds only this process's part of the weight (shape {tuple(weight.shape)}, "
                 f"not {tuple(shape)}: FSDP1 or DeepSpeed ZeRO-3 partition it). Save the adapter (save_pretrained "

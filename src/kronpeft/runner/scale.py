@@ -89,7 +89,8 @@ def fsdp_plugin(args):
                          f"drop one of them")
     from accelerate import FullyShardedDataParallelPlugin
 
-    plugin = FullyShardedDataParallelPlugin() if from_config else FullyShardedDataParallelPlugin(  # config: read from env
+    # from_config: the plugin reads accelerate's config from the environment
+    plugin = FullyShardedDataParallelPlugin() if from_config else FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
         state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
     if plugin.fsdp_version != 2:
