@@ -2,6 +2,8 @@
 beside the grid by default; grid typos and wrong types are errors naming the key; a second runner does not
 announce a run another runner holds."""
 import json
+import sys
+import types
 
 import pytest
 
@@ -113,3 +115,18 @@ def test_a_second_runner_does_not_announce_a_run_another_runner_holds(here, caps
         "stage": "sweep", "main_metric": "f1", "wall_seconds": 1.0})
     assert study_execute.run_grid(grid) == 1 and "start mrpc/krona" in capsys.readouterr().err
     assert json.loads(grid.results.read_text())["score"] == 0.5
+
+
+def test_progress_lines_reach_stderr_whole_when_runs_print_side_by_side(here, monkeypatch):
+    # two runs' threads print "start" together: each line must be one write, or the lines can run together
+    # ("... (sweep)kronpeft study: start ..."), as print's separate newline let them
+    writes = []
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(write=writes.append, flush=lambda: None))
+    path = here / "g.toml"
+    path.write_text(GRID.format(extra="", method="").replace("lrs = [1e-3]", "lrs = [1e-3, 2e-3]"))  # two runs
+    grid = study_grid.load_grid(path)
+    monkeypatch.setattr(study_execute, "machine", lambda: {})
+    monkeypatch.setattr(study_execute, "_train", lambda grid_, run_, *a: None)  # every run fails: nothing recorded
+    assert study_execute.run_grid(grid, parallel=2) == 0
+    starts = [w for w in writes if "start" in w]
+    assert len(starts) >= 2 and all(w.startswith("kronpeft study: start ") and w.endswith(")\n") for w in starts)

@@ -20,6 +20,13 @@ from .plan import plan, runs_left
 from .results import _git_commit, _warn, append_row, machine, read_results
 
 
+def say(message: str):
+    """One progress line on stderr, written whole: the runs' threads print side by side (`print` writes the line
+    and its newline apart, so two lines could run together)."""
+    sys.stderr.write(f"kronpeft study: {message}\n")
+    sys.stderr.flush()
+
+
 def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> dict | str | None:
     """Train one run in a subprocess (resuming its checkpoint if any) and build its results row;
     None when it failed, "busy" when another runner holds it."""
@@ -36,9 +43,9 @@ def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> di
         fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(claim)
-        print(f"kronpeft study: skip {run.label()}: another runner is training it", file=sys.stderr, flush=True)
+        say(f"skip {run.label()}: another runner is training it")
         return "busy"
-    print(f"kronpeft study: start {run.label()} ({run.stage})", file=sys.stderr, flush=True)  # only once it holds it
+    say(f"start {run.label()} ({run.stage})")  # only once it holds it
     try:
         return _train(grid, run, out, flags, cmd, threads, parallel, host, claim)
     finally:
@@ -73,7 +80,7 @@ def stop_on_sigterm(signum, frame):
     """SIGTERM to the runner (`kill`, a job scheduler) ends its runs too; they resume from their checkpoints."""
     global _stopping
     _stopping = True
-    print("kronpeft study: stopping (SIGTERM); the runs resume from their checkpoints", file=sys.stderr, flush=True)
+    say("stopping (SIGTERM); the runs resume from their checkpoints")
     for proc in list(_children):
         proc.kill()
     raise SystemExit(128 + signum)
@@ -160,10 +167,9 @@ def run_grid(grid: Grid, threads: int = 1, parallel: int = 1, max_runs: int | No
                 elif append_row(grid.results, row):
                     recorded += 1
                     left, maybe = runs_left(grid)
-                    print(f"kronpeft study: done {run.label()}: {row['main_metric']} {row['score']:.4f} "
-                          f"({row['wall_seconds']:.0f} s); {left} runs of the grid left"
-                          + (f" (+{maybe} depending on the sweeps' winners)" if maybe else ""),
-                          file=sys.stderr, flush=True)
+                    more = f" (+{maybe} depending on the sweeps' winners)" if maybe else ""
+                    say(f"done {run.label()}: {row['main_metric']} {row['score']:.4f} ({row['wall_seconds']:.0f} s); "
+                        f"{left} runs of the grid left{more}")
                 else:  # the file already holds this grid's row for it: never launch it again
                     failed.add(run.key(grid))
 
