@@ -126,7 +126,10 @@ def test_progress_lines_reach_stderr_whole_when_runs_print_side_by_side(here, mo
     path.write_text(GRID.format(extra="", method="").replace("lrs = [1e-3]", "lrs = [1e-3, 2e-3]"))  # two runs
     grid = study_grid.load_grid(path)
     monkeypatch.setattr(study_execute, "machine", lambda: {})
-    monkeypatch.setattr(study_execute, "_train", lambda grid_, run_, *a: None)  # every run fails: nothing recorded
+    # every run fails, warning as the real _train does: nothing recorded
+    monkeypatch.setattr(study_execute, "_train", lambda grid_, run_, *a: study_execute._warn(f"{run_.label()} failed"))
     assert study_execute.run_grid(grid, parallel=2) == 0
     starts = [w for w in writes if "start" in w]
-    assert len(starts) >= 2 and all(w.startswith("kronpeft study: start ") and w.endswith(")\n") for w in starts)
+    assert len(starts) == 2 and all(w.startswith("kronpeft study: start ") and w.endswith(")\n") for w in starts)
+    failures = [w for w in writes if "failed" in w]
+    assert len(failures) == 2 and all(w.startswith("kronpeft: warning: ") and w.endswith("failed\n") for w in failures)

@@ -12,6 +12,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def stderr_line(text: str):
+    """`text` and its newline on stderr in one write: lines printed side by side by threads (a study's runs)
+    never run together, as `print`'s separate newline lets them."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def show_bars() -> bool:
     """Bars for a person at a terminal (main process only), not in logs or captured output."""
     return is_main_process() and sys.stderr.isatty()

@@ -13,6 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..errors import UsageError
+from ..feedback import stderr_line
 from ..selection import SELECTION, keep_predictions
 from ..train.checkpoints import CHECKPOINT, STATE_FILE
 from .grid import Grid, Run, argv
@@ -21,10 +22,8 @@ from .results import _git_commit, _warn, append_row, machine, read_results
 
 
 def say(message: str):
-    """One progress line on stderr, written whole: the runs' threads print side by side (`print` writes the line
-    and its newline apart, so two lines could run together)."""
-    sys.stderr.write(f"kronpeft study: {message}\n")
-    sys.stderr.flush()
+    """One progress line on stderr, written whole (the runs' threads print side by side)."""
+    stderr_line(f"kronpeft study: {message}")
 
 
 def run_one(grid: Grid, run: Run, threads: int, parallel: int, host: dict) -> dict | str | None:

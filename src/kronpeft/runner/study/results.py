@@ -8,9 +8,9 @@ import math
 import os
 import platform
 import subprocess
-import sys
 from pathlib import Path
 
+from ..feedback import stderr_line
 from .grid import Grid, Run
 
 
@@ -36,7 +36,7 @@ def read_results(path: Path, warn=None) -> list[dict]:
 
 
 def _warn(message: str):
-    print(f"kronpeft: warning: {message}", file=sys.stderr)
+    stderr_line(f"kronpeft: warning: {message}")
 
 
 def append_row(path: Path, row: dict) -> bool:
