@@ -217,7 +217,7 @@ def evaluate_and_keep_best(ctx: RunContext, raw, eval_sets: dict, state: dict, s
         log(ctx, record)
         state["evals"].append(record)
         best = state["best"]
-        if step > 0 and (best is None or _better(ctx.spec, metrics[ctx.chosen_on], best[ctx.chosen_on])):
+        if step > 0 and (best is None or metrics[ctx.chosen_on] > best[ctx.chosen_on]):
             state["best"] = record
             baselines.save_trained(raw, args.method, ctx.out / "adapter", ctx.info, ctx.tokenizer)
             if ctx.main:
@@ -317,10 +317,6 @@ def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _better(spec, new: float, old: float) -> bool:
-    return new > old
 
 
 def print_summary(metrics: dict, out: Path):
