@@ -40,13 +40,14 @@ def is_report_page(path: Path) -> bool:
 def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     """Write `out` (Markdown) and its plots in `out.parent / "img"`; returns `out`."""
     own, stale = current_rows(grid, read_results(grid.results))
-    shown = own + [r for r in take_cells(grid, own)[0] if not grid.holds(r)]  # every run the page shows
+    cells = take_cells(grid, own)
+    shown = own + [r for r in cells[0] if not grid.holds(r)]  # every run the page shows
     img = out.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
     lines = [PAGE_MARK, f"# {grid.title or 'Study ' + grid.name}", "",
              f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(shown)} runs) alone"
              + (f"; {stale} row(s) recorded under earlier settings of this grid are not shown." if stale else "."), ""]
-    lines += _results(grid, own, out, img, reference) if shown else ["No runs recorded yet."]
+    lines += _results(grid, own, cells, out, img, reference) if shown else ["No runs recorded yet."]
     lines += _companions(grid, out, img)
     if grid.notes is not None and grid.notes.is_file():
         lines += ["", grid.notes.read_text().rstrip()]
@@ -56,12 +57,12 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     return out
 
 
-def _results(grid: Grid, own: list[dict], out: Path, img: Path, reference: str | None = None,
-             whole: bool = True) -> list[str]:
-    """The grid's sections from its rows `own`; `whole=False` (a companion's summary on another page): its
-    findings, scores, budget curve, selection bias, claims and their plots, without its sweeps, seeds, epochs
-    and times."""
-    rows, taken = take_cells(grid, own)
+def _results(grid: Grid, own: list[dict], cells: tuple[list[dict], list[Taken]], out: Path, img: Path,
+             reference: str | None = None, whole: bool = True) -> list[str]:
+    """The grid's sections from its rows `own` and `cells` (`take_cells(grid, own)`: the page's rows, and what
+    each replacement did); `whole=False` (a companion's summary on another page): its findings, scores, budget
+    curve, selection bias, claims and their plots, without its sweeps, seeds, epochs and times."""
+    rows, taken = cells
     summary, first = summarise(grid, rows), summarise(grid, own)  # first: this grid's cells alone (its sweeps)
     claims = claim_rows(grid, summary)
     lines = _what_this_shows(grid, summary, claims, taken) + _scores(grid, summary) + _replaced(grid, taken, first)
@@ -92,7 +93,8 @@ def _companions(grid: Grid, out: Path, img: Path) -> list[str]:
         lines += [f"### {other.title or other.name}", "",
                   f"Grid `{other.name}` ({other.path}; its page: [{page.name}]({os.path.relpath(page, out.parent)})), "
                   f"{len(own)} runs recorded; model: {other.model}.", ""]
-        body = _results(other, own, out, img, whole=False) if own else ["No runs recorded yet.", ""]
+        body = _results(other, own, take_cells(other, own), out, img, whole=False) if own else \
+            ["No runs recorded yet.", ""]
         lines += ["###" + line[1:] if line.startswith("## ") else line for line in body]
     return lines
 
