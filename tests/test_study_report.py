@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from kronpeft.runner.errors import UsageError
 from kronpeft.runner.report import figures as report_figures
 from kronpeft.runner.report import page as report_page
 from kronpeft.runner.report import stats as report_stats
@@ -367,3 +368,19 @@ def test_a_grid_with_claims_but_no_pair_of_cells_says_so_instead_of_an_empty_tab
     assert "- Nothing yet: none of the 1 claims has both its cells." in page
     assert "None of the 1 claims has both its cells yet." in page
     assert "| claim | task |" not in page and "0 claim rows" not in page
+
+
+def test_a_summary_file_opens_the_page_under_its_title_and_a_missing_one_is_named(tmp_path):
+    (tmp_path / "summary.md").write_text("**In short:** nothing beats LoRA here.\n")
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID.replace('every_seed_every_rate = true', 'every_seed_every_rate = true\nsummary = "summary.md"')
+                    .replace("{extra}", ""))
+    grid = study_grid.load_grid(path)
+    write_rows(grid, [study_row(grid, "mrpc", "krona", 1e-3, s, 0.8) for s in range(3)])
+    page = report_page.render(grid, tmp_path / "page.md").read_text().splitlines()
+    assert page[3].startswith("Rendered by") and page[5] == "**In short:** nothing beats LoRA here."
+    for key in ("summary", "notes"):
+        path.write_text(GRID.replace('every_seed_every_rate = true', f'every_seed_every_rate = true\n{key} = "gone.md"')
+                        .replace("{extra}", ""))
+        with pytest.raises(UsageError, match=rf"\[study\] {key} = 'gone.md': no file .*gone.md; write it beside"):
+            study_grid.load_grid(path)

@@ -47,9 +47,11 @@ def render(grid: Grid, out: Path, reference: str | None = None) -> Path:
     lines = [PAGE_MARK, f"# {grid.title or 'Study ' + grid.name}", "",
              f"Rendered by `kronpeft report {grid.path}` from `{grid.results}` ({len(shown)} runs) alone"
              + (f"; {stale} row(s) recorded under earlier settings of this grid are not shown." if stale else "."), ""]
+    if grid.summary is not None:
+        lines += [grid.summary.read_text().rstrip(), ""]
     lines += _results(grid, own, cells, out, img, reference) if shown else ["No runs recorded yet."]
     lines += _companions(grid, out, img)
-    if grid.notes is not None and grid.notes.is_file():
+    if grid.notes is not None:
         lines += ["", grid.notes.read_text().rstrip()]
     if shown:
         lines += ["", "## Setup", ""] + setup(grid, shown)

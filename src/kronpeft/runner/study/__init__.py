@@ -5,7 +5,8 @@ A grid is a TOML file (see benchmarks/study/*.toml):
     [study]  name, model, results (path of the .jsonl, relative to the grid file), seeds, sweep_seed,
              tasks, extend_edges (add one learning rate beyond a sweep's edge when the edge wins),
              edge_factor (that rate is the edge's times or over this; default the sweep's own ratio),
-             notes (a Markdown file the report inserts before its setup section), title (the page's)
+             notes (a Markdown file the report inserts before its setup section), summary (one it puts
+             under the title: the findings in plain words), title (the page's)
     [train]  flags every run shares (epochs, batch_size, max_length, ...), as `kronpeft train` spells them
     [[method]] name (the row label), method (`--method`), family (the line a plot joins), lrs (the sweep),
                optional tasks (a subset) and args (more `kronpeft train` flags)

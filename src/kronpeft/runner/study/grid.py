@@ -67,6 +67,7 @@ class Grid:
     edge_factor: float | None = None  # None: the ratio of the sweep's two values nearest the edge
     runs_dir: Path = Path("runs/study")
     notes: Path | None = None  # hand-written Markdown the report inserts (diagnosis, discussion)
+    summary: Path | None = None  # hand-written Markdown the report puts under the title (findings in plain words)
     title: str | None = None
     claims: list[Claim] = field(default_factory=list)
     protocol: str = "dev"  # "dev": rate and epoch chosen on dev (the first round); "selection": on a split of train
@@ -127,7 +128,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 task_train={t: dict(v) for t, v in task_train.items()},
                 extend_edges=bool(study.get("extend_edges", True)), edge_factor=edge_factor,
                 runs_dir=Path(study.get("runs_dir", f"runs/study/{study['name']}")),
-                notes=path.parent / study["notes"] if "notes" in study else None, title=study.get("title"),
+                notes=_markdown(study, "notes", path, where), summary=_markdown(study, "summary", path, where),
+                title=study.get("title"),
                 claims=claims, protocol=_protocol(study, "dev", f"{where}: [study]"),
                 page=path.parent / study["page"] if "page" in study else None,
                 split_seed=_whole(study.get("split_seed", 0), f"{where}: [study] split_seed"),
@@ -271,6 +273,17 @@ def _edge_factor(study: dict, where: str) -> float | None:
 
 
 PROTOCOLS = ("dev", SELECTION)
+
+
+def _markdown(study: dict, key: str, path: Path, where: str) -> Path | None:
+    """[study] notes or summary: a Markdown file beside the grid file, which must exist (None when unset)."""
+    if key not in study:
+        return None
+    file = path.parent / study[key]
+    if not file.is_file():
+        raise UsageError(f"{where}: [study] {key} = {study[key]!r}: no file {file}; write it beside the grid file "
+                         f"or remove the key")
+    return file
 
 
 def _protocol(table: dict, default: str | None, field: str) -> str | None:
