@@ -119,7 +119,7 @@ def test_a_complete_cell_replaces_that_methods_cell_alone_everywhere_the_scores_
     # the claims: stsb 84.0 - 85.0 = -1.0 (the first run's 63.7 gave +20.3); the average (85 + 84) / 2 - 80.0 = +4.5
     assert "| KronA beats LoRA (`krona` vs `lora-r1`) | stsb | -1.0 |" in page
     assert "| KronA beats LoRA (`krona` vs `lora-r1`) | average of 2 tasks | +4.5 |" in page
-    assert [(label, round(100 * diff, 1)) for label, diff, _, _ in forest] == [
+    assert [(p.label, round(100 * p.diff, 1)) for p in forest] == [
         ("KronA beats LoRA: mrpc", 10.0), ("KronA beats LoRA: stsb", -1.0),
         ("KronA beats LoRA: average of 2 tasks", 4.5)]
     # below, the first run's lora-r1 cell: (80 + 30 + 81) / 3 = 63.7, deviations +16.3, -33.7, +17.3: std

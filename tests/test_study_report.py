@@ -91,6 +91,21 @@ def test_the_forest_marks_a_papers_gap_on_its_claims_average_row_only(tmp_path, 
     assert "Hollow diamonds (*paper*)" in page
 
 
+def test_the_forest_keeps_its_axis_and_label_inside_the_figure_beside_long_claim_texts(tmp_path, monkeypatch):
+    label = "A Kronecker-SVD-initialised sum of 3 beats LoRA at an equal budget (28-30 k): average of 4 tasks"
+    figures = []
+    monkeypatch.setattr(report_figures, "save_png", lambda fig, path, dpi: (figures.append(fig), Path(path))[1])
+    report_figures.plot_forest([(label, 0.01, (-0.02, 0.04), None), ("short: mrpc", 0.0, None, None)],
+                               tmp_path / "f.png")
+    fig = figures[0]
+    fig.canvas.draw()
+    ax, renderer = fig.axes[0], fig.canvas.get_renderer()
+    assert ax.get_window_extent(renderer).width >= 3 * fig.dpi  # the plot keeps its width
+    for text in (ax.xaxis.label, *ax.get_yticklabels()):  # nothing clipped at the figure's edges
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.x1
+
+
 def test_the_page_opens_with_what_it_shows_counted_from_its_claims(tmp_path):
     grid = load(tmp_path, '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n')
     scores = {("mrpc", "krona"): [0.85, 0.83, 0.87], ("mrpc", "lora-r1"): [0.75, 0.74, 0.76],
@@ -300,6 +315,27 @@ def test_the_forest_axis_holds_every_difference_but_cuts_an_interval_a_collapse_
     assert report_figures.forest_limit([("p", 0.0, None, 0.02)]) == 5.0  # a paper gap of 2: the floor
 
 
+def test_a_failed_optimisation_sets_nothing_on_the_forest_axis_and_sits_at_its_edge_with_its_value(tmp_path,
+                                                                                                 monkeypatch):
+    trained = [("a: mrpc", 0.02, (0.01, 0.03), None), ("a: stsb", -0.04, (-0.06, -0.02), None)]
+    failed = report_figures.ForestPoint("a: cola (optimisation failure)", -0.21, (-0.26, -0.16), None, True)
+    # without the failed row: differences 2, 4 → 1.25 · 4 = 5; ends 1..6, the 75th percentile 6 → 6
+    assert report_figures.forest_limit(trained) == pytest.approx(6.0)
+    assert report_figures.forest_limit([*trained, failed]) == pytest.approx(6.0)
+    assert report_figures.forest_limit([*trained, failed._replace(failed=False)]) == pytest.approx(26.25)
+    figures = []
+    monkeypatch.setattr(report_figures, "save_png", lambda fig, path, dpi: (figures.append(fig), Path(path))[1])
+    report_figures.plot_forest([*trained, failed], tmp_path / "f.png")
+    ax = figures[0].axes[0]
+    assert ax.get_xlim() == pytest.approx((-6.24, 6.24))
+    hollow = [line for line in ax.get_lines() if line.get_marker() == "o" and line.get_markerfacecolor() == "none"]
+    assert [list(line.get_xdata()) for line in hollow] == [[-6.0]]  # at the edge, on the failed row (y 0)
+    assert [t.get_text() for t in ax.texts] == ["-21.0"]
+    assert ax.get_legend() is None  # no paper gap: no legend
+    arrows = [(line.get_marker(), list(line.get_xdata())) for line in ax.get_lines() if line.get_marker() in "<>"]
+    assert arrows == [("<", [-6.0])]  # an interval wholly left of the axis: one arrow, at the left edge
+
+
 def test_a_bootstrap_with_no_resample_past_zero_prints_as_below_its_resolution():
     assert report_tables.bootstrap_words(0.0) == "< 0.002"  # two-sided, 1,000 resamples: 2 / 1000
     assert report_tables.bootstrap_words(0.0123) == "0.012" and report_tables.bootstrap_words(None) == "—"
@@ -384,3 +420,14 @@ def test_a_summary_file_opens_the_page_under_its_title_and_a_missing_one_is_name
                         .replace("{extra}", ""))
         with pytest.raises(UsageError, match=rf"\[study\] {key} = 'gone.md': no file .*gone.md; write it beside"):
             study_grid.load_grid(path)
+
+
+def test_no_paper_marker_note_where_no_claim_row_has_a_papers_gap(tmp_path):
+    path = tmp_path / "grid.toml"  # one task: no average row, and neither paper prints KronA vs LoRA on MRPC
+    path.write_text(GRID.replace('tasks = ["mrpc", "rte"]', 'tasks = ["mrpc"]').replace(
+        "{extra}", '[[claim]]\ntext = "KronA beats LoRA"\nbetter = "krona"\nworse = "lora-r1"\n'))
+    grid = study_grid.load_grid(path)
+    write_rows(grid, [study_row(grid, "mrpc", n, 1e-3, s, v) for n, v in (("krona", 0.8), ("lora-r1", 0.7))
+                      for s in range(3)])
+    page = report_page.render(grid, tmp_path / "page.md").read_text()
+    assert "![every claim: difference and 95 % interval]" in page and "Hollow diamonds" not in page

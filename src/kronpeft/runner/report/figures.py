@@ -6,6 +6,7 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from ..plots import save_png
 from ..study.grid import Grid
@@ -164,45 +165,75 @@ def plot_times(ratios: dict, reference: str, path: Path, task_order: list[str]):
     save_png(fig, path, dpi=120)
 
 
-def plot_forest(claims: list[tuple[str, float, tuple[float, float] | None, float | None]], path: str | Path) -> Path:
-    """Forest plot of claims: one line per (label, better - worse, 95 % interval or None, the paper's reported
-    gap or None), ×100, with zero marked; a claim holds where its interval lies right of zero. A paper's gap
-    is a hollow diamond on its claim's line ("paper" in the legend)."""
+class ForestPoint(NamedTuple):
+    """One line of the forest plot: better − worse and its 95 % interval (fractions), the paper's gap or None;
+    `failed`: one side's optimisation failed (every seed collapsed), so its difference does not set the axis."""
+    label: str
+    diff: float
+    ci: tuple[float, float] | None
+    paper: float | None
+    failed: bool = False
+
+
+def plot_forest(claims: list[tuple], path: str | Path) -> Path:
+    """Forest plot of claims (ForestPoints, or tuples of their fields), ×100, with zero marked; a claim holds
+    where its interval lies right of zero. A paper's gap is a hollow diamond on its claim's line ("paper" in
+    the legend); a difference past the axis (a failed optimisation's) is a hollow marker at the edge, its
+    value beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(claims) + 1.2))
+    longest = max(len(label) for label, *_ in claims)  # the y labels get their width, the axis keeps 3.5 in
+    fig, ax = plt.subplots(figsize=(max(8.0, 3.5 + 0.055 * longest), 0.35 * len(claims) + 1.2))
+    claims = [ForestPoint(*c) for c in claims]
     limit = forest_limit(claims)
-    for y, (label, diff, ci, paper) in enumerate(reversed(claims)):
-        if ci is not None:
-            low, high = max(100 * ci[0], -limit), min(100 * ci[1], limit)
-            ax.plot([low, high], [y, y], color="tab:blue")
-            for end, edge, marker in ((100 * ci[0], -limit, "<"), (100 * ci[1], limit, ">")):
-                if abs(end) > limit:  # an interval wider than the axis: an arrow at the edge
-                    ax.plot([edge], [y], marker, color="tab:blue", ms=5)
-        ax.plot([100 * diff], [y], "o", color="tab:blue", label="measured (95 % interval)")
-        if paper is not None:
-            ax.plot([100 * paper], [y], "D", mfc="none", mec="tab:red", ms=7, label="paper")
+    for y, point in enumerate(reversed(claims)):
+        _forest_line(ax, point, y, limit)
     ax.axvline(0, color="grey", lw=1)
     ax.set_xlim(-limit * 1.04, limit * 1.04)
     ax.set_yticks(range(len(claims)), [label for label, *_ in reversed(claims)], fontsize=7)
-    ax.set(xlabel="better − worse (×100), 95 % interval", title="the papers' claims")
+    ax.set(xlabel="better − worse (×100), 95 % interval", title="every claim")
     ax.grid(axis="x", alpha=0.3)
-    if any(paper is not None for *_, paper in claims):
+    if any(c.paper is not None for c in claims):
         handles = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per label
         ax.legend(handles.values(), handles.keys(), fontsize=7, loc="best")
     fig.tight_layout()
     return save_png(fig, path, dpi=120)
 
 
-def forest_limit(claims: list[tuple[str, float, tuple[float, float] | None, float | None]]) -> float:
+def _forest_line(ax, point: ForestPoint, y: int, limit: float):
+    """Draw one claim at height y on an axis of half-width `limit` (×100): its interval, cut at the edges with
+    an arrow; its difference, a hollow marker at the edge with its value when past it; the paper's gap."""
+    if point.ci is not None:
+        low, high = max(100 * point.ci[0], -limit), min(100 * point.ci[1], limit)
+        ax.plot([low, high], [y, y], color="tab:blue")
+        if 100 * point.ci[0] < -limit:
+            ax.plot([-limit], [y], "<", color="tab:blue", ms=5)
+        if 100 * point.ci[1] > limit:
+            ax.plot([limit], [y], ">", color="tab:blue", ms=5)
+    diff = 100 * point.diff
+    shown = max(-limit, min(limit, diff))
+    if shown != diff:  # only a failed row's difference can lie past the axis
+        ax.plot([shown], [y], "o", mfc="none", mec="tab:blue")
+        ax.annotate(f"{diff:+.1f}", (shown, y), xytext=(0, 5), textcoords="offset points", fontsize=7,
+                    ha="left" if shown < 0 else "right")
+    else:
+        ax.plot([shown], [y], "o", color="tab:blue", label="measured (95 % interval)")
+    if point.paper is not None:
+        ax.plot([100 * point.paper], [y], "D", mfc="none", mec="tab:red", ms=7, label="paper")
+
+
+def forest_limit(claims: list[tuple]) -> float:
     """Half-width of the forest plot's axis (×100): every measured difference and paper gap with room, and
     the typical interval (the 75th percentile of the ends); a wider interval, as a collapsed run makes, is cut
-    at the edge instead of squeezing every other line."""
-    points = [abs(100 * v) for _, diff, _, paper in claims for v in (diff, paper) if v is not None]
-    ends = sorted(abs(100 * e) for *_, ci, _ in claims if ci is not None for e in ci)
+    at the edge instead of squeezing every other line, and a failed optimisation's difference and interval
+    set nothing."""
+    claims = [ForestPoint(*c) for c in claims]
+    points = [abs(100 * c.paper) for c in claims if c.paper is not None]
+    points += [abs(100 * c.diff) for c in claims if not c.failed]
+    ends = sorted(abs(100 * e) for c in claims if c.ci is not None and not c.failed for e in c.ci)
     typical = ends[(3 * len(ends)) // 4] if ends else 0.0
     return max(5.0, 1.25 * max(points, default=0.0), typical)
 

@@ -294,7 +294,7 @@ def _extra_plots(grid: Grid, summary: dict, forest: list, out: Path, img: Path, 
     lines = []
     if forest:
         path = plot_forest(forest, img / f"{grid.name}-claims.png")
-        if any(paper is not None for *_, paper in forest):
+        if any(point.paper is not None for point in forest):
             lines += [PAPER_MARKERS, ""]
         lines += [f"![every claim: difference and 95 % interval]({path.relative_to(out.parent)})", ""]
     panels = {}

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..study.grid import Grid
 from .stats import (adapter_params, average_verdict, cell_stats, claim_verdict, collapses, complete, model_params,
                     rate_across_tasks)
+from .figures import ForestPoint
 from .papers import reported_gap
 from .significance import BOOTSTRAP_RESAMPLES, bootstrap_cells, holm, paired_cells
 
@@ -161,11 +162,11 @@ def bootstrap_words(p: float | None) -> str:
     return f"< {2 / BOOTSTRAP_RESAMPLES:.2g}" if p == 0 else f"{p:.2g}"
 
 
-def forest_points(rows: list[ClaimRow]) -> list[tuple[str, float, tuple[float, float] | None, float | None]]:
-    """(label, difference, interval, paper's gap as a fraction or None) of every claim row with a difference:
-    the forest plot's lines."""
-    return [(f"{r.text.split(' (`')[0]}: {r.where}" + (f" ({FAILURE})" if r.verdict == FAILURE else ""), r.diff,
-             r.ci, None if r.paper is None else r.paper / 100) for r in rows if r.diff is not None]
+def forest_points(rows: list[ClaimRow]) -> list[ForestPoint]:
+    """The forest plot's lines: every claim row with a difference (the paper's gap as a fraction)."""
+    return [ForestPoint(f"{r.text.split(' (`')[0]}: {r.where}" + (f" ({FAILURE})" if r.verdict == FAILURE else ""),
+                        r.diff, r.ci, None if r.paper is None else r.paper / 100, r.verdict == FAILURE)
+            for r in rows if r.diff is not None]
 
 
 def lr_table(grid: Grid, summary: dict) -> list[str]:
