@@ -334,6 +334,7 @@ def test_a_failed_optimisation_sets_nothing_on_the_forest_axis_and_sits_at_its_e
     assert ax.get_legend() is None  # no paper gap: no legend
     arrows = [(line.get_marker(), list(line.get_xdata())) for line in ax.get_lines() if line.get_marker() in "<>"]
     assert arrows == [("<", [-6.0])]  # an interval wholly left of the axis: one arrow, at the left edge
+    assert all(-6.0 <= x <= 6.0 for line in ax.get_lines() for x in line.get_xdata())  # nothing past the edges
 
 
 def test_a_bootstrap_with_no_resample_past_zero_prints_as_below_its_resolution():

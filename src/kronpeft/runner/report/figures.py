@@ -206,15 +206,17 @@ def plot_forest(claims: list[tuple], path: str | Path) -> Path:
 def _forest_line(ax, point: ForestPoint, y: int, limit: float):
     """Draw one claim at height y on an axis of half-width `limit` (×100): its interval, cut at the edges with
     an arrow; its difference, a hollow marker at the edge with its value when past it; the paper's gap."""
+    def clip(value: float) -> float:
+        return max(-limit, min(limit, value))
+
     if point.ci is not None:
-        low, high = max(100 * point.ci[0], -limit), min(100 * point.ci[1], limit)
-        ax.plot([low, high], [y, y], color="tab:blue")
+        ax.plot([clip(100 * point.ci[0]), clip(100 * point.ci[1])], [y, y], color="tab:blue")
         if 100 * point.ci[0] < -limit:
             ax.plot([-limit], [y], "<", color="tab:blue", ms=5)
         if 100 * point.ci[1] > limit:
             ax.plot([limit], [y], ">", color="tab:blue", ms=5)
     diff = 100 * point.diff
-    shown = max(-limit, min(limit, diff))
+    shown = clip(diff)
     if shown != diff:  # only a failed row's difference can lie past the axis
         ax.plot([shown], [y], "o", mfc="none", mec="tab:blue")
         ax.annotate(f"{diff:+.1f}", (shown, y), xytext=(0, 5), textcoords="offset points", fontsize=7,
