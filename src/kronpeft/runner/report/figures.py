@@ -185,15 +185,15 @@ def plot_forest(claims: list[tuple], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    longest = max(len(label) for label, *_ in claims)  # the y labels get their width, the axis keeps 3.5 in
-    fig, ax = plt.subplots(figsize=(max(8.0, 3.5 + 0.055 * longest), 0.35 * len(claims) + 1.2))
     claims = [ForestPoint(*c) for c in claims]
+    longest = max(len(c.label) for c in claims)  # the y labels get their width, the axis keeps 3.5 in
+    fig, ax = plt.subplots(figsize=(max(8.0, 3.5 + 0.055 * longest), 0.35 * len(claims) + 1.2))
     limit = forest_limit(claims)
     for y, point in enumerate(reversed(claims)):
         _forest_line(ax, point, y, limit)
     ax.axvline(0, color="grey", lw=1)
     ax.set_xlim(-limit * 1.04, limit * 1.04)
-    ax.set_yticks(range(len(claims)), [label for label, *_ in reversed(claims)], fontsize=7)
+    ax.set_yticks(range(len(claims)), [c.label for c in reversed(claims)], fontsize=7)
     ax.set(xlabel="better − worse (×100), 95 % interval", title="every claim")
     ax.grid(axis="x", alpha=0.3)
     if any(c.paper is not None for c in claims):
